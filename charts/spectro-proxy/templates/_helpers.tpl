@@ -1,0 +1,262 @@
+{{/*
+Macro resolution
+================
+Every template starts with `include "spectro-proxy.init" .`. The first call
+replaces .Values (for this render only) with a copy in which every macro
+`<< .spectro.system.X >>` or `{{ .spectro.system.X }}` inside a string value is
+resolved against .Values.spectro.system, then checks the resolved values. Later
+calls see the marker and do nothing. Helm shares one top-level object between
+the templates of a chart, so the work is done once; if it were not shared, each
+template would resolve its own copy with the same result.
+
+Helm never templates values by itself: a literal `{{ ... }}` in values.yaml
+arrives here as plain text, and `tpl` is what evaluates it.
+*/}}
+{{- define "spectro-proxy.init" -}}
+{{- if not (hasKey . "SpectroProxyResolved") -}}
+{{- $vals := deepCopy .Values -}}
+{{- $spectro := get $vals "spectro" -}}
+{{- $_ := unset $vals "spectro" -}}
+{{- $_ := include "spectro-proxy.walk" (dict "root" . "map" $vals "path" "") -}}
+{{- $_ := set $vals "spectro" $spectro -}}
+{{- $_ := set . "Values" $vals -}}
+{{- $_ := set . "SpectroProxyResolved" true -}}
+{{- include "spectro-proxy.validate" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.walk resolves, in place, the macros of every string under .map
+(maps and lists, at any depth). .path is the value path used in messages.
+Lists are walked through a map keyed by index, then rebuilt in order.
+*/}}
+{{- define "spectro-proxy.walk" -}}
+{{- $m := .map -}}
+{{- range $k, $v := $m -}}
+{{- $path := ternary $k (printf "%s.%s" $.path $k) (eq $.path "") -}}
+{{- if kindIs "string" $v -}}
+{{- if or (contains "<<" $v) (contains "{{" $v) -}}
+{{- $_ := set $m $k (include "spectro-proxy.resolveString" (dict "root" $.root "value" $v "path" $path)) -}}
+{{- end -}}
+{{- else if kindIs "map" $v -}}
+{{- $_ := include "spectro-proxy.walk" (dict "root" $.root "map" $v "path" $path) -}}
+{{- else if kindIs "slice" $v -}}
+{{- $h := dict -}}
+{{- range $i, $e := $v -}}
+{{- $_ := set $h (toString $i) $e -}}
+{{- end -}}
+{{- $_ := include "spectro-proxy.walk" (dict "root" $.root "map" $h "path" $path) -}}
+{{- $l := list -}}
+{{- range $i, $e := $v -}}
+{{- $l = append $l (get $h (toString $i)) -}}
+{{- end -}}
+{{- $_ := set $m $k $l -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.resolveString resolves the macros of one string .value and
+returns the result. Each macro is evaluated on its own with `tpl`, against a
+copy of spectro.system in which every `.spectro.system.a.b` the macro names
+exists (missing keys become ""), so that pipelines such as `| default "x"`
+work and a missing key never stops the render with a nil-pointer error. A macro
+that still yields an empty string fails the render, naming the macro and the
+value to set: nothing renders half-resolved.
+*/}}
+{{- define "spectro-proxy.resolveString" -}}
+{{- $s := .value -}}
+{{- $system := dict -}}
+{{- $spectro := .root.Values.spectro -}}
+{{- if kindIs "map" $spectro -}}
+{{- if kindIs "map" $spectro.system -}}
+{{- $system = $spectro.system -}}
+{{- end -}}
+{{- end -}}
+{{- $macros := concat (regexFindAll "<<.*?>>" $s -1) (regexFindAll "\\{\\{.*?\\}\\}" $s -1) -}}
+{{- range $m := $macros -}}
+{{- $expr := $m | trimPrefix "<<" | trimPrefix "{{" | trimSuffix ">>" | trimSuffix "}}" | trim | trimPrefix "-" | trimSuffix "-" | trim -}}
+{{- range $ref := regexFindAll "(^|[\\s(|,])\\.[A-Za-z_][A-Za-z0-9_]*(\\.[A-Za-z_][A-Za-z0-9_]*)*" $expr -1 -}}
+{{- $field := regexReplaceAll "^[^.]*" $ref "" -}}
+{{- if not (hasPrefix ".spectro.system." $field) -}}
+{{- fail (printf "spectro-proxy: value %q uses the macro %q, which reads %s: macros can only read .spectro.system" $.path $m $field) -}}
+{{- end -}}
+{{- end -}}
+{{- $paths := regexFindAll "\\.spectro\\.system(\\.[A-Za-z0-9_]+)+" $expr -1 | uniq -}}
+{{- $sys := deepCopy $system -}}
+{{- range $p := $paths -}}
+{{- $cur := $sys -}}
+{{- $segs := splitList "." (trimPrefix ".spectro.system." $p) -}}
+{{- range $i, $seg := $segs -}}
+{{- if kindIs "map" $cur -}}
+{{- if or (not (hasKey $cur $seg)) (kindIs "invalid" (get $cur $seg)) -}}
+{{- $_ := set $cur $seg (ternary "" (dict) (eq (add1 $i) (len $segs))) -}}
+{{- end -}}
+{{- $cur = get $cur $seg -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $out := tpl (printf "{{ %s }}" $expr) (dict "spectro" (dict "system" $sys)) -}}
+{{- if eq (trim $out) "" -}}
+{{- $names := list -}}
+{{- range $paths -}}
+{{- $names = append $names (trimPrefix "." .) -}}
+{{- end -}}
+{{- if $names -}}
+{{- fail (printf "spectro-proxy: value %q uses the macro %q, which resolves to an empty value: set %s (for example --set %s=...)" $.path $m (join " and " $names) (first $names)) -}}
+{{- else -}}
+{{- fail (printf "spectro-proxy: value %q uses the macro %q, which resolves to an empty value" $.path $m) -}}
+{{- end -}}
+{{- end -}}
+{{- $s = replace $m $out $s -}}
+{{- end -}}
+{{- $s -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.validate checks what the schema cannot: values.schema.json sees
+the values before their macros are resolved.
+*/}}
+{{- define "spectro-proxy.validate" -}}
+{{- $v := .Values -}}
+{{- $label := "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" -}}
+{{- if not (regexMatch $label $v.namespace) -}}
+{{- fail (printf "spectro-proxy: namespace %q is not a valid namespace name (a DNS label: lowercase letters, digits and '-', at most 63 characters)" $v.namespace) -}}
+{{- end -}}
+{{- if gt (len $v.namespace) 63 -}}
+{{- fail (printf "spectro-proxy: namespace %q is longer than 63 characters" $v.namespace) -}}
+{{- end -}}
+{{- $server := trim (toString $v.server) -}}
+{{- if eq $server "" -}}
+{{- fail "spectro-proxy: server is empty: set it to the relay domain (for example proxy.example.com), or set spectro.system.reverseproxy.server" -}}
+{{- end -}}
+{{- if regexMatch "[:/]" $server -}}
+{{- fail (printf "spectro-proxy: server %q must be a bare DNS name (no scheme, port or path); set the port with the port value" $server) -}}
+{{- end -}}
+{{- if or (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$" $server)) (gt (len $server) 253) -}}
+{{- fail (printf "spectro-proxy: server %q is not a valid DNS name (lowercase letters, digits, '-' and '.')" $server) -}}
+{{- end -}}
+{{- $port := trim (toString $v.port) -}}
+{{- if not (regexMatch "^[0-9]{1,5}$" $port) -}}
+{{- fail (printf "spectro-proxy: port %q is not a number" $port) -}}
+{{- end -}}
+{{- if or (lt (atoi $port) 1) (gt (atoi $port) 65535) -}}
+{{- fail (printf "spectro-proxy: port %s is out of range (1-65535)" $port) -}}
+{{- end -}}
+{{- if eq (trim (toString $v.clusterUid)) "" -}}
+{{- fail "spectro-proxy: clusterUid is empty" -}}
+{{- end -}}
+{{- $sub := toString $v.subdomain -}}
+{{- if not (regexMatch $label $sub) -}}
+{{- fail (printf "spectro-proxy: subdomain %q is not a single DNS label (lowercase letters, digits and '-', no dots, starting and ending with a letter or digit)" $sub) -}}
+{{- end -}}
+{{- $longest := $sub -}}
+{{- if $v.k8sDashboardIntegration.enabled -}}
+{{- $longest = printf "%s-dashboard" $sub -}}
+{{- end -}}
+{{- if include "spectro-proxy.vmDashboardEnabled" . -}}
+{{- $longest = printf "%s-vmdashboard" $sub -}}
+{{- end -}}
+{{- if gt (len $longest) 63 -}}
+{{- fail (printf "spectro-proxy: subdomain %q is too long: the label %q must fit in 63 characters" $sub $longest) -}}
+{{- end -}}
+{{- if and (not $v.token.existingSecret) (not $v.token.value) -}}
+{{- fail "spectro-proxy: no tunnel token: set token.value to a token from `spectro-proxy-server token issue --cluster-uid <uid>`, or token.existingSecret to a Secret holding one" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Base name of the chart's objects. */}}
+{{- define "spectro-proxy.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name suffixed with .suffix, kept within 63 characters. Input: dict "root" $ "suffix" "x". */}}
+{{- define "spectro-proxy.name" -}}
+{{- $base := include "spectro-proxy.fullname" .root -}}
+{{- printf "%s-%s" ($base | trunc (int (sub 62 (len .suffix))) | trimSuffix "-") .suffix -}}
+{{- end -}}
+
+{{- define "spectro-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "spectro-proxy.labels" -}}
+{{ include "spectro-proxy.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: spectro-proxy
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+spectrocloud.com/connection: proxy
+{{- with .Values.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* metadata.labels and metadata.annotations of every object, indented by .indent. */}}
+{{- define "spectro-proxy.metadata" -}}
+labels:
+  {{- include "spectro-proxy.labels" . | nindent 2 }}
+{{- with .Values.annotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "spectro-proxy.tokenSecretName" -}}
+{{- .Values.token.existingSecret | default (include "spectro-proxy.name" (dict "root" . "suffix" "token")) -}}
+{{- end -}}
+
+{{- define "spectro-proxy.relayCAConfigMapName" -}}
+{{- .Values.relayCA.existingConfigMap | default (include "spectro-proxy.name" (dict "root" . "suffix" "relay-ca")) -}}
+{{- end -}}
+
+{{- define "spectro-proxy.hasRelayCA" -}}
+{{- if or .Values.relayCA.existingConfigMap .Values.relayCA.pem -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the VM dashboard is enabled (vmDashboardIntegration or its alias vmwareDashboard), else "". */}}
+{{- define "spectro-proxy.vmDashboardEnabled" -}}
+{{- if or (.Values.vmDashboardIntegration | default dict).enabled (.Values.vmwareDashboard | default dict).enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* URL the agent proxies <subdomain>-dashboard to. */}}
+{{- define "spectro-proxy.k8sDashboardURL" -}}
+{{- $d := .Values.k8sDashboardIntegration -}}
+{{- $scheme := ternary "http" "https" (eq (toString $d.useInsecurePort) "true") -}}
+{{- $port := $d.port | default (ternary 9090 443 (eq $scheme "http")) -}}
+{{- printf "%s://%s.%s.svc:%v" $scheme $d.service $d.namespace $port -}}
+{{- end -}}
+
+{{/* URL the agent proxies <subdomain>-vmdashboard to. */}}
+{{- define "spectro-proxy.vmDashboardURL" -}}
+{{- $d := .Values.vmDashboardIntegration -}}
+{{- printf "%s://%s.%s.svc:%v" $d.scheme $d.service $d.namespace $d.port -}}
+{{- end -}}
+
+{{- define "spectro-proxy.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Resolved relay port, as a plain number. */}}
+{{- define "spectro-proxy.port" -}}
+{{- atoi (trim (toString .Values.port)) -}}
+{{- end -}}
+
+{{/* Whether the chart renders the Namespace object. */}}
+{{- define "spectro-proxy.ownsNamespace" -}}
+{{- if and .Values.createNamespace (ne .Values.namespace .Release.Namespace) -}}true{{- end -}}
+{{- end -}}
