@@ -1,0 +1,145 @@
+// Command spectro-proxy-client is the agent that runs in the cluster and
+// keeps a tunnel to the relay up. Its kubeconfig subcommand prints a
+// kubeconfig that reaches the cluster through the relay.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
+	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+const envPrefix = "SPECTRO_PROXY_"
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "spectro-proxy-client:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+func run(args []string) error {
+	if len(args) > 0 && args[0] == "kubeconfig" {
+		return printKubeconfig(args[1:])
+	}
+	return agent(args)
+}
+
+func agent(args []string) error {
+	fs := flag.NewFlagSet("spectro-proxy-client", flag.ContinueOnError)
+	var cfg client.Config
+	mode := fs.String("mode", "passthrough", "How the relay treats API server connections: passthrough (TLS ends at the API server) or terminate (TLS ends at the relay).")
+	fs.StringVar(&cfg.Server, "server", "", "The relay's domain. The agent dials wss://<server>:<port>.")
+	fs.IntVar(&cfg.Port, "port", 443, "The relay's port.")
+	fs.StringVar(&cfg.RelayAddress, "relay-address", "", "A host:port to dial instead of <server>:<port>, for runs without DNS. The TLS server name stays <server>.")
+	fs.StringVar(&cfg.ClusterUID, "cluster-uid", "", "This cluster's uid; the token must be issued for it.")
+	fs.StringVar(&cfg.Subdomain, "subdomain", "", "The API server's host name label (default cluster-<uid>).")
+	fs.StringVar(&cfg.TokenFile, "token-file", client.DefaultTokenFile, "A file holding the tunnel token; read at each connect, so a rotated Secret takes effect.")
+	fs.StringVar(&cfg.RelayCAFile, "relay-ca-file", "", "A PEM CA to trust for the relay (system roots when empty).")
+	fs.StringVar(&cfg.APIServer, "api-server", "", "The API server URL (default: the in-cluster one from KUBERNETES_SERVICE_HOST/PORT).")
+	fs.StringVar(&cfg.APIServerCAFile, "api-server-ca-file", client.InClusterCAFile, "The API server's CA.")
+	fs.StringVar(&cfg.K8sDashboardURL, "k8s-dashboard-url", "", "When set, serve this in-cluster dashboard at <subdomain>-dashboard.<server>.")
+	fs.StringVar(&cfg.VMDashboardURL, "vm-dashboard-url", "", "When set, serve this in-cluster VM dashboard at <subdomain>-vmdashboard.<server>.")
+	fs.BoolVar(&cfg.DashboardInsecureSkipVerify, "dashboard-insecure-skip-verify", true, "Accept dashboards' self-signed in-cluster certificates.")
+	fs.StringVar(&cfg.HealthAddr, "health-addr", ":8081", "Serve /healthz and /readyz here; empty disables.")
+	fs.StringVar(&cfg.AgentID, "agent-id", "", "This replica's id (default $POD_NAME, else the host name).")
+	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", 5*time.Second, "After this long without a frame from the relay, ping it.")
+	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", 5*time.Second, "Reconnect when the relay does not answer a ping within this long.")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long streams in flight may take to finish.")
+	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := flagenv.Apply(fs, envPrefix); err != nil {
+		return err
+	}
+	cfg.Mode = tunnel.Mode(*mode)
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("log level %q: %w", *logLevel, err)
+	}
+	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	c, err := client.New(cfg)
+	if err != nil {
+		return err
+	}
+	return c.Run(ctx)
+}
+
+func printKubeconfig(args []string) error {
+	fs := flag.NewFlagSet("spectro-proxy-client kubeconfig", flag.ContinueOnError)
+	var o kubeconfig.Options
+	mode := fs.String("mode", "passthrough", "passthrough (keep the cluster CA and your credentials) or terminate (trust the relay CA, use a bearer token).")
+	fs.StringVar(&o.Server, "server", "", "The relay's domain.")
+	fs.IntVar(&o.Port, "port", 443, "The relay's port.")
+	fs.StringVar(&o.Subdomain, "subdomain", "", "The cluster's subdomain (default cluster-<uid>).")
+	uid := fs.String("cluster-uid", "", "The cluster uid, for the default subdomain.")
+	fs.StringVar(&o.Connect, "connect", "", "Dial this host:port and send <subdomain>.<server> as tls-server-name (no DNS needed).")
+	fs.StringVar(&o.Name, "name", "", "The name of the cluster, user and context (default the subdomain).")
+	from := fs.String("from", "", "Rewrite this kubeconfig's current context instead of building a new one.")
+	caFile := fs.String("ca-file", "", "The CA kubectl trusts: the relay CA in terminate mode, the cluster CA in passthrough mode (default: in-cluster CA for passthrough).")
+	relayCAFile := fs.String("relay-ca-file", "", "Alias of --ca-file in terminate mode.")
+	tokenFile := fs.String("user-token-file", "", "A file holding the bearer token for the kubeconfig's user (terminate mode: the chart's service account token).")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := flagenv.Apply(fs, envPrefix); err != nil {
+		return err
+	}
+	o.Mode = tunnel.Mode(*mode)
+	if o.Subdomain == "" && *uid != "" {
+		o.Subdomain = "cluster-" + *uid
+	}
+	if *caFile == "" {
+		*caFile = *relayCAFile
+	}
+	if *caFile == "" && o.Mode == tunnel.Passthrough && *from == "" {
+		*caFile = client.InClusterCAFile
+	}
+	if *caFile != "" {
+		b, err := os.ReadFile(*caFile)
+		if err != nil {
+			return fmt.Errorf("reading CA: %w", err)
+		}
+		o.CAPEM = b
+	}
+	if *tokenFile != "" {
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return fmt.Errorf("reading user token: %w", err)
+		}
+		o.BearerToken = strings.TrimSpace(string(b))
+	}
+	var out []byte
+	var err error
+	if *from != "" {
+		src, rerr := os.ReadFile(*from)
+		if rerr != nil {
+			return fmt.Errorf("reading kubeconfig: %w", rerr)
+		}
+		out, err = kubeconfig.Rewrite(src, o)
+	} else {
+		out, err = kubeconfig.New(o)
+	}
+	if err != nil {
+		return err
+	}
+	_, err = os.Stdout.Write(out)
+	return err
+}

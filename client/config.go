@@ -1,0 +1,192 @@
+// Package client is the agent: it keeps a tunnel to the relay up (dialing
+// out, so the cluster needs no inbound access) and serves the relay's streams
+// by connecting them to in-cluster targets: the API server and, when enabled,
+// dashboards.
+package client
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// In-cluster defaults, as every pod sees them.
+const (
+	DefaultTokenFile = "/etc/spectro-proxy/token/token"
+	InClusterCAFile  = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+)
+
+// Config is the agent's configuration.
+type Config struct {
+	// Server is the relay's domain; the agent dials wss://Server:Port and
+	// sends Server as the TLS server name.
+	Server string
+	Port   int
+	// RelayAddress, when set, is dialed instead of Server:Port (local runs
+	// without DNS). The TLS server name stays Server.
+	RelayAddress string
+	ClusterUID   string
+	// Subdomain is the API server's label ("cluster-<uid>" when empty).
+	Subdomain string
+	TokenFile string
+	// RelayCAFile is a PEM CA to trust for the relay; system roots if empty.
+	RelayCAFile string
+	Mode        tunnel.Mode
+	// APIServer is the API server URL (in-cluster one when empty).
+	APIServer       string
+	APIServerCAFile string
+	// K8sDashboardURL and VMDashboardURL, when set, are served at
+	// <subdomain>-dashboard and <subdomain>-vmdashboard.
+	K8sDashboardURL string
+	VMDashboardURL  string
+	// DashboardInsecureSkipVerify accepts in-cluster dashboards' self-signed
+	// certificates.
+	DashboardInsecureSkipVerify bool
+	// HealthAddr serves /healthz and /readyz; empty disables it.
+	HealthAddr string
+	// AgentID names this replica; a reconnect with the same id replaces its
+	// stale session at the relay.
+	AgentID string
+
+	Liveness     tunnel.Liveness
+	MaxStreams   uint32
+	DialTimeout  time.Duration
+	DrainTimeout time.Duration
+	// BackoffMin and BackoffMax bound the reconnect delay.
+	BackoffMin, BackoffMax time.Duration
+
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Port == 0 {
+		c.Port = 443
+	}
+	if c.Subdomain == "" && c.ClusterUID != "" {
+		c.Subdomain = "cluster-" + c.ClusterUID
+	}
+	if c.TokenFile == "" {
+		c.TokenFile = DefaultTokenFile
+	}
+	if c.Mode == "" {
+		c.Mode = tunnel.Passthrough
+	}
+	if c.APIServer == "" {
+		if h, p := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT"); h != "" && p != "" {
+			c.APIServer = "https://" + net.JoinHostPort(h, p)
+		}
+	}
+	if c.APIServerCAFile == "" {
+		c.APIServerCAFile = InClusterCAFile
+	}
+	if c.AgentID == "" {
+		c.AgentID = os.Getenv("POD_NAME")
+	}
+	if c.AgentID == "" {
+		c.AgentID, _ = os.Hostname()
+	}
+	if c.Liveness.ReadIdle == 0 {
+		c.Liveness.ReadIdle = tunnel.DefaultLiveness.ReadIdle
+	}
+	if c.Liveness.Ping == 0 {
+		c.Liveness.Ping = tunnel.DefaultLiveness.Ping
+	}
+	if c.MaxStreams == 0 {
+		c.MaxStreams = 1000
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = 10 * time.Second
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 25 * time.Second
+	}
+	if c.BackoffMin == 0 {
+		c.BackoffMin = 250 * time.Millisecond
+	}
+	if c.BackoffMax == 0 {
+		c.BackoffMax = 30 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Validate reports the first thing wrong with the configuration.
+func (c *Config) Validate() error {
+	c.setDefaults()
+	var errs []error
+	if c.Server == "" {
+		errs = append(errs, errors.New("server is required (the relay's domain, e.g. proxy.example.com)"))
+	}
+	if c.Port < 1 || c.Port > 65535 {
+		errs = append(errs, fmt.Errorf("port %d is out of range 1-65535", c.Port))
+	}
+	if c.ClusterUID == "" {
+		errs = append(errs, errors.New("cluster-uid is required"))
+	}
+	if c.Subdomain != "" {
+		if err := tunnel.ValidateLabel(c.Subdomain); err != nil {
+			errs = append(errs, fmt.Errorf("subdomain: %w", err))
+		}
+		for _, d := range []struct{ url, label string }{
+			{c.K8sDashboardURL, c.Subdomain + token.DashboardSuffix},
+			{c.VMDashboardURL, c.Subdomain + token.VMDashboardSuffix},
+		} {
+			if d.url == "" {
+				continue
+			}
+			if err := tunnel.ValidateLabel(d.label); err != nil {
+				errs = append(errs, fmt.Errorf("dashboard host name: %w (shorten the subdomain)", err))
+			}
+		}
+	}
+	if _, err := tunnel.ParseMode(string(c.Mode)); err != nil {
+		errs = append(errs, fmt.Errorf("mode: %w", err))
+	}
+	if c.APIServer == "" {
+		errs = append(errs, errors.New("api-server is required outside a pod (KUBERNETES_SERVICE_HOST is not set)"))
+	} else if err := checkURL("api-server", c.APIServer); err != nil {
+		errs = append(errs, err)
+	}
+	for name, u := range map[string]string{"k8s-dashboard-url": c.K8sDashboardURL, "vm-dashboard-url": c.VMDashboardURL} {
+		if u != "" {
+			if err := checkURL(name, u); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if c.AgentID == "" {
+		errs = append(errs, errors.New("agent-id is required (POD_NAME and the host name are empty)"))
+	}
+	if c.BackoffMin <= 0 || c.BackoffMax < c.BackoffMin {
+		errs = append(errs, errors.New("backoff bounds must be positive with min <= max"))
+	}
+	return errors.Join(errs...)
+}
+
+func checkURL(name, s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
+		return fmt.Errorf("%s %q: want http:// or https:// and a host", name, s)
+	}
+	return nil
+}
+
+// relayAddr is where the agent dials.
+func (c *Config) relayAddr() string {
+	if c.RelayAddress != "" {
+		return c.RelayAddress
+	}
+	return net.JoinHostPort(c.Server, strconv.Itoa(c.Port))
+}

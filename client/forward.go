@@ -1,0 +1,217 @@
+package client
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// route is one hostname label the agent serves and the target behind it.
+type route struct {
+	label  string
+	mode   tunnel.Mode
+	target *url.URL
+	// tlsConf is used for https targets (nil for http).
+	tlsConf *tls.Config
+	proxy   *httputil.ReverseProxy
+	dialer  *net.Dialer
+}
+
+func buildRoutes(cfg *Config) (map[string]*route, error) {
+	routes := map[string]*route{}
+	apiTLS := &tls.Config{MinVersion: tls.VersionTLS12}
+	// The API server's CA matters where the agent speaks TLS to it itself
+	// (terminate mode, and the certificate check in passthrough mode).
+	if pemCerts, err := os.ReadFile(cfg.APIServerCAFile); err == nil {
+		if apiTLS.RootCAs, err = pki.Pool(pemCerts); err != nil {
+			return nil, fmt.Errorf("api server CA %s: %w", cfg.APIServerCAFile, err)
+		}
+	} else if cfg.Mode == tunnel.Terminate {
+		return nil, fmt.Errorf("reading api server CA (needed in terminate mode): %w", err)
+	}
+	add := func(label string, mode tunnel.Mode, target string, tlsConf *tls.Config) error {
+		u, err := url.Parse(target)
+		if err != nil {
+			return err
+		}
+		if u.Port() == "" {
+			port := "443"
+			if u.Scheme == "http" {
+				port = "80"
+			}
+			u.Host = net.JoinHostPort(u.Hostname(), port)
+		}
+		r := &route{label: label, mode: mode, target: u, dialer: &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second}}
+		if u.Scheme == "https" {
+			r.tlsConf = tlsConf.Clone()
+			r.tlsConf.ServerName = u.Hostname()
+		}
+		r.proxy = newReverseProxy(r, cfg)
+		routes[label] = r
+		return nil
+	}
+	if err := add(cfg.Subdomain, cfg.Mode, cfg.APIServer, apiTLS); err != nil {
+		return nil, fmt.Errorf("api server route: %w", err)
+	}
+	dashTLS := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.DashboardInsecureSkipVerify} //nolint:gosec // in-cluster dashboards are self-signed; opt-out flag exists
+	if cfg.K8sDashboardURL != "" {
+		if err := add(cfg.Subdomain+token.DashboardSuffix, tunnel.Terminate, cfg.K8sDashboardURL, dashTLS); err != nil {
+			return nil, fmt.Errorf("dashboard route: %w", err)
+		}
+	}
+	if cfg.VMDashboardURL != "" {
+		if err := add(cfg.Subdomain+token.VMDashboardSuffix, tunnel.Terminate, cfg.VMDashboardURL, dashTLS); err != nil {
+			return nil, fmt.Errorf("vm dashboard route: %w", err)
+		}
+	}
+	return routes, nil
+}
+
+func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
+	tr := &http.Transport{
+		DialContext:           r.dialer.DialContext,
+		TLSClientConfig:       r.tlsConf,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConnsPerHost:   64,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   cfg.DialTimeout,
+		ResponseHeaderTimeout: 0, // watches answer headers at once, but long polls may not
+	}
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(r.target)
+			// Keep the public host name: dashboards build redirects and
+			// cookies from it, and the API server does not care.
+			pr.Out.Host = pr.In.Host
+			pr.Out.Header.Del(tunnel.HeaderRoute)
+			// SetXForwarded is not called: the relay already set the
+			// X-Forwarded-* headers for the real client.
+			pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
+		},
+		Transport:     tr,
+		FlushInterval: -1,
+		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) {
+			cfg.Logger.Warn("forwarding request", "host", r.label, "target", r.target.String(), "error", err)
+			writeStatus(w, http.StatusBadGateway, "BadGateway",
+				fmt.Sprintf("spectro-proxy agent could not reach %s: %v", r.target.Host, err))
+		},
+	}
+}
+
+func writeStatus(w http.ResponseWriter, code int, reason, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"kind": "Status", "apiVersion": "v1", "metadata": map[string]any{},
+		"status": "Failure", "reason": reason, "code": code, "message": msg,
+	})
+}
+
+// serveStream handles one stream the relay opened.
+func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect {
+		rt, ok := c.routes[r.Host]
+		if !ok {
+			tunnel.RefuseStream(w, http.StatusNotFound, "no route "+r.Host)
+			return
+		}
+		switch r.Header.Get(tunnel.HeaderStream) {
+		case tunnel.StreamTCP:
+			if rt.mode != tunnel.Passthrough {
+				tunnel.RefuseStream(w, http.StatusForbidden, "route "+rt.label+" is not passthrough")
+				return
+			}
+			c.serveTCP(w, r, rt)
+		case tunnel.StreamUpgrade:
+			c.serveUpgrade(w, r, rt)
+		default:
+			tunnel.RefuseStream(w, http.StatusBadRequest, "unknown stream kind")
+		}
+		return
+	}
+	rt, ok := c.routes[r.Header.Get(tunnel.HeaderRoute)]
+	if !ok {
+		writeStatus(w, http.StatusNotFound, "NotFound", "spectro-proxy agent has no route "+r.Header.Get(tunnel.HeaderRoute))
+		return
+	}
+	rt.proxy.ServeHTTP(w, r)
+}
+
+func (c *Client) serveTCP(w http.ResponseWriter, r *http.Request, rt *route) {
+	target, err := rt.dialer.DialContext(r.Context(), "tcp", rt.target.Host)
+	if err != nil {
+		c.log.Warn("dialing target", "host", rt.label, "target", rt.target.Host, "error", err)
+		tunnel.RefuseStream(w, http.StatusBadGateway, err.Error())
+		return
+	}
+	st, err := tunnel.AcceptStream(w, r)
+	if err != nil {
+		target.Close()
+		return
+	}
+	up, down, err := st.Join(target, nil)
+	c.log.Debug("stream closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
+}
+
+// serveUpgrade forwards an HTTP/1.1 Upgrade request (exec, attach,
+// port-forward, dashboard WebSockets) and then carries raw bytes.
+func (c *Client) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route) {
+	st, err := tunnel.AcceptStream(w, r)
+	if err != nil {
+		return
+	}
+	br := bufio.NewReader(r.Body)
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		c.log.Warn("reading upgrade request", "host", rt.label, "error", err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), c.cfg.DialTimeout)
+	target, err := c.dialTarget(ctx, rt)
+	cancel()
+	if err != nil {
+		c.log.Warn("dialing target", "host", rt.label, "target", rt.target.Host, "error", err)
+		resp := &http.Response{StatusCode: http.StatusBadGateway, ProtoMajor: 1, ProtoMinor: 1, Close: true,
+			Header: http.Header{"Content-Type": {"text/plain"}}}
+		msg := fmt.Sprintf("spectro-proxy agent could not reach %s: %v\n", rt.target.Host, err)
+		resp.ContentLength = int64(len(msg))
+		resp.Body = http.NoBody
+		_ = resp.Write(st)
+		_, _ = st.Write([]byte(msg))
+		return
+	}
+	req.Header.Del(tunnel.HeaderRoute)
+	if err := req.Write(target); err != nil {
+		target.Close()
+		return
+	}
+	up, down, err := st.Join(target, br)
+	c.log.Debug("upgrade closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
+}
+
+func (c *Client) dialTarget(ctx context.Context, rt *route) (net.Conn, error) {
+	conn, err := rt.dialer.DialContext(ctx, "tcp", rt.target.Host)
+	if err != nil || rt.tlsConf == nil {
+		return conn, err
+	}
+	conf := rt.tlsConf.Clone()
+	conf.NextProtos = []string{"http/1.1"} // Upgrade does not exist in HTTP/2
+	tc := tls.Client(conn, conf)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("TLS handshake with %s: %w", rt.target.Host, err)
+	}
+	return tc, nil
+}

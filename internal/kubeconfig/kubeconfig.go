@@ -1,0 +1,162 @@
+// Package kubeconfig writes the kubeconfigs users point kubectl at: a new
+// one, or an existing one rewritten to reach its cluster through the relay.
+package kubeconfig
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+
+	"k8s.io/client-go/tools/clientcmd"
+	api "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// Options says how the kubeconfig reaches the cluster.
+type Options struct {
+	Mode      tunnel.Mode
+	Server    string // the relay's domain
+	Port      int
+	Subdomain string
+	// Connect, when set (host:port), is what kubectl dials; the relay host
+	// name then travels as tls-server-name, so no DNS record is needed.
+	Connect string
+	// CAPEM is the CA kubectl trusts: the relay's in terminate mode, the
+	// cluster's in passthrough mode (ignored with From, whose CA is kept).
+	CAPEM []byte
+	// BearerToken is the user's token (the chart's service account in
+	// terminate mode). Ignored with From, whose user is kept.
+	BearerToken string
+	// Name names the cluster, user and context (the subdomain when empty).
+	Name string
+}
+
+// Host returns the public host name of the cluster's API server.
+func (o Options) Host() string { return o.Subdomain + "." + o.Server }
+
+func (o Options) validate() error {
+	var errs []error
+	if _, err := tunnel.ParseMode(string(o.Mode)); err != nil {
+		errs = append(errs, err)
+	}
+	if o.Server == "" {
+		errs = append(errs, errors.New("server (the relay's domain) is required"))
+	}
+	if err := tunnel.ValidateLabel(o.Subdomain); err != nil {
+		errs = append(errs, fmt.Errorf("subdomain: %w", err))
+	}
+	if o.Port < 1 || o.Port > 65535 {
+		errs = append(errs, fmt.Errorf("port %d is out of range 1-65535", o.Port))
+	}
+	if o.Connect != "" {
+		if _, _, err := net.SplitHostPort(o.Connect); err != nil {
+			errs = append(errs, fmt.Errorf("connect %q: want host:port: %w", o.Connect, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (o Options) apply(cl *api.Cluster) {
+	if o.Connect != "" {
+		cl.Server = "https://" + o.Connect
+		cl.TLSServerName = o.Host()
+	} else {
+		cl.Server = "https://" + net.JoinHostPort(o.Host(), strconv.Itoa(o.Port))
+		cl.TLSServerName = ""
+	}
+}
+
+// New builds a kubeconfig with one cluster, user and context.
+func New(o Options) ([]byte, error) {
+	if err := o.validate(); err != nil {
+		return nil, fmt.Errorf("kubeconfig options: %w", err)
+	}
+	if len(o.CAPEM) == 0 {
+		return nil, errors.New("a CA is required (the relay CA in terminate mode, the cluster CA in passthrough mode)")
+	}
+	if o.Mode == tunnel.Terminate && o.BearerToken == "" {
+		return nil, errors.New("terminate mode needs a bearer token (the chart's service account token)")
+	}
+	name := o.Name
+	if name == "" {
+		name = o.Subdomain
+	}
+	cl := api.NewCluster()
+	cl.CertificateAuthorityData = o.CAPEM
+	o.apply(cl)
+	user := api.NewAuthInfo()
+	user.Token = o.BearerToken
+	cfg := api.NewConfig()
+	cfg.Clusters[name] = cl
+	cfg.AuthInfos[name] = user
+	cfg.Contexts[name] = &api.Context{Cluster: name, AuthInfo: name}
+	cfg.CurrentContext = name
+	return write(cfg)
+}
+
+// Rewrite points the current context of an existing kubeconfig at the
+// relay, keeping its users (client certificates work in passthrough mode).
+// In terminate mode the cluster CA becomes the relay's CA.
+func Rewrite(from []byte, o Options) ([]byte, error) {
+	if err := o.validate(); err != nil {
+		return nil, fmt.Errorf("kubeconfig options: %w", err)
+	}
+	cfg, err := clientcmd.Load(from)
+	if err != nil {
+		return nil, fmt.Errorf("parsing kubeconfig: %w", err)
+	}
+	ctx, ok := cfg.Contexts[cfg.CurrentContext]
+	if !ok || ctx == nil {
+		return nil, fmt.Errorf("kubeconfig has no current context %q", cfg.CurrentContext)
+	}
+	src, ok := cfg.Clusters[ctx.Cluster]
+	if !ok || src == nil {
+		return nil, fmt.Errorf("context %q names cluster %q, which the kubeconfig lacks", cfg.CurrentContext, ctx.Cluster)
+	}
+	cl := src.DeepCopy()
+	if cl.CertificateAuthority != "" {
+		// Inline the file so the new kubeconfig works anywhere.
+		if err := api.FlattenContent(&cl.CertificateAuthority, &cl.CertificateAuthorityData, ""); err != nil {
+			return nil, fmt.Errorf("reading cluster CA: %w", err)
+		}
+	}
+	if o.Mode == tunnel.Terminate {
+		if len(o.CAPEM) == 0 {
+			return nil, errors.New("terminate mode needs the relay CA")
+		}
+		cl.CertificateAuthorityData = o.CAPEM
+		cl.CertificateAuthority = ""
+	}
+	cl.InsecureSkipTLSVerify = false
+	cl.ProxyURL = ""
+	o.apply(cl)
+	name := o.Name
+	if name == "" {
+		name = o.Subdomain
+	}
+	newCtx := ctx.DeepCopy()
+	newCtx.Cluster = name
+	if o.Mode == tunnel.Terminate && o.BearerToken != "" {
+		user := api.NewAuthInfo()
+		user.Token = o.BearerToken
+		cfg.AuthInfos[name] = user
+		newCtx.AuthInfo = name
+	}
+	cfg.Clusters[name] = cl
+	cfg.Contexts[name] = newCtx
+	cfg.CurrentContext = name
+	return write(cfg)
+}
+
+func write(cfg *api.Config) ([]byte, error) {
+	if err := clientcmd.Validate(*cfg); err != nil {
+		return nil, fmt.Errorf("kubeconfig would be invalid: %w", err)
+	}
+	b, err := clientcmd.Write(*cfg)
+	if err != nil {
+		return nil, fmt.Errorf("encoding kubeconfig: %w", err)
+	}
+	return b, nil
+}

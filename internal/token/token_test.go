@@ -1,0 +1,109 @@
+package token
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+var key = []byte(strings.Repeat("k", 32))
+
+func TestIssueVerify(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tok, claims, err := Issue(key, "abc", "", time.Hour, now)
+	require.NoError(t, err)
+	assert.Equal(t, "cluster-abc", claims.Subdomain)
+
+	got, err := Verify(key, tok, now.Add(time.Minute))
+	require.NoError(t, err)
+	assert.Equal(t, claims, got)
+	assert.True(t, got.Allows("cluster-abc"))
+	assert.True(t, got.Allows("cluster-abc-dashboard"))
+	assert.True(t, got.Allows("cluster-abc-vmdashboard"))
+	assert.False(t, got.Allows("cluster-abd"))
+	assert.False(t, got.Allows("cluster-abc-other"))
+}
+
+func TestVerifyRejects(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	good, _, err := Issue(key, "abc", "", time.Hour, now)
+	require.NoError(t, err)
+	otherKey, _, err := Issue([]byte(strings.Repeat("x", 32)), "abc", "", time.Hour, now)
+	require.NoError(t, err)
+	body, sig, _ := strings.Cut(strings.TrimPrefix(good, prefix), ".")
+
+	tests := []struct {
+		name string
+		tok  string
+		at   time.Time
+		want error
+	}{
+		{"expired", good, now.Add(2 * time.Hour), ErrExpired},
+		{"other key", otherKey, now, ErrSignature},
+		{"no prefix", "abc", now, ErrMalformed},
+		{"no signature", prefix + body, now, ErrMalformed},
+		{"bad signature encoding", prefix + body + ".!!", now, ErrMalformed},
+		{"payload swapped", prefix + "eyJ1aWQiOiJ4In0." + sig, now, ErrSignature},
+		{"empty", "", now, ErrMalformed},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Verify(key, tc.tok, tc.at)
+			require.ErrorIs(t, err, tc.want)
+		})
+	}
+}
+
+func TestIssueRejectsShortKey(t *testing.T) {
+	_, _, err := Issue([]byte("short"), "abc", "", 0, time.Now())
+	require.ErrorContains(t, err, "want at least 32")
+}
+
+func TestRevocations(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "revoked")
+	r := NewRevocations(path)
+	revoked, err := r.Revoked("id1")
+	require.NoError(t, err)
+	assert.False(t, revoked, "missing file revokes nothing")
+
+	require.NoError(t, Revoke(path, "id1", "laptop lost"))
+	revoked, err = r.Revoked("id1")
+	require.NoError(t, err)
+	assert.True(t, revoked)
+
+	require.NoError(t, Revoke(path, "id2", ""))
+	revoked, err = r.Revoked("id2")
+	require.NoError(t, err)
+	assert.True(t, revoked, "appended id is seen without restart")
+
+	require.Error(t, Revoke(path, "bad id", ""))
+
+	// A revocation list that cannot be read must refuse, not let tokens in.
+	_, err = NewRevocations(t.TempDir()).Revoked("id1")
+	require.ErrorContains(t, err, "reading revocation file")
+}
+
+func FuzzVerify(f *testing.F) {
+	now := time.Unix(1_800_000_000, 0)
+	good, _, _ := Issue(key, "abc", "", time.Hour, now)
+	f.Add(good)
+	f.Add("spx1..")
+	f.Add("spx1.e30.AAAA")
+	f.Fuzz(func(t *testing.T, tok string) {
+		c, err := Verify(key, tok, now)
+		if err == nil && (c.ClusterUID == "" || c.Subdomain == "") {
+			t.Fatalf("accepted token without claims: %q", tok)
+		}
+		if err == nil && tok != good && strings.TrimSpace(tok) != good {
+			// Only a correctly signed token may pass: the fuzzer can't forge HMAC.
+			t.Fatalf("accepted forged token %q", tok)
+		}
+	})
+}

@@ -1,0 +1,220 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// Flow-control windows. The HTTP/2 defaults (64 KiB per stream on the
+// server side, 1 MiB per connection) cap a single stream at window/RTT, which
+// is what makes other multiplexing tunnels crawl on long links. These allow
+// ~16 MiB in flight per stream and 64 MiB per tunnel; memory is only used
+// when a reader falls behind.
+const (
+	streamWindow = 16 << 20
+	connWindow   = 64 << 20
+	// frameSize is the largest DATA frame each side accepts. Bigger frames
+	// mean fewer WebSocket messages and fewer syscalls per byte.
+	frameSize = 256 << 10
+)
+
+// Liveness is how a tunnel notices a dead peer: after ReadIdle without a
+// frame it sends a ping and gives up if no answer comes within Ping.
+type Liveness struct {
+	ReadIdle time.Duration
+	Ping     time.Duration
+}
+
+// DefaultLiveness detects a dead tunnel within 10 s, inside the 15 s promise.
+var DefaultLiveness = Liveness{ReadIdle: 5 * time.Second, Ping: 5 * time.Second}
+
+// Server serves HTTP/2 on tunnel connections the agent dialed. Shutdown
+// sends GOAWAY on every connection it serves, so the relay stops opening new
+// streams there while the running ones finish.
+type Server struct {
+	hs *http.Server
+	h2 *http2.Server
+}
+
+// NewServer returns a Server that hands each stream to h.
+func NewServer(h http.Handler, maxStreams uint32, live Liveness) *Server {
+	hs := &http.Server{Handler: h}
+	h2 := &http2.Server{
+		MaxConcurrentStreams:         maxStreams,
+		MaxReadFrameSize:             frameSize,
+		MaxUploadBufferPerConnection: connWindow,
+		MaxUploadBufferPerStream:     streamWindow,
+		ReadIdleTimeout:              live.ReadIdle,
+		PingTimeout:                  live.Ping,
+	}
+	// ConfigureServer hooks h2's graceful shutdown into hs.Shutdown.
+	if err := http2.ConfigureServer(hs, h2); err != nil {
+		panic(fmt.Sprintf("tunnel: configuring http2 server: %v", err)) // only fails on a bad TLSConfig, which we never set
+	}
+	return &Server{hs: hs, h2: h2}
+}
+
+// ServeConn serves HTTP/2 on conn until the connection ends or ctx is done,
+// then closes conn.
+func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	s.h2.ServeConn(conn, &http2.ServeConnOpts{Context: ctx, BaseConfig: s.hs, Handler: s.hs.Handler})
+	conn.Close()
+}
+
+// Shutdown sends GOAWAY on every served connection. Streams in flight keep
+// running; ServeConn returns once they are done.
+func (s *Server) Shutdown(ctx context.Context) error { return s.hs.Shutdown(ctx) }
+
+// NewClientConn runs the HTTP/2 client side on conn (the relay's side).
+func NewClientConn(conn net.Conn, live Liveness) (*http2.ClientConn, error) {
+	t := &http2.Transport{
+		MaxReadFrameSize: frameSize,
+		ReadIdleTimeout:  live.ReadIdle,
+		PingTimeout:      live.Ping,
+		// The agent's answer to a new stream is quick or the agent is gone.
+		WriteByteTimeout: 15 * time.Second,
+	}
+	cc, err := t.NewClientConn(conn)
+	if err != nil {
+		return nil, fmt.Errorf("starting http2 client on tunnel: %w", err)
+	}
+	return cc, nil
+}
+
+// ErrRefused is returned by OpenStream when the agent answered but refused
+// the stream (for example because it could not reach the target).
+var ErrRefused = errors.New("agent refused stream")
+
+// Stream is a raw byte stream over one HTTP/2 stream: writes go in the
+// request body, reads come from the response body.
+type Stream struct {
+	w      *io.PipeWriter
+	body   io.ReadCloser
+	cancel context.CancelFunc
+	once   sync.Once
+}
+
+// OpenStream opens a CONNECT stream for label carrying kind and waits up to
+// headerTimeout for the agent's answer. The stream lives until Close, or
+// until ctx is done.
+func OpenStream(ctx context.Context, cc *http2.ClientConn, label, kind string, headerTimeout time.Duration) (*Stream, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	pr, pw := io.Pipe()
+	req := &http.Request{
+		Method: http.MethodConnect,
+		URL:    &url.URL{Host: label},
+		Host:   label,
+		Header: http.Header{HeaderStream: {kind}},
+		Body:   pr,
+	}
+	req = req.WithContext(ctx)
+	timer := time.AfterFunc(headerTimeout, cancel)
+	resp, err := cc.RoundTrip(req)
+	if !timer.Stop() && err != nil {
+		err = fmt.Errorf("no answer from agent within %v: %w", headerTimeout, err)
+	}
+	if err != nil {
+		cancel()
+		pw.Close()
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		reason := resp.Header.Get(HeaderError)
+		resp.Body.Close()
+		cancel()
+		pw.Close()
+		return nil, fmt.Errorf("%w: %s: %s", ErrRefused, resp.Status, reason)
+	}
+	return &Stream{w: pw, body: resp.Body, cancel: cancel}, nil
+}
+
+func (s *Stream) Read(p []byte) (int, error)  { return s.body.Read(p) }
+func (s *Stream) Write(p []byte) (int, error) { return s.w.Write(p) }
+
+// CloseWrite ends the request body, which the agent reads as EOF.
+func (s *Stream) CloseWrite() error { return s.w.Close() }
+
+// Close resets the stream if it is still open.
+func (s *Stream) Close() error {
+	s.once.Do(func() {
+		s.w.Close()
+		s.body.Close()
+		s.cancel()
+	})
+	return nil
+}
+
+// ServerStream is the agent's side of a CONNECT stream inside an
+// http.Handler: reads come from the request body, writes are flushed to the
+// response at once so interactive sessions never wait on a buffer.
+type ServerStream struct {
+	body io.ReadCloser
+	w    io.Writer
+	rc   *http.ResponseController
+}
+
+// AcceptStream answers a CONNECT stream with 200 and returns its byte stream.
+func AcceptStream(w http.ResponseWriter, r *http.Request) (*ServerStream, error) {
+	rc := http.NewResponseController(w)
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		return nil, fmt.Errorf("sending stream headers: %w", err)
+	}
+	return &ServerStream{body: r.Body, w: w, rc: rc}, nil
+}
+
+func (s *ServerStream) Read(p []byte) (int, error) { return s.body.Read(p) }
+
+func (s *ServerStream) Write(p []byte) (int, error) {
+	n, err := s.w.Write(p)
+	if err != nil {
+		return n, err
+	}
+	return n, s.rc.Flush()
+}
+
+// Join copies between the stream and target until target's side ends:
+// src (the stream's body, or a reader that buffered part of it) goes to
+// target, half-closing target at EOF; target's bytes come back until it
+// closes, which ends the stream (an HTTP/2 response can only end by the
+// handler returning, so this is the one direction that finishes the join).
+// It returns the bytes moved each way.
+func (s *ServerStream) Join(target io.ReadWriteCloser, src io.Reader) (toTarget, fromTarget int64, err error) {
+	if src == nil {
+		src = s.body
+	}
+	done := make(chan error, 1)
+	go func() {
+		n, err := Copy(target, src)
+		toTarget = n
+		if err == nil {
+			err = CloseWrite(target)
+		}
+		done <- err
+	}()
+	fromTarget, err = Copy(s, target)
+	target.Close()
+	s.body.Close()
+	if errIn := <-done; err == nil {
+		err = firstReal(errIn)
+	}
+	return toTarget, fromTarget, firstReal(err)
+}
+
+// RefuseStream answers a stream with an error status and a reason the relay
+// logs.
+func RefuseStream(w http.ResponseWriter, code int, reason string) {
+	w.Header().Set(HeaderError, reason)
+	w.WriteHeader(code)
+}

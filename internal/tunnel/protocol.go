@@ -1,0 +1,104 @@
+package tunnel
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+)
+
+// Wire constants shared by the relay and the agent. Changing any of them
+// breaks mixed-version deployments, so version the path instead.
+const (
+	// Path is the relay's WebSocket endpoint that agents dial.
+	Path = "/v1/tunnel"
+
+	// HeaderAgent carries the agent replica's id. A reconnect with the same
+	// id replaces that replica's stale session.
+	HeaderAgent = "Spectro-Proxy-Agent"
+	// HeaderRoutes lists the labels an agent serves, "label=mode,...".
+	HeaderRoutes = "Spectro-Proxy-Routes"
+	// HeaderRoute names the label a request on the tunnel is for.
+	HeaderRoute = "Spectro-Proxy-Route"
+	// HeaderStream says what a CONNECT stream carries.
+	HeaderStream = "Spectro-Proxy-Stream"
+	// HeaderError carries the agent's reason when it refuses a stream.
+	HeaderError = "Spectro-Proxy-Error"
+
+	// StreamTCP is a raw byte stream to the route's target (TLS passthrough).
+	StreamTCP = "tcp"
+	// StreamUpgrade is an HTTP/1.1 request with Upgrade, written first on the
+	// stream, then raw bytes both ways once the target answers 101.
+	StreamUpgrade = "http-upgrade"
+)
+
+// Mode is how the relay treats a route's public connections.
+type Mode string
+
+const (
+	// Passthrough hands the raw TLS connection to the agent; TLS ends at the
+	// API server and kubectl keeps its own credentials end to end.
+	Passthrough Mode = "passthrough"
+	// Terminate ends TLS at the relay with its wildcard certificate and
+	// forwards HTTP requests, one HTTP/2 stream each.
+	Terminate Mode = "terminate"
+)
+
+// ParseMode returns the Mode named s.
+func ParseMode(s string) (Mode, error) {
+	switch Mode(s) {
+	case Passthrough, Terminate:
+		return Mode(s), nil
+	}
+	return "", fmt.Errorf("unknown mode %q (want %q or %q)", s, Passthrough, Terminate)
+}
+
+// FormatRoutes renders routes for HeaderRoutes, sorted so it is stable.
+func FormatRoutes(routes map[string]Mode) string {
+	parts := make([]string, 0, len(routes))
+	for label, m := range routes {
+		parts = append(parts, label+"="+string(m))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ",")
+}
+
+// ParseRoutes parses HeaderRoutes. Labels must be single DNS labels.
+func ParseRoutes(s string) (map[string]Mode, error) {
+	routes := map[string]Mode{}
+	if strings.TrimSpace(s) == "" {
+		return nil, fmt.Errorf("no routes given")
+	}
+	for _, part := range strings.Split(s, ",") {
+		label, mode, ok := strings.Cut(strings.TrimSpace(part), "=")
+		if !ok {
+			return nil, fmt.Errorf("route %q: want label=mode", part)
+		}
+		if err := ValidateLabel(label); err != nil {
+			return nil, err
+		}
+		m, err := ParseMode(mode)
+		if err != nil {
+			return nil, fmt.Errorf("route %q: %w", label, err)
+		}
+		if _, dup := routes[label]; dup {
+			return nil, fmt.Errorf("route %q given twice", label)
+		}
+		routes[label] = m
+	}
+	return routes, nil
+}
+
+// ValidateLabel checks that s is one lower-case DNS label (RFC 1123).
+func ValidateLabel(s string) error {
+	if s == "" || len(s) > 63 {
+		return fmt.Errorf("label %q: must be 1 to 63 characters", s)
+	}
+	for i, c := range s {
+		alnum := c >= 'a' && c <= 'z' || c >= '0' && c <= '9'
+		if alnum || (c == '-' && i > 0 && i < len(s)-1) {
+			continue
+		}
+		return fmt.Errorf("label %q: must be lower-case letters, digits and inner '-' only", s)
+	}
+	return nil
+}

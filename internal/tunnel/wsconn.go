@@ -1,0 +1,146 @@
+// Package tunnel is the wire shared by the relay and the agent: a WebSocket
+// connection adapted to net.Conn, HTTP/2 run over it (the agent serves, the
+// relay is the client), and the byte pumps that join two streams. It knows
+// nothing about hostnames, tokens or Kubernetes.
+package tunnel
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// MaxMessageSize bounds one WebSocket message read from the peer. HTTP/2
+// frames are at most MaxFrameSize plus a 9-byte header and our writer never
+// sends more than maxWriteMessage at once, so anything larger is abuse.
+const MaxMessageSize = 1 << 20
+
+// maxWriteMessage splits large writes so that the peer's MaxMessageSize holds.
+const maxWriteMessage = 256 << 10
+
+// Conn adapts a gorilla *websocket.Conn to net.Conn. Each Write becomes one
+// or more binary messages; Read streams message payloads back to back, so
+// message boundaries carry no meaning.
+//
+// Conn is safe for one reader and any number of concurrent writers (the
+// HTTP/2 framer writes from several goroutines). It deviates from net.Conn
+// in one way that callers must know: as with gorilla itself, once a read or
+// write deadline is hit the connection is broken and must be closed; it
+// cannot be resumed by moving the deadline. HTTP/2 pings, not deadlines,
+// keep a live tunnel honest.
+//
+// Close sends a normal-closure frame (bounded by a short deadline) and then
+// closes the socket; a normal close from the peer reads as io.EOF.
+type Conn struct {
+	ws *websocket.Conn
+
+	readMu sync.Mutex
+	r      io.Reader
+
+	writeMu sync.Mutex
+
+	closeOnce sync.Once
+	closeErr  error
+	closed    chan struct{}
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+// NewConn wraps ws. The caller hands ownership of ws to the returned Conn.
+func NewConn(ws *websocket.Conn) *Conn {
+	ws.SetReadLimit(MaxMessageSize)
+	return &Conn{ws: ws, closed: make(chan struct{})}
+}
+
+// Done is closed once Close has been called, by either side's code.
+func (c *Conn) Done() <-chan struct{} { return c.closed }
+
+// Read reads payload bytes of binary messages in order.
+func (c *Conn) Read(p []byte) (int, error) {
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	for {
+		if c.r == nil {
+			typ, r, err := c.ws.NextReader()
+			if err != nil {
+				return 0, mapCloseErr(err)
+			}
+			if typ != websocket.BinaryMessage {
+				// A text message is a protocol violation on the tunnel;
+				// refusing it beats feeding text into the HTTP/2 framer.
+				c.Close()
+				return 0, errors.New("tunnel: unexpected non-binary websocket message")
+			}
+			c.r = r
+		}
+		n, err := c.r.Read(p)
+		if errors.Is(err, io.EOF) {
+			c.r = nil
+			if n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		if err != nil {
+			return n, mapCloseErr(err)
+		}
+		return n, nil
+	}
+}
+
+// Write sends p as one or more binary messages.
+func (c *Conn) Write(p []byte) (int, error) {
+	c.writeMu.Lock()
+	defer c.writeMu.Unlock()
+	written := 0
+	for len(p) > 0 {
+		chunk := p
+		if len(chunk) > maxWriteMessage {
+			chunk = chunk[:maxWriteMessage]
+		}
+		if err := c.ws.WriteMessage(websocket.BinaryMessage, chunk); err != nil {
+			return written, mapCloseErr(err)
+		}
+		written += len(chunk)
+		p = p[len(chunk):]
+	}
+	return written, nil
+}
+
+// Close sends a close frame and closes the underlying connection. It is safe
+// to call more than once.
+func (c *Conn) Close() error {
+	c.closeOnce.Do(func() {
+		close(c.closed)
+		// WriteControl is safe beside a concurrent WriteMessage.
+		_ = c.ws.WriteControl(websocket.CloseMessage,
+			websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""),
+			time.Now().Add(time.Second))
+		c.closeErr = c.ws.Close()
+	})
+	return c.closeErr
+}
+
+func (c *Conn) LocalAddr() net.Addr  { return c.ws.LocalAddr() }
+func (c *Conn) RemoteAddr() net.Addr { return c.ws.RemoteAddr() }
+
+func (c *Conn) SetDeadline(t time.Time) error {
+	if err := c.ws.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return c.ws.SetWriteDeadline(t)
+}
+func (c *Conn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
+
+func mapCloseErr(err error) error {
+	var ce *websocket.CloseError
+	if errors.As(err, &ce) && (ce.Code == websocket.CloseNormalClosure || ce.Code == websocket.CloseNoStatusReceived) {
+		return io.EOF
+	}
+	return err
+}

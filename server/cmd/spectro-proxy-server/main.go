@@ -1,0 +1,152 @@
+// Command spectro-proxy-server is the relay. Agents dial in; kubectl and
+// browsers reach clusters at https://<label>.<domain>.
+//
+//	spectro-proxy-server --domain proxy.example.com --state-dir /var/lib/spectro-proxy
+//	spectro-proxy-server token issue --cluster-uid UID --state-dir /var/lib/spectro-proxy
+//	spectro-proxy-server token revoke --id ID --revocation-file FILE
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
+	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/server"
+)
+
+const envPrefix = "SPECTRO_PROXY_"
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "spectro-proxy-server:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+func run(args []string) error {
+	if len(args) >= 2 && args[0] == "token" {
+		switch args[1] {
+		case "issue":
+			return tokenIssue(args[2:])
+		case "revoke":
+			return tokenRevoke(args[2:])
+		}
+		return fmt.Errorf("unknown token command %q (want issue or revoke)", args[1])
+	}
+	return serve(args)
+}
+
+func serve(args []string) error {
+	fs := flag.NewFlagSet("spectro-proxy-server", flag.ContinueOnError)
+	var cfg server.Config
+	fs.StringVar(&cfg.Listen, "listen", ":8443", "The address of the one public TLS listener, shared by agents and users.")
+	fs.StringVar(&cfg.Domain, "domain", "", "The relay's own host name. Clusters are reached at <label>.<domain>.")
+	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "A PEM certificate valid for the domain and *.domain. Without it, --state-dir gets a local CA and certificate.")
+	fs.StringVar(&cfg.TLSKeyFile, "tls-key-file", "", "The private key of --tls-cert-file.")
+	fs.StringVar(&cfg.StateDir, "state-dir", "", "A directory for what the relay creates itself: a local CA and certificate (when no certificate is given) and the token signing key.")
+	fs.StringVar(&cfg.SigningKeyFile, "signing-key-file", "", "The key agent tokens are signed with (default <state-dir>/signing.key, created if missing).")
+	fs.StringVar(&cfg.RevocationFile, "revocation-file", "", "A file of revoked token ids, one per line; re-read when it changes.")
+	fs.DurationVar(&cfg.HelloTimeout, "hello-timeout", 5*time.Second, "How long a new connection may take to send its TLS ClientHello.")
+	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", 5*time.Second, "After this long without a frame from an agent, ping it.")
+	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", 5*time.Second, "Drop a tunnel whose agent does not answer a ping within this long.")
+	fs.DurationVar(&cfg.StreamTimeout, "stream-timeout", 10*time.Second, "How long an agent may take to answer a new stream.")
+	maxStreams := fs.Uint("max-streams-per-tunnel", 1000, "The most concurrent streams one agent is asked to carry.")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long connections in flight may take to finish.")
+	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", 200, "New tunnels accepted per second; the rest are told to retry later.")
+	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := flagenv.Apply(fs, envPrefix); err != nil {
+		return err
+	}
+	cfg.MaxStreamsPerTunnel = uint32(*maxStreams)
+	logger, err := newLogger(*logLevel)
+	if err != nil {
+		return err
+	}
+	cfg.Logger = logger
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	s, err := server.New(cfg)
+	if err != nil {
+		return err
+	}
+	return s.Run(ctx)
+}
+
+func tokenIssue(args []string) error {
+	fs := flag.NewFlagSet("spectro-proxy-server token issue", flag.ContinueOnError)
+	uid := fs.String("cluster-uid", "", "The cluster the token is for.")
+	sub := fs.String("subdomain", "", "The cluster's subdomain (default cluster-<uid>).")
+	ttl := fs.Duration("ttl", 0, "How long the token is valid; 0 means until revoked.")
+	keyFile := fs.String("signing-key-file", "", "The relay's signing key.")
+	stateDir := fs.String("state-dir", "", "The relay's state dir; its signing.key is used when --signing-key-file is empty.")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := flagenv.Apply(fs, envPrefix); err != nil {
+		return err
+	}
+	if *keyFile == "" && *stateDir != "" {
+		*keyFile = filepath.Join(*stateDir, "signing.key")
+	}
+	if *keyFile == "" {
+		return errors.New("--signing-key-file or --state-dir is required")
+	}
+	key, err := token.ReadKey(*keyFile)
+	if err != nil {
+		return err
+	}
+	tok, claims, err := token.Issue(key, *uid, *sub, *ttl, time.Now())
+	if err != nil {
+		return err
+	}
+	exp := "never"
+	if claims.ExpiresAt != 0 {
+		exp = time.Unix(claims.ExpiresAt, 0).UTC().Format(time.RFC3339)
+	}
+	fmt.Fprintf(os.Stderr, "token id %s for cluster %s (hosts %v), expires %s\n", claims.ID, claims.ClusterUID, claims.Labels(), exp)
+	fmt.Println(tok)
+	return nil
+}
+
+func tokenRevoke(args []string) error {
+	fs := flag.NewFlagSet("spectro-proxy-server token revoke", flag.ContinueOnError)
+	id := fs.String("id", "", "The id of the token to revoke (printed by token issue).")
+	file := fs.String("revocation-file", "", "The relay's revocation file.")
+	comment := fs.String("comment", "", "Why, for the record.")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := flagenv.Apply(fs, envPrefix); err != nil {
+		return err
+	}
+	if *file == "" {
+		return errors.New("--revocation-file is required")
+	}
+	if err := token.Revoke(*file, *id, *comment); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "revoked token %s; running relays refuse it from their next check\n", *id)
+	return nil
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log level %q: %w", level, err)
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}

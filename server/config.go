@@ -1,0 +1,162 @@
+// Package server is the relay: one public TLS listener shared by agents and
+// users. It reads each connection's server name, terminates the relay's own
+// domain (the agents' tunnel endpoint, health and metrics), and carries every
+// <label>.<domain> connection down the tunnel of the agent that registered
+// that label.
+package server
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// Config is the relay's configuration. Zero durations take the defaults.
+type Config struct {
+	// Listen is the address of the public TLS listener.
+	Listen string
+	// Domain is the relay's own name; agents' labels live under it.
+	Domain string
+	// TLSCertFile and TLSKeyFile hold a certificate for Domain and *.Domain.
+	// Without them, StateDir must be set and the relay creates a local CA
+	// and certificate there on first start.
+	TLSCertFile, TLSKeyFile string
+	// StateDir keeps what the relay creates for itself: ca.crt, ca.key,
+	// tls.crt, tls.key and signing.key.
+	StateDir string
+	// SigningKeyFile holds the key tokens are signed with (StateDir's
+	// signing.key when empty).
+	SigningKeyFile string
+	// RevocationFile lists revoked token ids (see token.Revocations).
+	RevocationFile string
+
+	// HelloTimeout bounds how long a new connection may take to send its
+	// ClientHello, so idle sockets cannot pile up before routing.
+	HelloTimeout time.Duration
+	// Liveness detects dead tunnels (an agent gone without a FIN).
+	Liveness tunnel.Liveness
+	// StreamTimeout bounds the wait for an agent to answer a new stream.
+	StreamTimeout time.Duration
+	// MaxStreamsPerTunnel caps concurrent streams one agent must serve.
+	MaxStreamsPerTunnel uint32
+	// DrainTimeout bounds how long shutdown waits for connections in flight.
+	DrainTimeout time.Duration
+	// RegistrationsPerSecond limits new tunnels accepted per second (with an
+	// equal burst), so a fleet reconnecting at once after a restart is
+	// spread out with Retry-After instead of overloading the relay.
+	RegistrationsPerSecond float64
+
+	Logger *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	if c.Listen == "" {
+		c.Listen = ":8443"
+	}
+	if c.HelloTimeout == 0 {
+		c.HelloTimeout = 5 * time.Second
+	}
+	if c.Liveness.ReadIdle == 0 {
+		c.Liveness.ReadIdle = tunnel.DefaultLiveness.ReadIdle
+	}
+	if c.Liveness.Ping == 0 {
+		c.Liveness.Ping = tunnel.DefaultLiveness.Ping
+	}
+	if c.StreamTimeout == 0 {
+		c.StreamTimeout = 10 * time.Second
+	}
+	if c.MaxStreamsPerTunnel == 0 {
+		c.MaxStreamsPerTunnel = 1000
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = 25 * time.Second
+	}
+	if c.RegistrationsPerSecond == 0 {
+		c.RegistrationsPerSecond = 200
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	c.Domain = strings.ToLower(strings.TrimSuffix(c.Domain, "."))
+	if c.SigningKeyFile == "" && c.StateDir != "" {
+		c.SigningKeyFile = filepath.Join(c.StateDir, "signing.key")
+	}
+}
+
+// Validate reports the first thing wrong with the configuration.
+func (c *Config) Validate() error {
+	c.setDefaults()
+	if c.Domain == "" {
+		return errors.New("domain is required (the relay's own host name, e.g. proxy.example.com)")
+	}
+	for _, l := range strings.Split(c.Domain, ".") {
+		if err := tunnel.ValidateLabel(l); err != nil {
+			return fmt.Errorf("domain %q: %w", c.Domain, err)
+		}
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return errors.New("tls-cert-file and tls-key-file go together")
+	}
+	if c.TLSCertFile == "" && c.StateDir == "" {
+		return errors.New("either tls-cert-file/tls-key-file or state-dir is required")
+	}
+	if c.SigningKeyFile == "" {
+		return errors.New("signing-key-file is required (or state-dir, which keeps one)")
+	}
+	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 {
+		return errors.New("timeouts must not be negative")
+	}
+	return nil
+}
+
+// ensureState creates the local CA, certificate and signing key the
+// configuration relies on, keeping what already exists.
+func (c *Config) ensureState() error {
+	if c.StateDir == "" {
+		return nil
+	}
+	caCert, caKey := filepath.Join(c.StateDir, "ca.crt"), filepath.Join(c.StateDir, "ca.key")
+	files := map[string][]byte{}
+	if c.TLSCertFile == "" {
+		var ca *pki.CA
+		var err error
+		if exists(caCert) && exists(caKey) {
+			ca, err = pki.LoadCA(caCert, caKey)
+		} else {
+			ca, err = pki.NewCA("spectro-proxy relay CA")
+			files["ca.crt"], files["ca.key"] = ca.CertPEM, ca.KeyPEM
+		}
+		if err != nil {
+			return err
+		}
+		c.TLSCertFile, c.TLSKeyFile = filepath.Join(c.StateDir, "tls.crt"), filepath.Join(c.StateDir, "tls.key")
+		if !exists(c.TLSCertFile) || len(files) > 0 {
+			leaf, err := ca.Issue(c.Domain, []string{c.Domain, "*." + c.Domain, "localhost", "127.0.0.1"}, nil, false)
+			if err != nil {
+				return err
+			}
+			files["tls.crt"], files["tls.key"] = leaf.CertPEM, leaf.KeyPEM
+		}
+	}
+	if c.SigningKeyFile == filepath.Join(c.StateDir, "signing.key") && !exists(c.SigningKeyFile) {
+		k, err := token.NewKey()
+		if err != nil {
+			return err
+		}
+		files["signing.key"] = k
+	}
+	if err := pki.WriteFiles(c.StateDir, files); err != nil {
+		return fmt.Errorf("writing state dir: %w", err)
+	}
+	return nil
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }

@@ -1,0 +1,58 @@
+package server
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Refusal reasons, the values of the refusals metric's reason label.
+const (
+	reasonNotTLS           = "not_tls"
+	reasonHelloTimeout     = "hello_timeout"
+	reasonNoServerName     = "no_server_name"
+	reasonUnknownHost      = "unknown_host"
+	reasonAgentUnavailable = "agent_unavailable"
+	reasonStreamFailed     = "stream_failed"
+	reasonBadToken         = "bad_token"
+	reasonExpiredToken     = "expired_token"
+	reasonRevokedToken     = "revoked_token"
+	reasonLabelNotAllowed  = "label_not_allowed"
+	reasonBadRegistration  = "bad_registration"
+	reasonRateLimited      = "rate_limited"
+	reasonDraining         = "draining"
+)
+
+// metrics lives in a registry of its own (no global state), so several
+// relays can run in one test process.
+type metrics struct {
+	reg      *prometheus.Registry
+	tunnels  prometheus.Gauge
+	streams  *prometheus.GaugeVec
+	bytes    *prometheus.CounterVec
+	refusals *prometheus.CounterVec
+	regs     *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		tunnels: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "spectro_proxy_tunnels_connected", Help: "Agent tunnels connected now.",
+		}),
+		streams: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "spectro_proxy_streams_open", Help: "Streams open through tunnels now, by kind (passthrough, http, upgrade).",
+		}, []string{"kind"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "spectro_proxy_bytes_total", Help: "Bytes carried through tunnels, by direction (to_agent, from_agent).",
+		}, []string{"direction"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "spectro_proxy_refusals_total", Help: "Connections and registrations refused, by reason.",
+		}, []string{"reason"}),
+		regs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "spectro_proxy_tunnel_registrations_total", Help: "Tunnel registrations, by result (accepted, replaced, refused).",
+		}, []string{"result"}),
+	}
+	m.reg.MustRegister(m.tunnels, m.streams, m.bytes, m.refusals, m.regs,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}

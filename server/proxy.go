@@ -1,0 +1,225 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+
+	"github.com/spectroproxy/spectro-proxy/internal/sni"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// passthrough carries a raw TLS connection to the agent serving label.
+func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, cands []*session) {
+	remote := c.RemoteAddr().String()
+	st, err := s.openStream(ctx, label, tunnel.StreamTCP, cands)
+	if err != nil {
+		reason := reasonStreamFailed
+		if len(cands) == 0 {
+			reason = reasonAgentUnavailable
+		}
+		s.refuse(reason, "host", label, "remote", remote, "error", err.Error())
+		// There is no HTTP here to explain in; an alert at least ends the
+		// client's handshake at once instead of letting it hang.
+		_ = sni.WriteAlert(c, sni.AlertInternalError)
+		c.Close()
+		return
+	}
+	s.m.streams.WithLabelValues("passthrough").Inc()
+	defer s.m.streams.WithLabelValues("passthrough").Dec()
+	up, down, err := tunnel.Join(c, st)
+	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
+	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
+	s.log.Debug("passthrough closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
+}
+
+// openStream opens a stream of kind on the first candidate session that
+// takes it, failing over to the next replica.
+func (s *Server) openStream(ctx context.Context, label, kind string, cands []*session) (*tunnel.Stream, error) {
+	if len(cands) == 0 {
+		return nil, fmt.Errorf("no agent connected for %s", label)
+	}
+	var errs []error
+	for _, sess := range cands {
+		st, err := tunnel.OpenStream(ctx, sess.cc, label, kind, s.cfg.StreamTimeout)
+		if err == nil {
+			return st, nil
+		}
+		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
+		if errors.Is(err, tunnel.ErrRefused) {
+			// The agent is alive but could not reach its target; another
+			// replica of the same cluster would not do better.
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+// serveTerminated forwards a request whose TLS the relay terminated to the
+// agent serving label.
+func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label string) {
+	if isUpgrade(r) {
+		s.conns.Add(1) // hijacked connections are ours to drain
+		defer s.conns.Done()
+		s.m.streams.WithLabelValues("upgrade").Inc()
+		defer s.m.streams.WithLabelValues("upgrade").Dec()
+	} else {
+		s.m.streams.WithLabelValues("http").Inc()
+		defer s.m.streams.WithLabelValues("http").Dec()
+	}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "https"
+			pr.Out.URL.Host = label
+			pr.Out.Host = r.Host
+			pr.SetXForwarded()
+			pr.Out.Header.Set(tunnel.HeaderRoute, label)
+		},
+		Transport:     routeTransport{s: s, label: label},
+		FlushInterval: -1, // watches and logs -f: every event goes out at once
+		ErrorHandler:  s.proxyError,
+		ErrorLog:      nil,
+	}
+	rp.ServeHTTP(w, r)
+}
+
+func isUpgrade(r *http.Request) bool {
+	return r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
+}
+
+func headerHasToken(h http.Header, name, tok string) bool {
+	for _, v := range h.Values(name) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), tok) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// proxyError answers in the form kubectl prints well: a Kubernetes Status.
+func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	code, reason := http.StatusBadGateway, "BadGateway"
+	var na *noAgentError
+	if errors.As(err, &na) {
+		code, reason = http.StatusServiceUnavailable, "ServiceUnavailable"
+		s.refuse(reasonAgentUnavailable, "host", na.label, "remote", r.RemoteAddr)
+	} else if errors.Is(err, context.Canceled) {
+		return // the client went away; nobody to answer
+	} else {
+		s.refuse(reasonStreamFailed, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"kind": "Status", "apiVersion": "v1", "metadata": map[string]any{},
+		"status": "Failure", "reason": reason, "code": code,
+		"message": "spectro-proxy: " + err.Error(),
+	})
+}
+
+type noAgentError struct{ label string }
+
+func (e *noAgentError) Error() string {
+	return fmt.Sprintf("no agent connected for %s (is the spectro-proxy agent running in the cluster?)", e.label)
+}
+
+// routeTransport sends requests down the tunnel of an agent serving label.
+type routeTransport struct {
+	s     *Server
+	label string
+}
+
+func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	cands, _, _ := t.s.reg.candidates(t.label)
+	if len(cands) == 0 {
+		return nil, &noAgentError{label: t.label}
+	}
+	if isUpgrade(req) {
+		return t.upgrade(req, cands)
+	}
+	var errs []error
+	for i, sess := range cands {
+		resp, err := sess.cc.RoundTrip(req)
+		if err == nil {
+			return resp, nil
+		}
+		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
+		// Only a request without a body can be replayed on another
+		// replica; a body may be half sent.
+		if req.Context().Err() != nil || (req.Body != nil && req.Body != http.NoBody) || i == len(cands)-1 {
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+// upgrade opens a raw stream, writes the HTTP/1.1 request on it for the
+// agent to forward, and returns the target's answer; on 101 the response
+// body is the raw stream both ways, which ReverseProxy joins to the client.
+func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Response, error) {
+	st, err := t.s.openStream(req.Context(), t.label, tunnel.StreamUpgrade, cands)
+	if err != nil {
+		return nil, err
+	}
+	if err := req.Write(st); err != nil {
+		st.Close()
+		return nil, fmt.Errorf("writing upgrade request to tunnel: %w", err)
+	}
+	br := bufio.NewReader(st)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("reading upgrade response from tunnel: %w", err)
+	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		resp.Body = &upgradedStream{Reader: br, st: st, s: t.s}
+		return resp, nil
+	}
+	resp.Body = &closeBoth{ReadCloser: resp.Body, c: st}
+	return resp, nil
+}
+
+// upgradedStream is the body ReverseProxy expects for a 101: readable and
+// writable. Reads drain what the response reader buffered first.
+type upgradedStream struct {
+	io.Reader
+	st *tunnel.Stream
+	s  *Server
+}
+
+func (u *upgradedStream) Read(p []byte) (int, error) {
+	n, err := u.Reader.Read(p)
+	u.s.m.bytes.WithLabelValues("from_agent").Add(float64(n))
+	return n, err
+}
+
+func (u *upgradedStream) Write(p []byte) (int, error) {
+	n, err := u.st.Write(p)
+	u.s.m.bytes.WithLabelValues("to_agent").Add(float64(n))
+	return n, err
+}
+
+func (u *upgradedStream) CloseWrite() error { return u.st.CloseWrite() }
+func (u *upgradedStream) Close() error      { return u.st.Close() }
+
+type closeBoth struct {
+	io.ReadCloser
+	c io.Closer
+}
+
+func (c *closeBoth) Close() error {
+	err := c.ReadCloser.Close()
+	c.c.Close()
+	return err
+}
+
+var _ net.Conn = (*sni.Conn)(nil)

@@ -1,0 +1,138 @@
+package server
+
+import (
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// session is one connected agent replica.
+type session struct {
+	agentID    string
+	clusterUID string
+	tokenID    string
+	routes     map[string]tunnel.Mode
+	remote     string
+	since      time.Time
+	cc         *http2.ClientConn
+	conn       net.Conn
+	done       <-chan struct{}
+}
+
+func (s *session) close() { s.cc.Close(); s.conn.Close() }
+
+// registry maps labels to the sessions serving them.
+//
+// The rule for duplicates: any number of replicas of one cluster may serve a
+// label at once (new streams are spread round-robin over them), but one agent
+// id has one session: a reconnect with the same id (same cluster) replaces
+// the stale session, which is closed.
+type registry struct {
+	mu      sync.Mutex
+	byLabel map[string][]*session
+	byAgent map[string]*session
+	// seen remembers labels that had an agent, so a request while the agent
+	// is away gets "agent not connected" rather than "unknown host".
+	seen map[string]tunnel.Mode
+	next map[string]int
+}
+
+func newRegistry() *registry {
+	return &registry{
+		byLabel: map[string][]*session{},
+		byAgent: map[string]*session{},
+		seen:    map[string]tunnel.Mode{},
+		next:    map[string]int{},
+	}
+}
+
+func agentKey(s *session) string { return s.clusterUID + "/" + s.agentID }
+
+// add registers s and returns the session it replaced, if any.
+func (r *registry) add(s *session) (replaced *session) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old, ok := r.byAgent[agentKey(s)]; ok {
+		r.removeLocked(old)
+		replaced = old
+	}
+	r.byAgent[agentKey(s)] = s
+	for label, mode := range s.routes {
+		r.byLabel[label] = append(r.byLabel[label], s)
+		r.seen[label] = mode
+	}
+	return replaced
+}
+
+// remove unregisters s; removing a session twice, or one that was
+// replaced, is harmless.
+func (r *registry) remove(s *session) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.removeLocked(s)
+}
+
+func (r *registry) removeLocked(s *session) {
+	if r.byAgent[agentKey(s)] == s {
+		delete(r.byAgent, agentKey(s))
+	}
+	for label := range s.routes {
+		list := r.byLabel[label]
+		for i, x := range list {
+			if x == s {
+				list = append(list[:i:i], list[i+1:]...)
+				break
+			}
+		}
+		if len(list) == 0 {
+			delete(r.byLabel, label)
+		} else {
+			r.byLabel[label] = list
+		}
+	}
+}
+
+// candidates returns the sessions for label in the order to try them
+// (round-robin start), the label's mode, and whether the label was ever
+// registered.
+func (r *registry) candidates(label string) (list []*session, mode tunnel.Mode, known bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	mode, known = r.seen[label]
+	all := r.byLabel[label]
+	if len(all) == 0 {
+		return nil, mode, known
+	}
+	start := r.next[label] % len(all)
+	r.next[label] = start + 1
+	list = make([]*session, 0, len(all))
+	for i := range all {
+		s := all[(start+i)%len(all)]
+		if s.cc.CanTakeNewRequest() {
+			list = append(list, s)
+		}
+	}
+	return list, all[0].routes[label], true
+}
+
+// count returns how many sessions are registered.
+func (r *registry) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.byAgent)
+}
+
+// all returns every session.
+func (r *registry) all() []*session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*session, 0, len(r.byAgent))
+	for _, s := range r.byAgent {
+		out = append(out, s)
+	}
+	return out
+}
