@@ -367,7 +367,9 @@ func TestModes(t *testing.T) {
 		assert.Equal(t, []rbacv1.Subject{{Kind: "ServiceAccount", Name: "spectro-proxy-kubeconfig", Namespace: sampleNS}}, crb.Subjects)
 
 		assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" get secret spectro-proxy-kubeconfig-token -o jsonpath='{.data.token}' | base64 -d > spectro-proxy.token\n")
-		assert.Contains(t, m.notes, "spectro-proxy-client kubeconfig --mode terminate --server "+sampleServer+" --port 443 --subdomain cluster-"+sampleUID+" --token-file spectro-proxy.token > kubeconfig\n")
+		// The relay has a publicly trusted certificate: plain kubectl builds the kubeconfig.
+		assert.Contains(t, m.notes, "  kubectl config set-cluster cluster-"+sampleUID+" --server=https://"+sampleHost+"\n")
+		assert.Contains(t, m.notes, "  kubectl config set-credentials cluster-"+sampleUID+` --token="$(cat spectro-proxy.token)"`+"\n")
 		assert.NotContains(t, m.notes, "certSANs")
 		assert.Contains(t, m.notes, "DAY-2")
 	})
@@ -377,7 +379,7 @@ func TestModes(t *testing.T) {
 		cm := decode[corev1.ConfigMap](t, m, "ConfigMap/spectro-proxy-relay-ca")
 		assert.Equal(t, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----", cm.Data["ca.crt"])
 		assert.Contains(t, m.notes, `get configmap spectro-proxy-relay-ca -o jsonpath='{.data.ca\.crt}' > spectro-proxy-relay-ca.crt`)
-		assert.Contains(t, m.notes, "--token-file spectro-proxy.token --relay-ca-file spectro-proxy-relay-ca.crt > kubeconfig\n")
+		assert.Contains(t, m.notes, "spectro-proxy-client kubeconfig --mode terminate --server "+sampleServer+" --port 443 --subdomain cluster-"+sampleUID+" --user-token-file spectro-proxy.token --relay-ca-file spectro-proxy-relay-ca.crt > kubeconfig\n")
 	})
 	t.Run("passthrough has no kubeconfig account", func(t *testing.T) {
 		m := renderPack(t, "1.3.0", vals(t, "mode: passthrough"))
