@@ -1,2 +1,35 @@
-# Top-level Makefile: every make/*.mk contributes its own targets.
+# Spectro Proxy. `make help` lists the targets.
+GO      ?= go
+KUBEBIN := $(HOME)/.cache/spectro-proxy/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help build test run kube-bins lint fuzz clean
+
+help: ## List targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+build: ## Build both binaries into bin/
+	$(GO) build -o bin/ ./server/cmd/spectro-proxy-server ./client/cmd/spectro-proxy-client
+
+kube-bins: ## Build (once, cached by version in ~/.cache/spectro-proxy) etcd, kube-apiserver and kwok
+	bash hack/kube-bins.sh
+
+test: kube-bins ## Run every test: unit, fuzz seeds, chart, and e2e against a real API server with kubectl
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+run: kube-bins ## Local API server + relay + agents; writes .run/kubeconfig-{passthrough,terminate}, prints "ready"
+	$(GO) run ./hack/devrun
+
+lint: ## gofmt and go vet
+	@test -z "$$(gofmt -l . | tee /dev/stderr)"
+	$(GO) vet ./...
+
+FUZZTIME ?= 30s
+fuzz: ## Run each fuzz target for FUZZTIME (default 30s)
+	$(GO) test -run '^$$' -fuzz FuzzServerName -fuzztime $(FUZZTIME) ./internal/sni
+	$(GO) test -run '^$$' -fuzz FuzzVerify -fuzztime $(FUZZTIME) ./internal/token
+
+clean: ## Remove build output and .run/
+	rm -rf bin .run
+
 include make/*.mk

@@ -1,0 +1,71 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/rand"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestStreamOverPipe runs the agent's HTTP/2 server and the relay's client
+// over net.Pipe: a raw stream echoes through a target with half-close.
+func TestStreamOverPipe(t *testing.T) {
+	relayEnd, agentEnd := net.Pipe()
+	// A TCP target: half-close must travel (net.Pipe cannot half-close).
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer echo.Close()
+	go func() {
+		c, err := echo.Accept()
+		if err != nil {
+			return
+		}
+		io.Copy(c, c)
+		c.Close()
+	}()
+	target, err := net.Dial("tcp", echo.Addr().String())
+	require.NoError(t, err)
+
+	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get(HeaderStream) != StreamTCP {
+			RefuseStream(w, http.StatusBadRequest, "want tcp")
+			return
+		}
+		st, err := AcceptStream(w, r)
+		if err != nil {
+			return
+		}
+		st.Join(target, nil)
+	}), 10, DefaultLiveness)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	served := make(chan struct{})
+	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
+
+	cc, err := NewClientConn(relayEnd, DefaultLiveness)
+	require.NoError(t, err)
+
+	_, err = OpenStream(ctx, cc, "x", "bogus", time.Second)
+	require.ErrorIs(t, err, ErrRefused)
+	require.ErrorContains(t, err, "want tcp")
+
+	st, err := OpenStream(ctx, cc, "x", StreamTCP, time.Second)
+	require.NoError(t, err)
+	want := make([]byte, 1<<20)
+	rand.Read(want)
+	go func() { st.Write(want); st.CloseWrite() }()
+	got, err := io.ReadAll(st)
+	require.NoError(t, err)
+	assert.Equal(t, want, got)
+	st.Close()
+
+	cc.Close()
+	cancel()
+	<-served
+}

@@ -1,0 +1,52 @@
+package server
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestConfigValidate(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"no domain", Config{StateDir: "x"}, "domain is required"},
+		{"bad domain", Config{Domain: "Proxy_Example.com", StateDir: "x"}, "lower-case"},
+		{"cert without key", Config{Domain: "proxy.example.com", TLSCertFile: "c", SigningKeyFile: "k"}, "go together"},
+		{"no certificate", Config{Domain: "proxy.example.com", SigningKeyFile: "k"}, "state-dir is required"},
+		{"no signing key", Config{Domain: "proxy.example.com", TLSCertFile: "c", TLSKeyFile: "k"}, "signing-key-file is required"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			require.ErrorContains(t, tc.cfg.Validate(), tc.want)
+		})
+	}
+}
+
+func TestStateDirIsCreatedOnceAndKept(t *testing.T) {
+	dir := t.TempDir()
+	s, err := New(Config{Domain: "proxy.test", StateDir: dir})
+	require.NoError(t, err)
+	_ = s
+	first := map[string][]byte{}
+	for _, f := range []string{"ca.crt", "ca.key", "tls.crt", "tls.key", "signing.key"} {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		require.NoError(t, err, f)
+		first[f] = b
+	}
+	_, err = New(Config{Domain: "proxy.test", StateDir: dir})
+	require.NoError(t, err)
+	for f, b := range first {
+		again, err := os.ReadFile(filepath.Join(dir, f))
+		require.NoError(t, err)
+		assert.Equal(t, b, again, "%s must survive a restart: agents and kubeconfigs trust it", f)
+	}
+}
