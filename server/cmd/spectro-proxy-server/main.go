@@ -12,6 +12,8 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -64,6 +66,7 @@ func serve(args []string) error {
 	maxStreams := fs.Uint("max-streams-per-tunnel", 1000, "The most concurrent streams one agent is asked to carry.")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long connections in flight may take to finish.")
 	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", 200, "New tunnels accepted per second; the rest are told to retry later.")
+	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -82,6 +85,15 @@ func serve(args []string) error {
 	s, err := server.New(cfg)
 	if err != nil {
 		return err
+	}
+	if *healthAddr != "" {
+		ln, err := net.Listen("tcp", *healthAddr)
+		if err != nil {
+			return fmt.Errorf("listening for health checks on %s: %w", *healthAddr, err)
+		}
+		hs := &http.Server{Handler: s.HealthHandler(), ReadHeaderTimeout: 5 * time.Second}
+		go hs.Serve(ln)
+		defer hs.Close()
 	}
 	return s.Run(ctx)
 }
