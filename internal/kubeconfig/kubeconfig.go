@@ -23,8 +23,9 @@ type Options struct {
 	// Connect, when set (host:port), is what kubectl dials; the relay host
 	// name then travels as tls-server-name, so no DNS record is needed.
 	Connect string
-	// CAPEM is the CA kubectl trusts: the relay's in terminate mode, the
-	// cluster's in passthrough mode (ignored with From, whose CA is kept).
+	// CAPEM is the CA kubectl trusts: the relay's in terminate mode (empty
+	// when its certificate is publicly trusted), the cluster's in
+	// passthrough mode (ignored by Rewrite, which keeps the cluster's CA).
 	CAPEM []byte
 	// BearerToken is the user's token (the chart's service account in
 	// terminate mode). Ignored with From, whose user is kept.
@@ -73,8 +74,9 @@ func New(o Options) ([]byte, error) {
 	if err := o.validate(); err != nil {
 		return nil, fmt.Errorf("kubeconfig options: %w", err)
 	}
-	if len(o.CAPEM) == 0 {
-		return nil, errors.New("a CA is required (the relay CA in terminate mode, the cluster CA in passthrough mode)")
+	if len(o.CAPEM) == 0 && o.Mode == tunnel.Passthrough {
+		// TLS ends at the API server, whose CA is never a public one.
+		return nil, errors.New("passthrough mode needs the cluster CA")
 	}
 	if o.Mode == tunnel.Terminate && o.BearerToken == "" {
 		return nil, errors.New("terminate mode needs a bearer token (the chart's service account token)")
@@ -123,9 +125,8 @@ func Rewrite(from []byte, o Options) ([]byte, error) {
 		}
 	}
 	if o.Mode == tunnel.Terminate {
-		if len(o.CAPEM) == 0 {
-			return nil, errors.New("terminate mode needs the relay CA")
-		}
+		// The relay's CA replaces the cluster's; none means the relay has a
+		// publicly trusted certificate and system roots verify it.
 		cl.CertificateAuthorityData = o.CAPEM
 		cl.CertificateAuthority = ""
 	}

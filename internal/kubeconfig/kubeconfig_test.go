@@ -81,6 +81,14 @@ func TestNew(t *testing.T) {
 	assert.Equal(t, "tok", cfg.AuthInfos["cluster-abc"].Token)
 }
 
+func TestNewTerminateWithPublicRelayCertificate(t *testing.T) {
+	out, err := New(Options{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc", BearerToken: "tok"})
+	require.NoError(t, err)
+	cfg, err := clientcmd.Load(out)
+	require.NoError(t, err)
+	assert.Empty(t, cfg.Clusters["cluster-abc"].CertificateAuthorityData, "system roots verify a public certificate")
+}
+
 func TestBadInput(t *testing.T) {
 	good := Options{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc", CAPEM: []byte("ca"), BearerToken: "t"}
 	tests := []struct {
@@ -94,7 +102,7 @@ func TestBadInput(t *testing.T) {
 		{"bad subdomain", func(o *Options) { o.Subdomain = "a.b" }, "", "subdomain"},
 		{"port", func(o *Options) { o.Port = 70000 }, "", "out of range"},
 		{"connect", func(o *Options) { o.Connect = "nohost" }, "", "want host:port"},
-		{"no CA", func(o *Options) { o.CAPEM = nil }, "", "a CA is required"},
+		{"passthrough without cluster CA", func(o *Options) { o.CAPEM, o.Mode = nil, tunnel.Passthrough }, "", "needs the cluster CA"},
 		{"terminate without token", func(o *Options) { o.BearerToken = "" }, "", "needs a bearer token"},
 		{"not a kubeconfig", nil, "{{{", "parsing kubeconfig"},
 		{"no current context", nil, "apiVersion: v1\nkind: Config\n", "no current context"},

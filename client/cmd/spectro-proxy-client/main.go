@@ -85,7 +85,7 @@ func agent(args []string) error {
 func printKubeconfig(args []string) error {
 	fs := flag.NewFlagSet("spectro-proxy-client kubeconfig", flag.ContinueOnError)
 	var o kubeconfig.Options
-	mode := fs.String("mode", "passthrough", "passthrough (keep the cluster CA and your credentials) or terminate (trust the relay CA, use a bearer token).")
+	mode := fs.String("mode", "passthrough", "passthrough (keep the cluster CA and your credentials) or terminate (trust the relay CA, or system roots without --ca-file, and use a bearer token).")
 	fs.StringVar(&o.Server, "server", "", "The relay's domain.")
 	fs.IntVar(&o.Port, "port", 443, "The relay's port.")
 	fs.StringVar(&o.Subdomain, "subdomain", "", "The cluster's subdomain (default cluster-<uid>).")
