@@ -48,6 +48,19 @@ type Claims struct {
 	ExpiresAt  int64  `json:"exp,omitempty"` // unix seconds; 0 never expires
 }
 
+// reservedSubdomain reports why sub cannot be a cluster's subdomain: one
+// ending in a dashboard suffix would own another cluster's dashboard label
+// ("foo-dashboard" is cluster "foo"'s dashboard), and the relay would then
+// spread that host's traffic over both clusters.
+func reservedSubdomain(sub string) error {
+	for _, suf := range []string{DashboardSuffix, VMDashboardSuffix} {
+		if strings.HasSuffix(sub, suf) {
+			return fmt.Errorf("subdomain %q ends in %q, which is reserved for dashboards", sub, suf)
+		}
+	}
+	return nil
+}
+
 // Labels returns the hostname labels the token allows an agent to register.
 func (c Claims) Labels() []string {
 	return []string{c.Subdomain, c.Subdomain + DashboardSuffix, c.Subdomain + VMDashboardSuffix}
@@ -74,6 +87,9 @@ func Issue(key []byte, clusterUID, subdomain string, ttl time.Duration, now time
 	}
 	if subdomain == "" {
 		subdomain = "cluster-" + clusterUID
+	}
+	if err := reservedSubdomain(subdomain); err != nil {
+		return "", Claims{}, err
 	}
 	id := make([]byte, 12)
 	if _, err := rand.Read(id); err != nil {
@@ -126,6 +142,11 @@ func Verify(key []byte, tok string, now time.Time) (Claims, error) {
 	}
 	if c.ID == "" || c.ClusterUID == "" || c.Subdomain == "" {
 		return Claims{}, fmt.Errorf("%w: id, uid and sub are required", ErrMalformed)
+	}
+	// Tokens signed before the suffixes were reserved must not claim
+	// another cluster's dashboard either.
+	if err := reservedSubdomain(c.Subdomain); err != nil {
+		return Claims{}, fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
 	if c.ExpiresAt != 0 && now.Unix() >= c.ExpiresAt {
 		return Claims{}, fmt.Errorf("%w at %s", ErrExpired, time.Unix(c.ExpiresAt, 0).UTC().Format(time.RFC3339))

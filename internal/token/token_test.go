@@ -1,6 +1,8 @@
 package token
 
 import (
+	"encoding/base64"
+	"encoding/json"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -106,4 +108,29 @@ func FuzzVerify(f *testing.F) {
 			t.Fatalf("accepted forged token %q", tok)
 		}
 	})
+}
+
+// A subdomain ending in a dashboard suffix would own another cluster's
+// dashboard label, so it is neither issued nor accepted.
+func TestReservedSubdomains(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	for _, sub := range []string{"cluster-abc-dashboard", "cluster-abc-vmdashboard", "x-dashboard"} {
+		t.Run(sub, func(t *testing.T) {
+			_, _, err := Issue(key, "evil", sub, time.Hour, now)
+			require.ErrorContains(t, err, "reserved for dashboards")
+
+			// One signed without the check, as an older relay would have.
+			payload, err := json.Marshal(Claims{ID: "id1", ClusterUID: "evil", Subdomain: sub, IssuedAt: now.Unix()})
+			require.NoError(t, err)
+			body := prefix + base64.RawURLEncoding.EncodeToString(payload)
+			tok := body + "." + base64.RawURLEncoding.EncodeToString(sign(key, body))
+			_, err = Verify(key, tok, now)
+			require.ErrorIs(t, err, ErrMalformed)
+			assert.ErrorContains(t, err, "reserved for dashboards")
+		})
+	}
+	// The suffix only counts at the end.
+	_, c, err := Issue(key, "ok", "dashboard-team", time.Hour, now)
+	require.NoError(t, err)
+	assert.True(t, c.Allows("dashboard-team-dashboard"))
 }
