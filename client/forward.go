@@ -97,8 +97,14 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 			pr.Out.Host = pr.In.Host
 			pr.Out.Header.Del(tunnel.HeaderRoute)
 			// SetXForwarded is not called: the relay already set the
-			// X-Forwarded-* headers for the real client.
-			pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
+			// X-Forwarded-* headers for the real client, and Rewrite
+			// starts without them. X-Forwarded-Proto matters most: a
+			// dashboard on plain HTTP (useInsecurePort) builds its login
+			// redirect from it, and without it sends the browser to
+			// http://, where the relay does not listen.
+			for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+				pr.Out.Header[h] = pr.In.Header[h]
+			}
 		},
 		Transport:     tr,
 		FlushInterval: -1,
