@@ -55,6 +55,7 @@ func TestRelayTyped(t *testing.T) {
 	assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-server:"+pinnedVersion, c.Image)
 	assert.Equal(t, []string{
 		"--listen=:8443",
+		"--health-addr=:8081",
 		"--domain=proxy.example.com",
 		"--tls-cert-file=/etc/spectro-proxy/tls/tls.crt",
 		"--tls-key-file=/etc/spectro-proxy/tls/tls.key",
@@ -67,8 +68,10 @@ func TestRelayTyped(t *testing.T) {
 		"--log-level=info",
 	}, c.Args)
 	assertRestricted(t, pod)
-	assert.Equal(t, "https", c.LivenessProbe.TCPSocket.Port.String())
-	assert.Equal(t, "https", c.ReadinessProbe.TCPSocket.Port.String())
+	assert.Equal(t, "health", c.LivenessProbe.HTTPGet.Port.String())
+	assert.Equal(t, "/healthz", c.LivenessProbe.HTTPGet.Path)
+	assert.Equal(t, "health", c.ReadinessProbe.HTTPGet.Port.String())
+	assert.Equal(t, "/readyz", c.ReadinessProbe.HTTPGet.Path)
 	vols := map[string]corev1.Volume{}
 	for _, v := range pod.Volumes {
 		vols[v.Name] = v
