@@ -31,6 +31,9 @@ import (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	stopKube()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
 	if code == 0 {
 		if err := goleak.Find(goleak.IgnoreCurrent()); err != nil {
 			fmt.Fprintln(os.Stderr, "goroutine leak:", err)
