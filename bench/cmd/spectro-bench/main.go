@@ -1,0 +1,91 @@
+// Command spectro-bench runs the benchmark (`make bench`) and writes the
+// results file. It builds the relay and agent from this tree and runs them
+// as separate processes on 127.0.0.1 so their CPU and memory can be read
+// apart from the load generator's.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spectroproxy/spectro-proxy/bench"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "spectro-bench:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("spectro-bench", flag.ContinueOnError)
+	o := bench.Full()
+	out := fs.String("out", "docs/bench-results.md", "The results file to write (Markdown).")
+	fs.IntVar(&o.Reps, "reps", o.Reps, "Repetitions of every figure; the table shows medians and ranges.")
+	fs.DurationVar(&o.GetDuration, "get-duration", o.GetDuration, "How long each small-GET and new-connection figure runs.")
+	idle := fs.String("idle-tunnels", "1000,10000", "Idle tunnel counts at which relay memory is read; empty skips.")
+	fs.DurationVar(&o.WANDelay, "wan-delay", o.WANDelay, "One-way delay of the long link; 0 skips it.")
+	only := fs.Bool("skip-main", false, "Skip the comparison figures (for working on the idle or long-link phases).")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	o.IdleTunnels = nil
+	for _, f := range strings.Split(*idle, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			var n int
+			if _, err := fmt.Sscan(f, &n); err != nil || n <= 0 {
+				return fmt.Errorf("--idle-tunnels %q: want positive counts", *idle)
+			}
+			o.IdleTunnels = append(o.IdleTunnels, n)
+		}
+	}
+	if *only {
+		o.Reps = 0
+	}
+	dir, err := os.MkdirTemp("", "spectro-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	o.Dir = dir
+	o.Log = slog.New(slog.DiscardHandler)
+	start := time.Now()
+	o.Progress = func(s string) { fmt.Fprintf(os.Stderr, "[%5.0fs] %s\n", time.Since(start).Seconds(), s) }
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	res, err := bench.Run(ctx, o)
+	if err != nil {
+		return err
+	}
+	f, err := os.Create(*out)
+	if err != nil {
+		return err
+	}
+	if err := res.WriteMarkdown(f, "make bench"); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	for _, v := range res.Verdicts() {
+		met := "met"
+		if !v.Met {
+			met = "NOT MET"
+		}
+		fmt.Fprintf(os.Stderr, "%-70s %-12s %8.2f  %-16s %s\n", v.Label, v.Mode, v.Value, v.Target, met)
+	}
+	fmt.Fprintf(os.Stderr, "wrote %s in %s\n", *out, time.Since(start).Round(time.Second))
+	return nil
+}

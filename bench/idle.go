@@ -1,0 +1,181 @@
+package bench
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// IdleAgents are many minimal agents in this process: one WebSocket each to
+// the relay, serving HTTP/2 on it like the real agent, with no routes behind
+// them. They exist to load the relay with idle tunnels.
+type IdleAgents struct {
+	relay  *Relay
+	srv    *tunnel.Server
+	dialer *websocket.Dialer
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	n      atomic.Int64
+}
+
+// writeBuffers is shared by every idle agent's WebSocket: an idle
+// connection holds no write buffer of its own.
+var writeBuffers = &sync.Pool{}
+
+// NewIdleAgents prepares agents for r.
+func NewIdleAgents(r *Relay) *IdleAgents {
+	ctx, cancel := context.WithCancel(context.Background())
+	nd := &net.Dialer{Timeout: 10 * time.Second}
+	return &IdleAgents{
+		relay: r,
+		srv: tunnel.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, "idle bench agent", http.StatusNotFound)
+		}), 10, tunnel.DefaultLiveness),
+		dialer: &websocket.Dialer{
+			NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				return nd.DialContext(ctx, network, r.Addr)
+			},
+			TLSClientConfig:  &tls.Config{ServerName: Domain, RootCAs: r.Roots, MinVersion: tls.VersionTLS12},
+			HandshakeTimeout: 10 * time.Second,
+			ReadBufferSize:   4 << 10,
+			WriteBufferSize:  4 << 10,
+			WriteBufferPool:  writeBuffers,
+		},
+		ctx:    ctx,
+		cancel: cancel,
+	}
+}
+
+// Count is how many agents are connected.
+func (a *IdleAgents) Count() int { return int(a.n.Load()) }
+
+// Grow connects agents until total are up, conc at a time, each for a
+// cluster of its own (tokens allow one cluster's labels only).
+func (a *IdleAgents) Grow(ctx context.Context, total, conc int) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel()
+	next := make(chan int)
+	errc := make(chan error, conc)
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			for i := range next {
+				if err := a.connect(ctx, i); err != nil {
+					errc <- err
+					cancel()
+					return
+				}
+			}
+		})
+	}
+feed:
+	for i := a.Count(); i < total; i++ {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	select {
+	case err := <-errc:
+		return err
+	default:
+	}
+	return ctx.Err()
+}
+
+func (a *IdleAgents) connect(ctx context.Context, i int) error {
+	uid := "idle-" + strconv.Itoa(i)
+	tok, err := a.relay.Token(uid)
+	if err != nil {
+		return err
+	}
+	h := http.Header{}
+	h.Set("Authorization", "Bearer "+tok)
+	h.Set(tunnel.HeaderAgent, uid)
+	h.Set(tunnel.HeaderRoutes, "cluster-"+uid+"="+string(tunnel.Passthrough))
+	ws, resp, err := a.dialer.DialContext(ctx, "wss://"+Domain+tunnel.Path, h)
+	if err != nil {
+		if resp != nil {
+			return fmt.Errorf("idle agent %d: relay answered %s: %w", i, resp.Status, err)
+		}
+		return fmt.Errorf("idle agent %d: %w", i, err)
+	}
+	a.n.Add(1)
+	conn := tunnel.NewConn(ws)
+	a.wg.Go(func() {
+		defer a.n.Add(-1)
+		a.srv.ServeConn(a.ctx, conn)
+	})
+	return nil
+}
+
+// Close disconnects every agent.
+func (a *IdleAgents) Close() {
+	a.cancel()
+	a.wg.Wait()
+}
+
+// WaitTunnels polls the relay until it reports want tunnels.
+func (r *Relay) WaitTunnels(ctx context.Context, want int, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var got int
+	var err error
+	for {
+		got, err = r.Tunnels(ctx)
+		if err == nil && got == want {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("relay has %d tunnels, want %d: %w", got, want, errors.Join(err, ctx.Err()))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// SettledRSS samples pid's RSS until it has stayed within 2% for a few
+// seconds (the Go runtime returns freed memory gradually) or timeout
+// passes, and returns the last sample.
+func SettledRSS(ctx context.Context, pid int, timeout time.Duration) (int64, error) {
+	const window = 8 // samples of 250 ms
+	deadline := time.Now().Add(timeout)
+	var samples []int64
+	for {
+		u, err := ReadUsage(pid)
+		if err != nil {
+			return 0, err
+		}
+		samples = append(samples, u.RSS)
+		if len(samples) >= window {
+			w := samples[len(samples)-window:]
+			lo, hi := w[0], w[0]
+			for _, v := range w {
+				lo, hi = min(lo, v), max(hi, v)
+			}
+			if float64(hi-lo) <= 0.02*float64(hi) || time.Now().After(deadline) {
+				return u.RSS, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}

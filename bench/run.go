@@ -1,0 +1,457 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Options size a run. Full is what `make bench` runs; the smoke test uses
+// far smaller figures.
+type Options struct {
+	Reps        int
+	GetDuration time.Duration // per small-GET and new-connection measurement
+	ListSize    int           // bytes of the list (download and upload body)
+	// Each is how many transfers each worker does per bulk measurement, for
+	// one stream and for parallel ones.
+	EachSingle, EachParallel int
+	Parallel                 int // connections and HTTP/2 streams in parallel runs
+	WatchRate, WatchEvents   int
+	IdleTunnels              []int // relay RSS measured after each count is up
+	WANDelay                 time.Duration
+	WANTransfers             int
+
+	// Dir holds binaries and state; Binaries skips the build when set.
+	Dir      string
+	Binaries Binaries
+	Log      *slog.Logger
+	// Progress receives one line per step.
+	Progress func(string)
+}
+
+// Full is the `make bench` run, about 10 minutes on 2 cores.
+func Full() Options {
+	return Options{
+		Reps: 3, GetDuration: 2 * time.Second, ListSize: 10 << 20,
+		EachSingle: 6, EachParallel: 3, Parallel: 8,
+		WatchRate: 1000, WatchEvents: 3000,
+		IdleTunnels: []int{1000, 10000},
+		WANDelay:    25 * time.Millisecond, WANTransfers: 4,
+	}
+}
+
+// Modes in table order.
+const (
+	ModeDirect      = "direct"
+	ModePassthrough = "passthrough"
+	ModeTerminate   = "terminate"
+)
+
+// Results is one run.
+type Results struct {
+	Machine Machine
+	Options Options
+	Started time.Time
+	Took    time.Duration
+	// Values holds one figure per repetition: Values[metric][mode].
+	Values map[string]map[string][]float64
+	// Idle is the relay's memory with idle tunnels.
+	Idle IdleResult
+	// WAN is the long-link phase.
+	WAN []WANResult
+	// Checks lists the integrity checks that passed.
+	Checks []string
+}
+
+func (r *Results) add(metric, mode string, v float64) {
+	if r.Values[metric] == nil {
+		r.Values[metric] = map[string][]float64{}
+	}
+	r.Values[metric][mode] = append(r.Values[metric][mode], v)
+}
+
+// IdleResult is relay RSS with many idle tunnels.
+type IdleResult struct {
+	Baseline int64
+	Points   []IdlePoint
+}
+
+// IdlePoint is relay RSS with Tunnels idle tunnels up.
+type IdlePoint struct {
+	Tunnels   int
+	RSS       int64
+	PerTunnel float64 // bytes
+}
+
+// WANResult is one target over the long link.
+type WANResult struct {
+	Mode    string
+	Single  Throughput
+	Streams StreamsResult
+	Stalled bool
+}
+
+// stallGap is the pause that counts as a stall on the long link: many
+// round trips with nothing moving.
+const stallGap = time.Second
+
+// Run runs the benchmark.
+func Run(ctx context.Context, o Options) (*Results, error) {
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	say := o.Progress
+	if say == nil {
+		say = func(string) {}
+	}
+	raiseFileLimit()
+	res := &Results{Machine: ReadMachine(), Options: o, Started: time.Now(), Values: map[string]map[string][]float64{}}
+	if o.Binaries.Relay == "" {
+		say("building relay and agent")
+		var err error
+		if o.Binaries, err = Build(ctx, o.Dir); err != nil {
+			return nil, err
+		}
+	}
+	bins := o.Binaries
+	be, err := StartBackend(o.Dir, o.ListSize, []string{"cluster-pt." + Domain, "cluster-wpt." + Domain}, o.Log)
+	if err != nil {
+		return nil, err
+	}
+	defer be.Close()
+
+	if err := runMain(ctx, o, bins, be, res, say); err != nil {
+		return nil, err
+	}
+	if o.WANDelay > 0 {
+		if err := runWAN(ctx, o, bins, be, res, say); err != nil {
+			return nil, err
+		}
+	}
+	if len(o.IdleTunnels) > 0 {
+		if err := runIdle(ctx, o, bins, res, say); err != nil {
+			return nil, err
+		}
+	}
+	res.Machine.LoadEnd = readLoad()
+	res.Took = time.Since(res.Started)
+	return res, nil
+}
+
+// stateDir makes a fresh directory for a relay.
+func stateDir(o Options, name string) (string, error) {
+	d := filepath.Join(o.Dir, name)
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		return "", fmt.Errorf("creating %s: %w", d, err)
+	}
+	return d, nil
+}
+
+func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Results, say func(string)) error {
+	dir, err := stateDir(o, "relay")
+	if err != nil {
+		return err
+	}
+	say("starting relay and agents")
+	relay, err := StartRelay(ctx, bins.Relay, dir)
+	if err != nil {
+		return err
+	}
+	defer relay.Stop(5 * time.Second)
+	pt, err := StartAgent(ctx, bins.Agent, o.Dir, relay, relay.Addr, "pt", ModePassthrough, be)
+	if err != nil {
+		return err
+	}
+	defer pt.Stop(5 * time.Second)
+	tm, err := StartAgent(ctx, bins.Agent, o.Dir, relay, relay.Addr, "tm", ModeTerminate, be)
+	if err != nil {
+		return err
+	}
+	defer tm.Stop(5 * time.Second)
+	direct := Target{Name: ModeDirect, Addr: be.Addr, Host: "127.0.0.1", Roots: be.Roots}
+	targets := []Target{direct, pt.Target, tm.Target}
+	agents := map[string]*Agent{ModePassthrough: pt, ModeTerminate: tm}
+
+	say("checking every path moves the bytes intact")
+	for _, t := range targets {
+		for _, tr := range []Transfer{
+			{Name: "download HTTP/1.1", Workers: 1, Each: 1},
+			{Name: "upload HTTP/1.1", Upload: true, Workers: 1, Each: 1},
+			{Name: "download HTTP/2 x2", Workers: 2, Each: 1, H2: true},
+			{Name: "upload HTTP/2 x2", Upload: true, Workers: 2, Each: 1, H2: true},
+		} {
+			if _, err := Bulk(ctx, t, be, tr, true); err != nil {
+				return fmt.Errorf("integrity %s %s: %w", t.Name, tr.Name, err)
+			}
+			res.Checks = append(res.Checks, fmt.Sprintf("%s: %s of %d bytes, SHA-256 equal", t.Name, tr.Name, len(be.List)))
+		}
+	}
+
+	// Idle figures come before any load has grown the heaps.
+	for _, p := range []*Proc{relay.Proc, pt.Proc, tm.Proc} {
+		rss, err := SettledRSS(ctx, p.Pid(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		res.add("rss_idle_"+p.Name, "", float64(rss))
+	}
+	stopSampling := samplePeaks([]*Proc{relay.Proc, pt.Proc, tm.Proc})
+
+	transfers := []Transfer{
+		{Name: "dl_1", Workers: 1, Each: o.EachSingle},
+		{Name: "ul_1", Upload: true, Workers: 1, Each: o.EachSingle},
+		{Name: "dl_conns", Workers: o.Parallel, Each: o.EachParallel},
+		{Name: "ul_conns", Upload: true, Workers: o.Parallel, Each: o.EachParallel},
+		{Name: "dl_h2", Workers: o.Parallel, Each: o.EachParallel, H2: true},
+		{Name: "ul_h2", Upload: true, Workers: o.Parallel, Each: o.EachParallel, H2: true},
+	}
+	for rep := range o.Reps {
+		say(fmt.Sprintf("repetition %d/%d (load %s)", rep+1, o.Reps, readLoad()))
+		for _, h2 := range []bool{false, true} {
+			for _, conc := range []int{1, 64} {
+				for _, t := range targets {
+					lat, err := SmallGets(ctx, t, h2, conc, o.GetDuration)
+					if err != nil {
+						return fmt.Errorf("small GETs %s: %w", t.Name, err)
+					}
+					key := fmt.Sprintf("get_%s_c%d", proto(h2), conc)
+					res.add(key+"_p50", t.Name, us(lat.Quantile(0.5)))
+					res.add(key+"_p99", t.Name, us(lat.Quantile(0.99)))
+					res.add(key+"_rps", t.Name, lat.PerSecond())
+				}
+			}
+		}
+		for _, conc := range []int{1, 8} {
+			for _, t := range targets {
+				lat, err := NewConns(ctx, t, conc, o.GetDuration)
+				if err != nil {
+					return fmt.Errorf("new connections %s: %w", t.Name, err)
+				}
+				res.add(fmt.Sprintf("tls_c%d_cps", conc), t.Name, lat.PerSecond())
+			}
+		}
+		cpu := map[string]time.Duration{}
+		moved := map[string]int64{}
+		for _, tr := range transfers {
+			for _, t := range targets {
+				var before []Usage
+				procs := []*Proc{}
+				if a := agents[t.Name]; a != nil {
+					procs = []*Proc{relay.Proc, a.Proc}
+				}
+				for _, p := range procs {
+					u, err := ReadUsage(p.Pid())
+					if err != nil {
+						return err
+					}
+					before = append(before, u)
+				}
+				tp, err := Bulk(ctx, t, be, tr, false)
+				if err != nil {
+					return fmt.Errorf("%s %s: %w", tr.Name, t.Name, err)
+				}
+				for i, p := range procs {
+					u, err := ReadUsage(p.Pid())
+					if err != nil {
+						return err
+					}
+					cpu[t.Name] += u.CPU - before[i].CPU
+				}
+				moved[t.Name] += tp.Bytes
+				res.add(tr.Name+"_mibps", t.Name, tp.MiBps())
+			}
+		}
+		for mode, c := range cpu {
+			res.add("cpu_s_per_gib", mode, c.Seconds()/(float64(moved[mode])/(1<<30)))
+		}
+		for _, t := range targets {
+			lat, err := Watch(ctx, t, o.WatchRate, o.WatchEvents)
+			if err != nil {
+				return fmt.Errorf("watch %s: %w", t.Name, err)
+			}
+			res.add("watch_p50", t.Name, us(lat.Quantile(0.5)))
+			res.add("watch_p99", t.Name, us(lat.Quantile(0.99)))
+		}
+	}
+	for name, peak := range stopSampling() {
+		res.add("rss_load_"+name, "", float64(peak))
+	}
+	return nil
+}
+
+func runWAN(ctx context.Context, o Options, bins Binaries, be *Backend, res *Results, say func(string)) error {
+	say(fmt.Sprintf("long link: %v round trip", 2*o.WANDelay))
+	dir, err := stateDir(o, "relay-wan")
+	if err != nil {
+		return err
+	}
+	relay, err := StartRelay(ctx, bins.Relay, dir)
+	if err != nil {
+		return err
+	}
+	defer relay.Stop(5 * time.Second)
+	toRelay, err := StartDelayLine(relay.Addr, o.WANDelay)
+	if err != nil {
+		return err
+	}
+	defer toRelay.Close()
+	toBackend, err := StartDelayLine(be.Addr, o.WANDelay)
+	if err != nil {
+		return err
+	}
+	defer toBackend.Close()
+	// The delay sits where the internet would: between agent and relay,
+	// and for the direct case between client and API server.
+	pt, err := StartAgent(ctx, bins.Agent, o.Dir, relay, toRelay.Addr, "wpt", ModePassthrough, be)
+	if err != nil {
+		return err
+	}
+	defer pt.Stop(5 * time.Second)
+	tm, err := StartAgent(ctx, bins.Agent, o.Dir, relay, toRelay.Addr, "wtm", ModeTerminate, be)
+	if err != nil {
+		return err
+	}
+	defer tm.Stop(5 * time.Second)
+	direct := Target{Name: ModeDirect, Addr: toBackend.Addr, Host: "127.0.0.1", Roots: be.Roots}
+	for _, t := range []Target{direct, pt.Target, tm.Target} {
+		single, err := Bulk(ctx, t, be, Transfer{Workers: 1, Each: o.WANTransfers}, false)
+		if err != nil {
+			return fmt.Errorf("long link %s: %w", t.Name, err)
+		}
+		streams, err := ParallelStreams(ctx, t, be, o.Parallel)
+		if err != nil {
+			return fmt.Errorf("long link %s, %d streams: %w", t.Name, o.Parallel, err)
+		}
+		res.WAN = append(res.WAN, WANResult{Mode: t.Name, Single: single, Streams: streams, Stalled: streams.MaxGap > stallGap})
+		res.Checks = append(res.Checks, fmt.Sprintf("%s over the long link: %d parallel HTTP/2 downloads on one connection, SHA-256 equal", t.Name, o.Parallel))
+	}
+	return nil
+}
+
+func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say func(string)) error {
+	dir, err := stateDir(o, "relay-idle")
+	if err != nil {
+		return err
+	}
+	relay, err := StartRelay(ctx, bins.Relay, dir)
+	if err != nil {
+		return err
+	}
+	defer relay.Stop(10 * time.Second)
+	if res.Idle.Baseline, err = SettledRSS(ctx, relay.Pid(), 10*time.Second); err != nil {
+		return err
+	}
+	agents := NewIdleAgents(relay)
+	defer agents.Close()
+	for _, n := range o.IdleTunnels {
+		say(fmt.Sprintf("idle tunnels: connecting %d", n))
+		if err := agents.Grow(ctx, n, 32); err != nil {
+			return err
+		}
+		if err := relay.WaitTunnels(ctx, n, time.Minute); err != nil {
+			return err
+		}
+		rss, err := SettledRSS(ctx, relay.Pid(), 30*time.Second)
+		if err != nil {
+			return err
+		}
+		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: n, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(n)})
+	}
+	return nil
+}
+
+// samplePeaks records the highest RSS of each process until the returned
+// function is called, which returns them by process name.
+func samplePeaks(procs []*Proc) func() map[string]int64 {
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	peaks := map[string]int64{}
+	wg.Go(func() {
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			for _, p := range procs {
+				if u, err := ReadUsage(p.Pid()); err == nil {
+					peaks[p.Name] = max(peaks[p.Name], u.RSS)
+				}
+			}
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+		}
+	})
+	return func() map[string]int64 {
+		close(stop)
+		wg.Wait()
+		return peaks
+	}
+}
+
+func proto(h2 bool) string {
+	if h2 {
+		return "h2"
+	}
+	return "h1"
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// Machine describes where a run happened.
+type Machine struct {
+	CPU       string
+	Cores     int
+	GoVersion string
+	Kernel    string
+	LoadStart string
+	LoadEnd   string
+}
+
+// ReadMachine reads the CPU model, core count and load.
+func ReadMachine() Machine {
+	m := Machine{Cores: runtime.NumCPU(), GoVersion: runtime.Version(), LoadStart: readLoad()}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.Lines(string(b)) {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(b))
+	}
+	return m
+}
+
+// readLoad is the 1, 5 and 15 minute load averages.
+func readLoad() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// raiseFileLimit lifts the soft open-files limit to the hard one: ten
+// thousand idle tunnels need a socket each here and in the relay, which
+// inherits the limit.
+func raiseFileLimit() {
+	var lim syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) == nil && lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+}
