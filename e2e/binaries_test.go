@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -45,7 +44,7 @@ func binaries(t *testing.T) (server, client string) {
 
 type proc struct {
 	cmd  *exec.Cmd
-	out  *syncWriter
+	out  *syncBuffer
 	done chan error
 }
 
@@ -53,10 +52,9 @@ func startProc(t *testing.T, env []string, bin string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
-	out := &bytes.Buffer{}
 	// One writer for both: a bytes.Buffer as Stdout is filled by ReadFrom,
 	// which would race with (and truncate) what stderr wrote.
-	w := &syncWriter{w: out}
+	w := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	require.NoError(t, cmd.Start())
@@ -66,29 +64,11 @@ func startProc(t *testing.T, env []string, bin string, args ...string) *proc {
 		cmd.Process.Kill()
 		<-p.done
 		if t.Failed() {
-			t.Logf("%s output:\n%s", filepath.Base(bin), out.String())
+			t.Logf("%s output:\n%s", filepath.Base(bin), w.String())
 		}
 		p.done <- nil
 	})
 	return p
-}
-
-// syncWriter lets stdout and stderr share one buffer safely.
-type syncWriter struct {
-	mu sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(p)
-}
-
-func (s *syncWriter) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.String()
 }
 
 func freeAddr(t *testing.T) string {

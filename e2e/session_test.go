@@ -1,0 +1,146 @@
+package e2e
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// metric scrapes the relay's /metrics on its own domain and returns the
+// value of the first sample line that starts with name.
+func metric(t *testing.T, r *relay, name string) float64 {
+	t.Helper()
+	hc := httpClient(r, domain, r.caPool(t), false)
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get("https://" + domain + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(body)
+	if m == nil {
+		return 0
+	}
+	v, err := strconv.ParseFloat(string(m[1]), 64)
+	require.NoError(t, err)
+	return v
+}
+
+// TestStaleSessionTakeover: a replica whose old tunnel is dead but not yet
+// detected (here a WebSocket that never answers HTTP/2) reconnects with the
+// same agent id. The new session replaces the stale one at once, instead of
+// requests being sent into the dead tunnel until pings time out.
+func TestStaleSessionTakeover(t *testing.T) {
+	const uid = "stale"
+	host := "cluster-" + uid + "." + domain
+	be := newBackend(t, host)
+	r := startRelay(t, "127.0.0.1:0", "", nil)
+	tokFile, _ := r.issue(t, uid, "", time.Hour)
+	tok, err := os.ReadFile(tokFile)
+	require.NoError(t, err)
+
+	h := http.Header{}
+	h.Set("Authorization", "Bearer "+string(tok))
+	h.Set(tunnel.HeaderAgent, "replica-1")
+	h.Set(tunnel.HeaderRoutes, "cluster-"+uid+"=terminate")
+	d := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, r.addr)
+		},
+		TLSClientConfig: &tls.Config{ServerName: domain, RootCAs: r.caPool(t)},
+	}
+	stale, _, err := d.Dial("wss://"+domain+tunnel.Path, h)
+	require.NoError(t, err)
+	defer stale.Close()
+	require.Eventually(t, func() bool { return r.srv.Tunnels() == 1 }, 5*time.Second, 10*time.Millisecond)
+
+	a := startAgent(t, r, client.Config{ClusterUID: uid, TokenFile: tokFile, Mode: tunnel.Terminate,
+		APIServer: be.srv.URL, APIServerCAFile: be.caFile, AgentID: "replica-1"})
+	a.waitReady(t)
+
+	// The relay closed the stale tunnel: reading from it ends.
+	stale.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		if _, _, err := stale.NextReader(); err != nil {
+			var ne net.Error
+			require.False(t, errors.As(err, &ne) && ne.Timeout(), "stale tunnel still open: %v", err)
+			break
+		}
+	}
+	assert.Equal(t, 1, r.srv.Tunnels())
+	assert.Equal(t, 1.0, metric(t, r, `spectro_proxy_tunnel_registrations_total{result="replaced"}`))
+	assert.Equal(t, 1.0, metric(t, r, "spectro_proxy_tunnels_connected"))
+
+	// Every request goes to the live session, none into the dead one.
+	hc := httpClient(r, host, r.caPool(t), true)
+	defer hc.CloseIdleConnections()
+	for range 10 {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		req, _ := http.NewRequestWithContext(ctx, "GET", "https://"+host+"/small", nil)
+		resp, err := hc.Do(req)
+		require.NoError(t, err)
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		cancel()
+		assert.Equal(t, 200, resp.StatusCode)
+	}
+}
+
+// TestPassthroughSANCheck: in passthrough mode the agent tells the user,
+// with the snippet to paste, when the API server certificate lacks the
+// proxy host name (kubectl would fail with an x509 error).
+func TestPassthroughSANCheck(t *testing.T) {
+	r := startRelay(t, "127.0.0.1:0", "", nil)
+	for _, tc := range []struct {
+		name string
+		sans []string
+		want []string
+	}{
+		{"missing", nil, []string{"lacks the proxy host name", "certSANs:", "- cluster-san.proxy.test", "tls-san:"}},
+		{"present", []string{"cluster-san." + domain}, []string{"carries the proxy host name"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			be := newBackend(t, tc.sans...)
+			tokFile, _ := r.issue(t, "san", "", time.Hour)
+			var logs syncBuffer
+			a := startAgent(t, r, client.Config{ClusterUID: "san", TokenFile: tokFile, Mode: tunnel.Passthrough,
+				APIServer: be.srv.URL, APIServerCAFile: be.caFile, AgentID: "san-" + tc.name,
+				Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			a.waitReady(t)
+			for _, w := range tc.want {
+				assert.Contains(t, logs.String(), strings.ReplaceAll(w, "\n", `\n`))
+			}
+		})
+	}
+}
+
+// TestAgentHealth: /readyz follows the tunnel, /healthz the process.
+func TestAgentHealth(t *testing.T) {
+	be := newBackend(t)
+	r := startRelay(t, "127.0.0.1:0", "", nil)
+	tokFile, _ := r.issue(t, "health", "", time.Hour)
+	addr := freeAddr(t)
+	a := startAgent(t, r, client.Config{ClusterUID: "health", TokenFile: tokFile, Mode: tunnel.Terminate,
+		APIServer: be.srv.URL, APIServerCAFile: be.caFile, HealthAddr: addr})
+	a.waitReady(t)
+	waitHTTP(t, "http://"+addr+"/readyz", 200)
+	r.stop()
+	waitHTTP(t, "http://"+addr+"/readyz", 503)
+	waitHTTP(t, "http://"+addr+"/healthz", 200)
+}
