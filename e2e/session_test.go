@@ -144,3 +144,21 @@ func TestAgentHealth(t *testing.T) {
 	waitHTTP(t, "http://"+addr+"/readyz", 503)
 	waitHTTP(t, "http://"+addr+"/healthz", 200)
 }
+
+// TestAgentLogsRefusal: an agent whose token the relay refuses keeps
+// retrying and says why in its log, never reporting ready.
+func TestAgentLogsRefusal(t *testing.T) {
+	be := newBackend(t)
+	r := startRelay(t, "127.0.0.1:0", "", nil)
+	tokFile, claims := r.issue(t, "refused", "", time.Hour)
+	require.NoError(t, os.WriteFile(r.revoked, []byte(claims.ID+"\n"), 0o600))
+	var logs syncBuffer
+	a := startAgent(t, r, client.Config{ClusterUID: "refused", TokenFile: tokFile, Mode: tunnel.Terminate,
+		APIServer: be.srv.URL, APIServerCAFile: be.caFile, BackoffMin: 10 * time.Millisecond, BackoffMax: 50 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.Eventually(t, func() bool { return strings.Count(logs.String(), "is revoked") >= 2 }, 10*time.Second, 10*time.Millisecond,
+		"agent logs the relay's reason on each retry")
+	assert.Contains(t, logs.String(), "401 Unauthorized")
+	assert.False(t, a.c.Ready())
+	assert.Zero(t, r.srv.Tunnels())
+}
