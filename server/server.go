@@ -19,6 +19,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
 // Server is the relay.
@@ -73,13 +74,9 @@ func New(cfg Config) (*Server, error) {
 		reg:     newRegistry(),
 		m:       newMetrics(),
 		limiter: rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
-		upgrader: websocket.Upgrader{
-			ReadBufferSize:  64 << 10,
-			WriteBufferSize: 64 << 10,
-			// Agents are Go programs, not browsers; the default same-origin
-			// check keeps browsers out of the endpoint.
-		},
-		open: map[net.Conn]struct{}{},
+		// Sized for many idle tunnels; see tunnel.NewUpgrader.
+		upgrader: tunnel.NewUpgrader(),
+		open:     map[net.Conn]struct{}{},
 	}
 	s.httpLn = newConnListener()
 	s.https = &http.Server{
