@@ -200,6 +200,11 @@ func (s *ServerStream) Join(target io.ReadWriteCloser, src io.Reader) (toTarget,
 		toTarget = n
 		if err == nil {
 			err = CloseWrite(target)
+		} else {
+			// The stream broke (reset, or the tunnel is gone): nobody will
+			// read target's answer, and a quiet target (a watch with no
+			// events) would otherwise hold the copy below forever.
+			target.Close()
 		}
 		done <- err
 	}()
