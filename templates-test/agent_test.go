@@ -190,6 +190,8 @@ func assertProbes(t *testing.T, c corev1.Container) {
 // profile, field by field.
 func assertRestricted(t *testing.T, spec corev1.PodSpec) {
 	t.Helper()
+	require.NotNil(t, spec.TerminationGracePeriodSeconds)
+	assert.Greater(t, *spec.TerminationGracePeriodSeconds, int64(25), "longer than the agent's 25s drain")
 	psc := spec.SecurityContext
 	require.NotNil(t, psc)
 	assert.True(t, *psc.RunAsNonRoot)
