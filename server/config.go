@@ -41,6 +41,16 @@ type Config struct {
 	// HelloTimeout bounds how long a new connection may take to send its
 	// ClientHello, so idle sockets cannot pile up before routing.
 	HelloTimeout time.Duration
+	// MaxPendingHellos caps connections still sending their ClientHello, and
+	// MaxPendingHellosPerSource caps them per source address; connections
+	// beyond either are closed at once (a slowloris then costs the relay a
+	// bounded amount, and one address cannot use up the total).
+	MaxPendingHellos, MaxPendingHellosPerSource int
+	// RequestHeaderTimeout bounds how long a TLS handshake plus request
+	// headers may take on connections the relay terminates.
+	RequestHeaderTimeout time.Duration
+	// MaxHeaderBytes bounds the request headers the relay reads.
+	MaxHeaderBytes int
 	// Liveness detects dead tunnels (an agent gone without a FIN).
 	Liveness tunnel.Liveness
 	// StreamTimeout bounds the wait for an agent to answer a new stream.
@@ -53,6 +63,11 @@ type Config struct {
 	// equal burst), so a fleet reconnecting at once after a restart is
 	// spread out with Retry-After instead of overloading the relay.
 	RegistrationsPerSecond float64
+	// AuthFailuresPerSecond and AuthFailureBurst rate-limit failed tunnel
+	// registrations per source address: past the burst, a source must wait
+	// (429 with Retry-After) before its next attempt is even checked.
+	AuthFailuresPerSecond float64
+	AuthFailureBurst      int
 
 	Logger *slog.Logger
 }
@@ -63,6 +78,24 @@ func (c *Config) setDefaults() {
 	}
 	if c.HelloTimeout == 0 {
 		c.HelloTimeout = 5 * time.Second
+	}
+	if c.MaxPendingHellos == 0 {
+		c.MaxPendingHellos = 4096
+	}
+	if c.MaxPendingHellosPerSource == 0 {
+		c.MaxPendingHellosPerSource = 256
+	}
+	if c.RequestHeaderTimeout == 0 {
+		c.RequestHeaderTimeout = 10 * time.Second
+	}
+	if c.MaxHeaderBytes == 0 {
+		c.MaxHeaderBytes = 64 << 10
+	}
+	if c.AuthFailuresPerSecond == 0 {
+		c.AuthFailuresPerSecond = 0.2
+	}
+	if c.AuthFailureBurst == 0 {
+		c.AuthFailureBurst = 10
 	}
 	if c.Liveness.ReadIdle == 0 {
 		c.Liveness.ReadIdle = tunnel.DefaultLiveness.ReadIdle
@@ -111,8 +144,12 @@ func (c *Config) Validate() error {
 	if c.SigningKeyFile == "" {
 		return errors.New("signing-key-file is required (or state-dir, which keeps one)")
 	}
-	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 {
+	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 || c.RequestHeaderTimeout < 0 {
 		return errors.New("timeouts must not be negative")
+	}
+	if c.MaxPendingHellos < 0 || c.MaxPendingHellosPerSource < 0 || c.MaxHeaderBytes < 0 || c.AuthFailureBurst < 0 ||
+		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 {
+		return errors.New("limits must not be negative")
 	}
 	return nil
 }

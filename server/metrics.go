@@ -20,6 +20,13 @@ const (
 	reasonBadRegistration  = "bad_registration"
 	reasonRateLimited      = "rate_limited"
 	reasonDraining         = "draining"
+	reasonTooManyHellos    = "too_many_pending_hellos"
+	reasonAuthRateLimited  = "auth_rate_limited"
+	reasonTooManyStreams   = "too_many_streams"
+	reasonRequestTimeout   = "request_timeout"
+	reasonHeadersTooLarge  = "headers_too_large"
+	reasonNoRequest        = "no_request"
+	reasonMessageTooLarge  = "message_too_large"
 )
 
 // metrics lives in a registry of its own (no global state), so several

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strings"
+	"sync"
 
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -24,6 +25,8 @@ func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, can
 		reason := reasonStreamFailed
 		if len(cands) == 0 {
 			reason = reasonAgentUnavailable
+		} else if errors.Is(err, errTooManyStreams) {
+			reason = reasonTooManyStreams
 		}
 		s.refuse(reason, "host", label, "remote", remote, "error", err.Error())
 		// There is no HTTP here to explain in; an alert at least ends the
@@ -40,18 +43,39 @@ func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, can
 	s.log.Debug("passthrough closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
 }
 
+// errTooManyStreams says every replica's tunnel carries MaxStreamsPerTunnel.
+var errTooManyStreams = errors.New("too many concurrent streams on the tunnel")
+
+// countedStream is a stream holding one of its session's slots until Close.
+type countedStream struct {
+	*tunnel.Stream
+	once sync.Once
+	sess *session
+}
+
+func (c *countedStream) Close() error {
+	err := c.Stream.Close()
+	c.once.Do(c.sess.release)
+	return err
+}
+
 // openStream opens a stream of kind on the first candidate session that
 // takes it, failing over to the next replica.
-func (s *Server) openStream(ctx context.Context, label, kind string, cands []*session) (*tunnel.Stream, error) {
+func (s *Server) openStream(ctx context.Context, label, kind string, cands []*session) (*countedStream, error) {
 	if len(cands) == 0 {
 		return nil, fmt.Errorf("no agent connected for %s", label)
 	}
 	var errs []error
 	for _, sess := range cands {
+		if !sess.acquire() {
+			errs = append(errs, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams))
+			continue
+		}
 		st, err := tunnel.OpenStream(ctx, sess.cc, label, kind, s.cfg.StreamTimeout)
 		if err == nil {
-			return st, nil
+			return &countedStream{Stream: st, sess: sess}, nil
 		}
+		sess.release()
 		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
 		if errors.Is(err, tunnel.ErrRefused) {
 			// The agent is alive but could not reach its target; another
@@ -112,6 +136,10 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	if errors.As(err, &na) {
 		code, reason = http.StatusServiceUnavailable, "ServiceUnavailable"
 		s.refuse(reasonAgentUnavailable, "host", na.label, "remote", r.RemoteAddr)
+	} else if errors.Is(err, errTooManyStreams) {
+		code, reason = http.StatusServiceUnavailable, "ServiceUnavailable"
+		w.Header().Set("Retry-After", "1")
+		s.refuse(reasonTooManyStreams, "host", r.Host, "remote", r.RemoteAddr)
 	} else if errors.Is(err, context.Canceled) {
 		return // the client went away; nobody to answer
 	} else {
@@ -148,10 +176,17 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	var errs []error
 	for i, sess := range cands {
+		if !sess.acquire() {
+			errs = append(errs, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams))
+			continue
+		}
 		resp, err := sess.cc.RoundTrip(req)
 		if err == nil {
+			// The stream is open until ReverseProxy closes the body.
+			resp.Body = &releaseBody{ReadCloser: resp.Body, sess: sess}
 			return resp, nil
 		}
+		sess.release()
 		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
 		// Only a request without a body can be replayed on another
 		// replica; a body may be half sent.
@@ -192,7 +227,7 @@ func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Resp
 // writable. Reads drain what the response reader buffered first.
 type upgradedStream struct {
 	io.Reader
-	st *tunnel.Stream
+	st *countedStream
 	s  *Server
 }
 
@@ -210,6 +245,19 @@ func (u *upgradedStream) Write(p []byte) (int, error) {
 
 func (u *upgradedStream) CloseWrite() error { return u.st.CloseWrite() }
 func (u *upgradedStream) Close() error      { return u.st.Close() }
+
+// releaseBody gives the stream's slot back when the body is closed.
+type releaseBody struct {
+	io.ReadCloser
+	once sync.Once
+	sess *session
+}
+
+func (b *releaseBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.sess.release)
+	return err
+}
 
 type closeBoth struct {
 	io.ReadCloser

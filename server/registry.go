@@ -3,6 +3,7 @@ package server
 import (
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -21,9 +22,25 @@ type session struct {
 	cc         *http2.ClientConn
 	conn       net.Conn
 	done       <-chan struct{}
+	// streams counts streams open on the tunnel, capped at maxStreams
+	// (MaxStreamsPerTunnel) so that one busy or abused host name cannot
+	// make its agent carry without limit.
+	streams    atomic.Int32
+	maxStreams int32
 }
 
 func (s *session) close() { s.cc.Close(); s.conn.Close() }
+
+// acquire takes one of the session's stream slots.
+func (s *session) acquire() bool {
+	if s.streams.Add(1) > s.maxStreams {
+		s.streams.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (s *session) release() { s.streams.Add(-1) }
 
 // registry maps labels to the sessions serving them.
 //

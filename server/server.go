@@ -32,7 +32,12 @@ type Server struct {
 	reg      *registry
 	m        *metrics
 	limiter  *rate.Limiter
+	fails    *failLimiter
+	hellos   *helloGate
 	upgrader websocket.Upgrader
+	// watched maps each TLS connection handed to the HTTPS server, until it
+	// serves a request, to what lies under it (see connState).
+	watched sync.Map // *tls.Conn -> *watchedConn
 
 	// https serves the relay's own domain and terminate-mode routes; it is
 	// fed TLS connections by the SNI router through httpLn.
@@ -66,7 +71,10 @@ func New(cfg Config) (*Server, error) {
 		log: cfg.Logger,
 		tlsConf: &tls.Config{
 			Certificates: []tls.Certificate{cert},
+			// TLS 1.2 at least, and for 1.2 only forward-secret AEAD
+			// suites (1.3 suites are all of that kind and not settable).
 			MinVersion:   tls.VersionTLS12,
+			CipherSuites: cipherSuites,
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
 		key:     key,
@@ -74,6 +82,8 @@ func New(cfg Config) (*Server, error) {
 		reg:     newRegistry(),
 		m:       newMetrics(),
 		limiter: rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
+		fails:   newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
+		hellos:  newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
 		// Sized for many idle tunnels; see tunnel.NewUpgrader.
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
@@ -81,13 +91,21 @@ func New(cfg Config) (*Server, error) {
 	s.httpLn = newConnListener()
 	s.https = &http.Server{
 		Handler: http.HandlerFunc(s.serveHTTPS),
-		// Slow clients must not hold goroutines forever: headers must
-		// arrive promptly. No WriteTimeout: watches and logs -f stream for
+		// Slow clients must not hold goroutines forever: the TLS handshake
+		// and headers must arrive promptly (net/http applies this to the
+		// handshake too). No WriteTimeout: watches and logs -f stream for
 		// hours.
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: cfg.RequestHeaderTimeout,
 		IdleTimeout:       5 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
+		MaxHeaderBytes:    cfg.MaxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(cfg.Logger.Handler(), slog.LevelDebug),
+		ConnState:         s.connState,
+		// Requests carry their connection, so serveHTTPS can mark it
+		// served (net/http calls a connection active as soon as the first
+		// header byte arrives, too early to tell a slowloris apart).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, connKey{}, c)
+		},
 	}
 	return s, nil
 }
@@ -113,6 +131,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	// Connections get a context of their own: ctx ending stops the
+	// accepting, but the streams in flight must outlive it to be drained.
+	// hardStop ends them once the drain is over.
+	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardStop()
 
 	var acceptErr error
 	for {
@@ -132,10 +155,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		go func() {
 			defer s.conns.Done()
 			defer s.track(conn, false)
-			s.handleConn(ctx, conn)
+			s.handleConn(connCtx, conn)
 		}()
 	}
-	s.drain()
+	s.drain(hardStop)
 	<-httpsDone
 	return acceptErr
 }
@@ -150,20 +173,27 @@ func (s *Server) track(c net.Conn, add bool) {
 	}
 }
 
-// drain runs once the listener is closed.
-func (s *Server) drain() {
+// drain runs once the listener is closed; hardStop cancels the streams
+// still open when the drain timeout is up.
+func (s *Server) drain(hardStop context.CancelFunc) {
 	s.draining.Store(true)
 	s.log.Info("relay draining", "timeout", s.cfg.DrainTimeout.String())
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DrainTimeout)
 	defer cancel()
 	// A fresh context: Shutdown with the already-cancelled serve context
 	// would skip the drain entirely.
-	_ = s.https.Shutdown(ctx)
+	if err := s.https.Shutdown(ctx); err != nil {
+		// Past the drain timeout what is still running is cut, so that
+		// shutdown ends (Shutdown itself never closes active connections).
+		s.log.Warn("drain timeout: closing HTTPS connections still active", "error", err)
+		s.https.Close()
+	}
 	done := make(chan struct{})
 	go func() { s.conns.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-ctx.Done():
+		hardStop()
 		s.connsMu.Lock()
 		n := len(s.open)
 		for c := range s.open {
@@ -181,7 +211,15 @@ func (s *Server) drain() {
 
 // handleConn routes one public connection by its server name.
 func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
+	remote := conn.RemoteAddr().String()
+	src := sourceOf(remote)
+	if !s.hellos.enter(src) {
+		s.refuse(reasonTooManyHellos, "remote", remote)
+		conn.Close()
+		return
+	}
 	name, pc, err := sni.Peek(conn, s.cfg.HelloTimeout)
+	s.hellos.leave(src)
 	if err != nil {
 		reason := reasonNotTLS
 		var ne net.Error
@@ -226,9 +264,54 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 
 // handOff terminates TLS and gives the connection to the HTTPS server.
 func (s *Server) handOff(c net.Conn) {
-	if !s.httpLn.push(tls.Server(c, s.tlsConf)) {
+	wc := &watchedConn{Conn: c}
+	tc := tls.Server(wc, s.tlsConf)
+	s.watched.Store(tc, wc)
+	if !s.httpLn.push(tc) {
+		s.watched.Delete(tc)
 		c.Close()
 	}
+}
+
+// connState explains connections the HTTPS server closed before a single
+// request reached serveHTTPS, which net/http does silently: a slow handshake or slow
+// headers (slowloris), headers over MaxHeaderBytes (answered 431), or
+// nothing usable at all (a failed TLS handshake, a bad request, a client
+// that only connected).
+func (s *Server) connState(c net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateHijacked:
+		s.watched.Delete(c)
+	case http.StateClosed:
+		v, ok := s.watched.LoadAndDelete(c)
+		if !ok {
+			return
+		}
+		wc := v.(*watchedConn)
+		remote := wc.RemoteAddr().String()
+		switch {
+		case wc.timedOut.Load():
+			s.refuse(reasonRequestTimeout, "remote", remote, "timeout", s.cfg.RequestHeaderTimeout.String())
+		case wc.read.Load() > int64(s.cfg.MaxHeaderBytes):
+			s.refuse(reasonHeadersTooLarge, "remote", remote, "read_bytes", wc.read.Load(), "max_header_bytes", s.cfg.MaxHeaderBytes)
+		default:
+			// Common and harmless (probes, clients that gave up): counted,
+			// logged only at debug level.
+			s.m.refusals.WithLabelValues(reasonNoRequest).Inc()
+			s.log.Debug("refused", "reason", reasonNoRequest, "remote", remote)
+		}
+	}
+}
+
+// cipherSuites are the TLS 1.2 suites the relay accepts: ECDHE key
+// exchange and AEAD ciphers only (no CBC, no RSA key exchange).
+var cipherSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 }
 
 // labelOf returns the label of a name one level under the relay's domain.
@@ -245,8 +328,14 @@ func (s *Server) refuse(reason string, args ...any) {
 	s.log.Info("refused", append([]any{"reason", reason}, args...)...)
 }
 
+// connKey is the context key of a request's connection.
+type connKey struct{}
+
 // serveHTTPS serves connections whose TLS the relay terminated.
 func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
+	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+		s.watched.Delete(c)
+	}
 	name := strings.ToLower(strings.TrimSuffix(r.TLS.ServerName, "."))
 	if name == s.cfg.Domain || name == "" {
 		s.serveAPI(w, r)

@@ -3,11 +3,15 @@ package server
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+
+	"github.com/gorilla/websocket"
 
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -17,55 +21,29 @@ import (
 // session until the tunnel ends.
 func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	remote := r.RemoteAddr
+	src := sourceOf(remote)
 	if s.draining.Load() {
 		s.refuse(reasonDraining, "remote", remote)
-		s.retryLater(w, "relay is shutting down")
+		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "relay is shutting down")
 		return
 	}
+	// A source that keeps failing is turned away before its token is even
+	// read: a flood of bad tokens costs a map lookup each.
+	if blocked, wait := s.fails.blocked(src); blocked {
+		s.refuse(reasonAuthRateLimited, "remote", remote)
+		s.retryLater(w, http.StatusTooManyRequests, int(wait/time.Second)+1, "too many failed tunnel registrations from "+src)
+		return
+	}
+	claims, routes, agentID, ok := s.authorize(w, r)
+	if !ok {
+		s.fails.fail(src)
+		return
+	}
+	// The global limit comes after authentication, so bad tokens (however
+	// many sources send them) cannot use up the budget of real agents.
 	if !s.limiter.Allow() {
 		s.refuse(reasonRateLimited, "remote", remote)
-		s.retryLater(w, "too many tunnel registrations right now")
-		return
-	}
-	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok {
-		s.refuseTunnel(w, http.StatusUnauthorized, reasonBadToken, "missing bearer token", remote)
-		return
-	}
-	claims, err := token.Verify(s.key, tok, time.Now())
-	if err != nil {
-		reason := reasonBadToken
-		if errors.Is(err, token.ErrExpired) {
-			reason = reasonExpiredToken
-		}
-		s.refuseTunnel(w, http.StatusUnauthorized, reason, err.Error(), remote)
-		return
-	}
-	revoked, err := s.revoked.Revoked(claims.ID)
-	if err != nil {
-		s.log.Error("checking token revocation", "error", err)
-		s.refuseTunnel(w, http.StatusServiceUnavailable, reasonRevokedToken, "revocation list unreadable", remote)
-		return
-	}
-	if revoked {
-		s.refuseTunnel(w, http.StatusUnauthorized, reasonRevokedToken, "token "+claims.ID+" is revoked", remote)
-		return
-	}
-	routes, err := tunnel.ParseRoutes(r.Header.Get(tunnel.HeaderRoutes))
-	if err != nil {
-		s.refuseTunnel(w, http.StatusBadRequest, reasonBadRegistration, err.Error(), remote)
-		return
-	}
-	for label := range routes {
-		if !claims.Allows(label) {
-			s.refuseTunnel(w, http.StatusForbidden, reasonLabelNotAllowed,
-				fmt.Sprintf("token for cluster %s may not register %q (allowed: %s)", claims.ClusterUID, label, strings.Join(claims.Labels(), ", ")), remote)
-			return
-		}
-	}
-	agentID := r.Header.Get(tunnel.HeaderAgent)
-	if agentID == "" || len(agentID) > 253 {
-		s.refuseTunnel(w, http.StatusBadRequest, reasonBadRegistration, "agent id header missing or too long", remote)
+		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "too many tunnel registrations right now")
 		return
 	}
 
@@ -75,7 +53,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.refuse(reasonBadRegistration, "remote", remote, "error", err.Error())
 		return
 	}
-	conn := tunnel.NewConn(ws)
+	conn := &recordingConn{Conn: tunnel.NewConn(ws)}
 	cc, err := tunnel.NewClientConn(conn, s.cfg.Liveness)
 	if err != nil {
 		conn.Close()
@@ -85,6 +63,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	sess := &session{
 		agentID: agentID, clusterUID: claims.ClusterUID, tokenID: claims.ID,
 		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn, done: conn.Done(),
+		maxStreams: int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
 	}
 	result := "accepted"
 	if old := s.reg.add(sess); old != nil {
@@ -100,8 +79,85 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	s.reg.remove(sess)
 	s.m.tunnels.Dec()
 	cc.Close()
+	readErr := conn.err()
+	if errors.Is(readErr, websocket.ErrReadLimit) {
+		s.refuse(reasonMessageTooLarge, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
+			"limit_bytes", tunnel.MaxMessageSize)
+	}
 	s.log.Info("agent disconnected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
-		"connected_for", time.Since(sess.since).Round(time.Millisecond).String())
+		"connected_for", time.Since(sess.since).Round(time.Millisecond).String(), "read_error", readErr)
+}
+
+// authorize checks a registration: token (signature, expiry, revocation),
+// the labels it may register, and the agent id. On failure it has answered
+// the agent and counted the reason.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (token.Claims, map[string]tunnel.Mode, string, bool) {
+	remote := r.RemoteAddr
+	fail := func(code int, reason, msg string) (token.Claims, map[string]tunnel.Mode, string, bool) {
+		s.refuseTunnel(w, code, reason, msg, remote)
+		return token.Claims{}, nil, "", false
+	}
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		return fail(http.StatusUnauthorized, reasonBadToken, "missing bearer token")
+	}
+	claims, err := token.Verify(s.key, tok, time.Now())
+	if err != nil {
+		reason := reasonBadToken
+		if errors.Is(err, token.ErrExpired) {
+			reason = reasonExpiredToken
+		}
+		return fail(http.StatusUnauthorized, reason, err.Error())
+	}
+	revoked, err := s.revoked.Revoked(claims.ID)
+	if err != nil {
+		s.log.Error("checking token revocation", "error", err)
+		return fail(http.StatusServiceUnavailable, reasonRevokedToken, "revocation list unreadable")
+	}
+	if revoked {
+		return fail(http.StatusUnauthorized, reasonRevokedToken, "token "+claims.ID+" is revoked")
+	}
+	routes, err := tunnel.ParseRoutes(r.Header.Get(tunnel.HeaderRoutes))
+	if err != nil {
+		return fail(http.StatusBadRequest, reasonBadRegistration, err.Error())
+	}
+	for label := range routes {
+		if !claims.Allows(label) {
+			return fail(http.StatusForbidden, reasonLabelNotAllowed,
+				fmt.Sprintf("token for cluster %s may not register %q (allowed: %s)", claims.ClusterUID, label, strings.Join(claims.Labels(), ", ")))
+		}
+	}
+	agentID := r.Header.Get(tunnel.HeaderAgent)
+	if agentID == "" || len(agentID) > 253 {
+		return fail(http.StatusBadRequest, reasonBadRegistration, "agent id header missing or too long")
+	}
+	return claims, routes, agentID, true
+}
+
+// recordingConn keeps the first read error of a tunnel, so that its end
+// can be explained (an oversized WebSocket message, a reset, a timeout).
+type recordingConn struct {
+	*tunnel.Conn
+	mu      sync.Mutex
+	readErr error
+}
+
+func (c *recordingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.mu.Lock()
+		if c.readErr == nil {
+			c.readErr = err
+		}
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+func (c *recordingConn) err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.readErr
 }
 
 func (s *Server) refuseTunnel(w http.ResponseWriter, code int, reason, msg, remote string) {
@@ -109,9 +165,9 @@ func (s *Server) refuseTunnel(w http.ResponseWriter, code int, reason, msg, remo
 	http.Error(w, "spectro-proxy: "+msg, code)
 }
 
-// retryLater answers 503 with a jittered Retry-After, so a fleet that was
-// refused at once does not come back at once.
-func (s *Server) retryLater(w http.ResponseWriter, msg string) {
-	w.Header().Set("Retry-After", strconv.Itoa(1+rand.IntN(5)))
-	http.Error(w, "spectro-proxy: "+msg, http.StatusServiceUnavailable)
+// retryLater answers code with Retry-After. Callers jitter the delay where
+// a whole fleet may be refused at once, so it does not come back at once.
+func (s *Server) retryLater(w http.ResponseWriter, code, afterSeconds int, msg string) {
+	w.Header().Set("Retry-After", strconv.Itoa(afterSeconds))
+	http.Error(w, "spectro-proxy: "+msg, code)
 }

@@ -1,0 +1,166 @@
+package server
+
+import (
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// helloGate bounds the connections still sending their ClientHello, in
+// total and per source address. Peeking costs a goroutine and a 16 KiB
+// buffer for up to HelloTimeout, so without a cap a slowloris holding
+// sockets open without a word could grow the relay without bound; the
+// per-source cap keeps one address from using up the total for everyone.
+type helloGate struct {
+	mu        sync.Mutex
+	total     int
+	perSource map[string]int
+	maxTotal  int
+	maxSource int
+}
+
+func newHelloGate(maxTotal, maxSource int) *helloGate {
+	return &helloGate{perSource: map[string]int{}, maxTotal: maxTotal, maxSource: maxSource}
+}
+
+// enter admits a connection from src, or says no at once.
+func (g *helloGate) enter(src string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.total >= g.maxTotal || g.perSource[src] >= g.maxSource {
+		return false
+	}
+	g.total++
+	g.perSource[src]++
+	return true
+}
+
+// leave ends an admission; the map only holds sources with hellos pending,
+// so it is bounded by maxTotal.
+func (g *helloGate) leave(src string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.total--
+	if g.perSource[src]--; g.perSource[src] <= 0 {
+		delete(g.perSource, src)
+	}
+}
+
+// maxFailSources bounds the sources failLimiter remembers. Past it, new
+// sources share one limiter: a flood from many addresses then slows itself
+// without growing the relay's memory.
+const maxFailSources = 10000
+
+// failLimiter rate-limits failed tunnel registrations (bad or foreign
+// tokens, labels a token does not allow, malformed headers) per source
+// address. Only failures spend the budget, so a healthy agent behind the
+// same address is untouched unless its neighbour keeps failing.
+type failLimiter struct {
+	every time.Duration
+	burst int
+
+	mu       sync.Mutex
+	sources  map[string]*rate.Limiter
+	overflow *rate.Limiter
+	swept    time.Time
+}
+
+func newFailLimiter(perSecond float64, burst int) *failLimiter {
+	return &failLimiter{
+		every:    time.Duration(float64(time.Second) / perSecond),
+		burst:    burst,
+		sources:  map[string]*rate.Limiter{},
+		overflow: rate.NewLimiter(rate.Limit(perSecond), burst),
+	}
+}
+
+func (f *failLimiter) limiter(src string, create bool) *rate.Limiter {
+	if l, ok := f.sources[src]; ok {
+		return l
+	}
+	if !create {
+		if len(f.sources) >= maxFailSources {
+			return f.overflow // an unknown source in a flood shares its fate
+		}
+		return nil
+	}
+	if len(f.sources) >= maxFailSources {
+		f.sweep()
+	}
+	if len(f.sources) >= maxFailSources {
+		return f.overflow
+	}
+	l := rate.NewLimiter(rate.Every(f.every), f.burst)
+	f.sources[src] = l
+	return l
+}
+
+// sweep forgets sources whose budget has refilled: they are back where a
+// new source starts. At most once a second, so a full map costs little.
+func (f *failLimiter) sweep() {
+	now := time.Now()
+	if now.Sub(f.swept) < time.Second {
+		return
+	}
+	f.swept = now
+	for src, l := range f.sources {
+		if l.TokensAt(now) >= float64(f.burst) {
+			delete(f.sources, src)
+		}
+	}
+}
+
+// blocked reports whether src has no failures left to spend, and when it
+// may try again.
+func (f *failLimiter) blocked(src string) (bool, time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	l := f.limiter(src, false)
+	if l == nil {
+		return false, 0
+	}
+	now := time.Now()
+	tokens := l.TokensAt(now)
+	if tokens >= 1 {
+		return false, 0
+	}
+	return true, time.Duration((1 - tokens) * float64(f.every))
+}
+
+// fail spends one of src's failures.
+func (f *failLimiter) fail(src string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.limiter(src, true).Allow()
+}
+
+// sourceOf is the address part of a remote address, the unit limits count.
+func sourceOf(remote string) string {
+	host, _, err := net.SplitHostPort(remote)
+	if err != nil {
+		return remote
+	}
+	return host
+}
+
+// watchedConn sits under the TLS of a connection handed to the HTTPS
+// server and notes what the HTTPS server does not say: whether a read hit
+// its deadline (a slow client) and how much was read. When the connection
+// closes before any request was served, that tells why (see connState).
+type watchedConn struct {
+	net.Conn
+	read     atomic.Int64
+	timedOut atomic.Bool
+}
+
+func (w *watchedConn) Read(p []byte) (int, error) {
+	n, err := w.Conn.Read(p)
+	w.read.Add(int64(n))
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		w.timedOut.Store(true)
+	}
+	return n, err
+}
