@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -100,9 +101,67 @@ var ErrRefused = errors.New("agent refused stream")
 // request body, reads come from the response body.
 type Stream struct {
 	w      *io.PipeWriter
+	req    *reqBody
 	body   io.ReadCloser
 	cancel context.CancelFunc
 	once   sync.Once
+}
+
+// reqBody is a stream's request body. Bytes come from Stream.Write through
+// a pipe until Stream.ReadFrom attaches a source; from then on the HTTP/2
+// transport's body goroutine reads that source itself. That saves a copy
+// and, more to the point, a goroutine handoff per chunk: a small request
+// through a passthrough stream no longer wakes a copier that wakes the
+// transport.
+type reqBody struct {
+	pr    *io.PipeReader
+	srcCh chan io.Reader // ReadFrom's source, sent before the pipe is switched off
+	src   io.Reader      // only used by the transport's goroutine
+	n     atomic.Int64   // bytes read from src
+
+	doneOnce sync.Once
+	done     chan struct{} // src ended or the transport closed the body
+	err      error         // why; written before done is closed
+}
+
+// errAttached ends the pipe when ReadFrom takes over; the reader never
+// returns it.
+var errAttached = errors.New("tunnel: source attached")
+
+func (b *reqBody) Read(p []byte) (int, error) {
+	if b.src == nil {
+		n, err := b.pr.Read(p)
+		if !errors.Is(err, errAttached) {
+			return n, err
+		}
+		b.src = <-b.srcCh
+	}
+	n, err := b.src.Read(p)
+	b.n.Add(int64(n))
+	if err != nil {
+		b.finish(err)
+	}
+	return n, err
+}
+
+// Close is called by the transport when the stream no longer needs the
+// body: sent in full, or the stream ended first. The latter is not an error
+// of this direction: the response side reports how the stream ended, and
+// the joined connection must stay open until its last bytes are written.
+func (b *reqBody) Close() error {
+	b.pr.Close()
+	b.finish(nil)
+	return nil
+}
+
+func (b *reqBody) finish(err error) {
+	b.doneOnce.Do(func() {
+		if errors.Is(err, io.EOF) {
+			err = nil
+		}
+		b.err = err
+		close(b.done)
+	})
 }
 
 // OpenStream opens a CONNECT stream for label carrying kind and waits up to
@@ -111,12 +170,13 @@ type Stream struct {
 func OpenStream(ctx context.Context, cc *http2.ClientConn, label, kind string, headerTimeout time.Duration) (*Stream, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	pr, pw := io.Pipe()
+	rb := &reqBody{pr: pr, srcCh: make(chan io.Reader, 1), done: make(chan struct{})}
 	req := &http.Request{
 		Method: http.MethodConnect,
 		URL:    &url.URL{Host: label},
 		Host:   label,
 		Header: http.Header{HeaderStream: {kind}},
-		Body:   pr,
+		Body:   rb,
 	}
 	req = req.WithContext(ctx)
 	timer := time.AfterFunc(headerTimeout, cancel)
@@ -136,11 +196,22 @@ func OpenStream(ctx context.Context, cc *http2.ClientConn, label, kind string, h
 		pw.Close()
 		return nil, fmt.Errorf("%w: %s: %s", ErrRefused, resp.Status, reason)
 	}
-	return &Stream{w: pw, body: resp.Body, cancel: cancel}, nil
+	return &Stream{w: pw, req: rb, body: resp.Body, cancel: cancel}, nil
 }
 
 func (s *Stream) Read(p []byte) (int, error)  { return s.body.Read(p) }
 func (s *Stream) Write(p []byte) (int, error) { return s.w.Write(p) }
+
+// ReadFrom sends everything src yields into the stream, read by the HTTP/2
+// transport directly, and returns once src has ended or the stream is
+// done. Don't call Write after it. The request body ends with src (EOF
+// half-closes the stream); a read error resets the stream.
+func (s *Stream) ReadFrom(src io.Reader) (int64, error) {
+	s.req.srcCh <- src
+	s.w.CloseWithError(errAttached)
+	<-s.req.done
+	return s.req.n.Load(), s.req.err
+}
 
 // CloseWrite ends the request body, which the agent reads as EOF.
 func (s *Stream) CloseWrite() error { return s.w.Close() }

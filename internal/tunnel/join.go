@@ -81,6 +81,13 @@ func CloseWrite(c io.Closer) error {
 	return c.Close()
 }
 
+// sourceTaker is a Stream (or a type embedding one): it can read a source
+// itself instead of being written to.
+type sourceTaker interface {
+	ReadFrom(src io.Reader) (int64, error)
+	CloseWrite() error
+}
+
 // Join copies bytes both ways between a and b until both directions end,
 // half-closing each destination when its source hits EOF. It closes both
 // when done and returns the bytes moved a→b and b→a, and the first error
@@ -91,7 +98,11 @@ func Join(a, b io.ReadWriteCloser) (aToB, bToA int64, err error) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		aToB, errAB = Copy(b, a)
+		if rf, ok := b.(sourceTaker); ok {
+			aToB, errAB = rf.ReadFrom(a)
+		} else {
+			aToB, errAB = Copy(b, a)
+		}
 		if errAB != nil {
 			// A broken direction means the whole connection is gone:
 			// closing both unblocks the other copy.
