@@ -106,8 +106,13 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 				pr.Out.Header[h] = pr.In.Header[h]
 			}
 		},
-		Transport:     tr,
-		FlushInterval: -1,
+		Transport: tr,
+		// Zero, not -1: ReverseProxy flushes every write anyway when the
+		// length is unknown (watches, logs -f, event streams), and a
+		// response of known length then leaves as one write instead of
+		// a flush each for headers, body and end of stream (make bench,
+		// terminate mode: see the commit that set it).
+		FlushInterval: 0,
 		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) {
 			cfg.Logger.Warn("forwarding request", "host", r.label, "target", r.target.String(), "error", err)
 			writeStatus(w, http.StatusBadGateway, "BadGateway",

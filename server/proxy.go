@@ -106,8 +106,11 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			pr.SetXForwarded()
 			pr.Out.Header.Set(tunnel.HeaderRoute, label)
 		},
-		Transport:     routeTransport{s: s, label: label},
-		FlushInterval: -1, // watches and logs -f: every event goes out at once
+		Transport: routeTransport{s: s, label: label},
+		// Watches and logs -f (no Content-Length) are flushed at every
+		// write by ReverseProxy itself; a response of known length goes
+		// out without a flush per write (see client/forward.go).
+		FlushInterval: 0,
 		ErrorHandler:  s.proxyError,
 		ErrorLog:      nil,
 	}
