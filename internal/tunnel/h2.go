@@ -18,7 +18,8 @@ import (
 // Flow-control windows. The HTTP/2 defaults (64 KiB per stream on the
 // server side, 1 MiB per connection) cap a single stream at window/RTT, which
 // is what makes other multiplexing tunnels crawl on long links. These allow
-// ~16 MiB in flight per stream and 64 MiB per tunnel; memory is only used
+// ~16 MiB in flight per stream, and per tunnel 64 MiB of uploads (agent
+// side) and relayConnWindow of downloads (relay side); memory is only used
 // when a reader falls behind.
 const (
 	streamWindow = 16 << 20
@@ -77,14 +78,46 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
 // running; ServeConn returns once they are done.
 func (s *Server) Shutdown(ctx context.Context) error { return s.hs.Shutdown(ctx) }
 
+// relayConnWindow is the relay's receive window per tunnel (downloads).
+// Connection-level credit only comes back as clients read, so it is kept
+// at sixteen streams' worth: a few kubectls reading slowly cannot starve
+// the other streams of their tunnel. (x/net's default is 1 GiB.)
+const relayConnWindow = 16 * streamWindow
+
+// clientTransports holds the relay's HTTP/2 transport per liveness setting
+// (one per relay in practice), rather than one per tunnel.
+var clientTransports sync.Map // Liveness -> *http2.Transport
+
+func clientTransport(live Liveness) (*http2.Transport, error) {
+	if t, ok := clientTransports.Load(live); ok {
+		return t.(*http2.Transport), nil
+	}
+	// Receive windows are only configurable through a net/http
+	// Transport's HTTP2 settings. Without them x/net gives each stream
+	// 4 MiB, which capped one passthrough connection at 80 MiB/s on a
+	// 50 ms link (make bench, long link).
+	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
+		MaxReceiveBufferPerStream:     streamWindow,
+		MaxReceiveBufferPerConnection: relayConnWindow,
+	}}
+	t, err := http2.ConfigureTransports(t1)
+	if err != nil {
+		return nil, fmt.Errorf("configuring http2 transport: %w", err)
+	}
+	t.MaxReadFrameSize = frameSize
+	t.ReadIdleTimeout = live.ReadIdle
+	t.PingTimeout = live.Ping
+	// The agent's answer to a new stream is quick or the agent is gone.
+	t.WriteByteTimeout = 15 * time.Second
+	actual, _ := clientTransports.LoadOrStore(live, t)
+	return actual.(*http2.Transport), nil
+}
+
 // NewClientConn runs the HTTP/2 client side on conn (the relay's side).
 func NewClientConn(conn net.Conn, live Liveness) (*http2.ClientConn, error) {
-	t := &http2.Transport{
-		MaxReadFrameSize: frameSize,
-		ReadIdleTimeout:  live.ReadIdle,
-		PingTimeout:      live.Ping,
-		// The agent's answer to a new stream is quick or the agent is gone.
-		WriteByteTimeout: 15 * time.Second,
+	t, err := clientTransport(live)
+	if err != nil {
+		return nil, err
 	}
 	cc, err := t.NewClientConn(conn)
 	if err != nil {
