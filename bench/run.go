@@ -27,6 +27,9 @@ type Options struct {
 	IdleTunnels              []int // relay RSS measured after each count is up
 	WANDelay                 time.Duration
 	WANTransfers             int
+	// Skip names groups of figures not to measure: "get", "tls", "bulk",
+	// "watch" (for working on one of them).
+	Skip map[string]bool
 
 	// Dir holds binaries and state; Binaries skips the build when set.
 	Dir      string
@@ -36,10 +39,10 @@ type Options struct {
 	Progress func(string)
 }
 
-// Full is the `make bench` run, about 10 minutes on 2 cores.
+// Full is the `make bench` run, 6 to 7 minutes on 2 cores.
 func Full() Options {
 	return Options{
-		Reps: 3, GetDuration: 2 * time.Second, ListSize: 10 << 20,
+		Reps: 5, GetDuration: 2 * time.Second, ListSize: 10 << 20,
 		EachSingle: 6, EachParallel: 3, Parallel: 8,
 		WatchRate: 1000, WatchEvents: 3000,
 		IdleTunnels: []int{1000, 10000},
@@ -88,6 +91,9 @@ type IdlePoint struct {
 	Tunnels   int
 	RSS       int64
 	PerTunnel float64 // bytes
+	// From the relay's Go runtime metrics at the same time.
+	HeapInuse, StackInuse int64
+	Goroutines            int
 }
 
 // WANResult is one target over the long link.
@@ -216,6 +222,9 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		say(fmt.Sprintf("repetition %d/%d (load %s)", rep+1, o.Reps, readLoad()))
 		for _, h2 := range []bool{false, true} {
 			for _, conc := range []int{1, 64} {
+				if o.Skip["get"] {
+					break
+				}
 				for _, t := range targets {
 					lat, err := SmallGets(ctx, t, h2, conc, o.GetDuration)
 					if err != nil {
@@ -229,6 +238,9 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 			}
 		}
 		for _, conc := range []int{1, 8} {
+			if o.Skip["tls"] {
+				break
+			}
 			for _, t := range targets {
 				lat, err := NewConns(ctx, t, conc, o.GetDuration)
 				if err != nil {
@@ -240,6 +252,9 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		cpu := map[string]time.Duration{}
 		moved := map[string]int64{}
 		for _, tr := range transfers {
+			if o.Skip["bulk"] {
+				break
+			}
 			for _, t := range targets {
 				var before []Usage
 				procs := []*Proc{}
@@ -272,6 +287,9 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 			res.add("cpu_s_per_gib", mode, c.Seconds()/(float64(moved[mode])/(1<<30)))
 		}
 		for _, t := range targets {
+			if o.Skip["watch"] {
+				break
+			}
 			lat, err := Watch(ctx, t, o.WatchRate, o.WatchEvents)
 			if err != nil {
 				return fmt.Errorf("watch %s: %w", t.Name, err)
@@ -362,7 +380,12 @@ func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say fu
 		if err != nil {
 			return err
 		}
-		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: n, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(n)})
+		m, err := relay.Metrics(ctx)
+		if err != nil {
+			return err
+		}
+		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: n, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(n),
+			HeapInuse: int64(m["go_memstats_heap_inuse_bytes"]), StackInuse: int64(m["go_memstats_stack_inuse_bytes"]), Goroutines: int(m["go_goroutines"])})
 	}
 	return nil
 }

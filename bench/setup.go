@@ -87,26 +87,44 @@ func (r *Relay) Token(uid string) (string, error) {
 
 // Tunnels reads the relay's connected-tunnels gauge from its metrics.
 func (r *Relay) Tunnels(ctx context.Context) (int, error) {
+	m, err := r.Metrics(ctx)
+	if err != nil {
+		return 0, err
+	}
+	v, ok := m["spectro_proxy_tunnels_connected"]
+	if !ok {
+		return 0, fmt.Errorf("relay metrics lack spectro_proxy_tunnels_connected")
+	}
+	return int(v), nil
+}
+
+// Metrics reads the relay's unlabelled metrics (gauges and counters
+// without labels), by name.
+func (r *Relay) Metrics(ctx context.Context) (map[string]float64, error) {
 	t := Target{Name: "relay", Addr: r.Addr, Host: Domain, Roots: r.Roots}
 	hc := t.Client(false, 1)
 	defer hc.CloseIdleConnections()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, t.URL("/metrics"), nil)
 	resp, err := hc.Do(req)
 	if err != nil {
-		return 0, fmt.Errorf("reading relay metrics: %w", err)
+		return nil, fmt.Errorf("reading relay metrics: %w", err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return 0, fmt.Errorf("reading relay metrics: %w", err)
+		return nil, fmt.Errorf("reading relay metrics: %w", err)
 	}
+	out := map[string]float64{}
 	for line := range strings.Lines(string(body)) {
-		if v, ok := strings.CutPrefix(line, "spectro_proxy_tunnels_connected "); ok {
-			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return int(f), err
+		name, v, ok := strings.Cut(strings.TrimSpace(line), " ")
+		if !ok || strings.HasPrefix(name, "#") || strings.Contains(name, "{") {
+			continue
+		}
+		if f, err := strconv.ParseFloat(v, 64); err == nil {
+			out[name] = f
 		}
 	}
-	return 0, fmt.Errorf("relay metrics lack spectro_proxy_tunnels_connected")
+	return out, nil
 }
 
 // Agent is a running agent process serving one cluster.
