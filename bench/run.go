@@ -171,16 +171,11 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		return err
 	}
 	defer relay.Stop(5 * time.Second)
-	pt, err := StartAgent(ctx, bins.Agent, o.Dir, relay, relay.Addr, "pt", ModePassthrough, be)
+	pt, tm, stopAgents, err := startAgents(ctx, o, bins, relay, relay.Addr, "", be)
 	if err != nil {
 		return err
 	}
-	defer pt.Stop(5 * time.Second)
-	tm, err := StartAgent(ctx, bins.Agent, o.Dir, relay, relay.Addr, "tm", ModeTerminate, be)
-	if err != nil {
-		return err
-	}
-	defer tm.Stop(5 * time.Second)
+	defer stopAgents()
 	direct := Target{Name: ModeDirect, Addr: be.Addr, Host: "127.0.0.1", Roots: be.Roots}
 	targets := []Target{direct, pt.Target, tm.Target}
 	agents := map[string]*Agent{ModePassthrough: pt, ModeTerminate: tm}
@@ -327,16 +322,11 @@ func runWAN(ctx context.Context, o Options, bins Binaries, be *Backend, res *Res
 	defer toBackend.Close()
 	// The delay sits where the internet would: between agent and relay,
 	// and for the direct case between client and API server.
-	pt, err := StartAgent(ctx, bins.Agent, o.Dir, relay, toRelay.Addr, "wpt", ModePassthrough, be)
+	pt, tm, stopAgents, err := startAgents(ctx, o, bins, relay, toRelay.Addr, "w", be)
 	if err != nil {
 		return err
 	}
-	defer pt.Stop(5 * time.Second)
-	tm, err := StartAgent(ctx, bins.Agent, o.Dir, relay, toRelay.Addr, "wtm", ModeTerminate, be)
-	if err != nil {
-		return err
-	}
-	defer tm.Stop(5 * time.Second)
+	defer stopAgents()
 	direct := Target{Name: ModeDirect, Addr: toBackend.Addr, Host: "127.0.0.1", Roots: be.Roots}
 	for _, t := range []Target{direct, pt.Target, tm.Target} {
 		single, err := Bulk(ctx, t, be, Transfer{Workers: 1, Each: o.WANTransfers}, false)
@@ -388,6 +378,21 @@ func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say fu
 			HeapInuse: int64(m["go_memstats_heap_inuse_bytes"]), StackInuse: int64(m["go_memstats_stack_inuse_bytes"]), Goroutines: int(m["go_goroutines"])})
 	}
 	return nil
+}
+
+// startAgents starts a passthrough agent (cluster <prefix>pt) and a
+// terminate one (<prefix>tm) dialing the relay at relayAddr.
+func startAgents(ctx context.Context, o Options, bins Binaries, relay *Relay, relayAddr, prefix string, be *Backend) (pt, tm *Agent, stop func(), err error) {
+	pt, err = StartAgent(ctx, bins.Agent, o.Dir, relay, relayAddr, prefix+"pt", ModePassthrough, be)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	tm, err = StartAgent(ctx, bins.Agent, o.Dir, relay, relayAddr, prefix+"tm", ModeTerminate, be)
+	if err != nil {
+		pt.Stop(5 * time.Second)
+		return nil, nil, nil, err
+	}
+	return pt, tm, func() { tm.Stop(5 * time.Second); pt.Stop(5 * time.Second) }, nil
 }
 
 // samplePeaks records the highest RSS of each process until the returned
