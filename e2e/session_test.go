@@ -162,3 +162,45 @@ func TestAgentLogsRefusal(t *testing.T) {
 	assert.False(t, a.c.Ready())
 	assert.Zero(t, r.srv.Tunnels())
 }
+
+// TestHostNameOwnership: two clusters never share a host name, and a request
+// cannot ride another cluster's connection.
+func TestHostNameOwnership(t *testing.T) {
+	be := newBackend(t)
+	r := startRelay(t, "127.0.0.1:0", "", nil)
+	cfg := client.Config{Mode: tunnel.Terminate, APIServer: be.srv.URL, APIServerCAFile: be.caFile}
+
+	t.Run("a subdomain held by another cluster is refused", func(t *testing.T) {
+		tokA, _ := r.issue(t, "owner-a", "shared", time.Hour)
+		tokB, _ := r.issue(t, "owner-b", "shared", time.Hour)
+		a := cfg
+		a.ClusterUID, a.TokenFile, a.Subdomain, a.AgentID = "owner-a", tokA, "shared", "a"
+		startAgent(t, r, a).waitReady(t)
+		var logs syncBuffer
+		b := cfg
+		b.ClusterUID, b.TokenFile, b.Subdomain, b.AgentID = "owner-b", tokB, "shared", "b"
+		b.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+		agentB := startAgent(t, r, b)
+		require.Eventually(t, func() bool { return strings.Contains(logs.String(), "409 Conflict") }, 10*time.Second, 10*time.Millisecond)
+		assert.Contains(t, logs.String(), "shared.proxy.test is served by another cluster")
+		assert.False(t, agentB.c.Ready())
+		assert.Equal(t, 1.0, metric(t, r, `spectro_proxy_refusals_total{reason="label_conflict"}`))
+	})
+
+	t.Run("a request for another cluster on this connection gets 421", func(t *testing.T) {
+		for _, uid := range []string{"mis-a", "mis-b"} {
+			tok, _ := r.issue(t, uid, "", time.Hour)
+			c := cfg
+			c.ClusterUID, c.TokenFile, c.AgentID = uid, tok, uid
+			startAgent(t, r, c).waitReady(t)
+		}
+		hc := httpClient(r, "cluster-mis-a."+domain, r.caPool(t), true)
+		defer hc.CloseIdleConnections()
+		req, _ := http.NewRequest("GET", "https://cluster-mis-a."+domain+"/small", nil)
+		req.Host = "cluster-mis-b." + domain
+		resp, err := hc.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusMisdirectedRequest, resp.StatusCode)
+	})
+}

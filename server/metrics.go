@@ -17,6 +17,8 @@ const (
 	reasonExpiredToken     = "expired_token"
 	reasonRevokedToken     = "revoked_token"
 	reasonLabelNotAllowed  = "label_not_allowed"
+	reasonLabelConflict    = "label_conflict"
+	reasonMisdirected      = "misdirected_request"
 	reasonBadRegistration  = "bad_registration"
 	reasonRateLimited      = "rate_limited"
 	reasonDraining         = "draining"

@@ -1,6 +1,8 @@
 package server
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -69,10 +71,37 @@ func newRegistry() *registry {
 
 func agentKey(s *session) string { return s.clusterUID + "/" + s.agentID }
 
-// add registers s and returns the session it replaced, if any.
-func (r *registry) add(s *session) (replaced *session) {
+// heldByOther returns a label of routes that sessions of another cluster
+// serve now, or "". Two clusters never share a host name: that would send
+// one cluster's users to the other (it takes an operator issuing both
+// tokens the same subdomain, but the relay still refuses it).
+func (r *registry) heldByOther(routes map[string]tunnel.Mode, clusterUID string) string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.heldByOtherLocked(routes, clusterUID)
+}
+
+func (r *registry) heldByOtherLocked(routes map[string]tunnel.Mode, clusterUID string) string {
+	for label := range routes {
+		for _, other := range r.byLabel[label] {
+			if other.clusterUID != clusterUID {
+				return label
+			}
+		}
+	}
+	return ""
+}
+
+// errLabelHeld is returned by add when another cluster serves a label.
+var errLabelHeld = errors.New("host name is served by another cluster")
+
+// add registers s and returns the session it replaced, if any.
+func (r *registry) add(s *session) (replaced *session, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if label := r.heldByOtherLocked(s.routes, s.clusterUID); label != "" {
+		return nil, fmt.Errorf("%s: %w", label, errLabelHeld)
+	}
 	if old, ok := r.byAgent[agentKey(s)]; ok {
 		r.removeLocked(old)
 		replaced = old
@@ -82,7 +111,7 @@ func (r *registry) add(s *session) (replaced *session) {
 		r.byLabel[label] = append(r.byLabel[label], s)
 		r.seen[label] = mode
 	}
-	return replaced
+	return replaced, nil
 }
 
 // remove unregisters s; removing a session twice, or one that was

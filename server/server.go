@@ -341,8 +341,26 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 		s.serveAPI(w, r)
 		return
 	}
+	// Browsers reuse an HTTP/2 connection for any host its certificate
+	// covers, and ours covers *.domain: a request for one cluster could
+	// arrive on a connection opened for another. 421 makes the client
+	// retry on a connection of its own, so routing by SNI stays right.
+	// A Host outside the domain (kubectl with tls-server-name dialing
+	// 127.0.0.1) is no such case: SNI alone names the cluster then.
+	if host := strings.ToLower(stripPort(r.Host)); host != name && (host == s.cfg.Domain || strings.HasSuffix(host, "."+s.cfg.Domain)) {
+		s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
+		http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+name, http.StatusMisdirectedRequest)
+		return
+	}
 	label, _ := s.labelOf(name)
 	s.serveTerminated(w, r, label)
+}
+
+func stripPort(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return hostport
 }
 
 // serveAPI is the relay's own HTTPS API.

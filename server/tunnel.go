@@ -46,6 +46,11 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "too many tunnel registrations right now")
 		return
 	}
+	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
+		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
+			fmt.Sprintf("host name %s.%s is served by another cluster's agent", label, s.cfg.Domain), remote)
+		return
+	}
 
 	ws, err := s.upgrader.Upgrade(w, r, nil)
 	if err != nil {
@@ -66,7 +71,15 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		maxStreams: int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
 	}
 	result := "accepted"
-	if old := s.reg.add(sess); old != nil {
+	old, err := s.reg.add(sess)
+	if err != nil {
+		// Another cluster registered the label between the check above
+		// and now; the agent sees the tunnel close and retries.
+		s.refuse(reasonLabelConflict, "remote", remote, "detail", err.Error())
+		sess.close()
+		return
+	}
+	if old != nil {
 		old.close()
 		result = "replaced"
 	}
