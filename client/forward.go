@@ -106,7 +106,8 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 				pr.Out.Header[h] = pr.In.Header[h]
 			}
 		},
-		Transport: tr,
+		Transport:  tr,
+		BufferPool: tunnel.ProxyBuffers,
 		// Zero, not -1: ReverseProxy flushes every write anyway when the
 		// length is unknown (watches, logs -f, event streams), and a
 		// response of known length then leaves as one write instead of

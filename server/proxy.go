@@ -106,7 +106,8 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			pr.SetXForwarded()
 			pr.Out.Header.Set(tunnel.HeaderRoute, label)
 		},
-		Transport: routeTransport{s: s, label: label},
+		Transport:  routeTransport{s: s, label: label},
+		BufferPool: tunnel.ProxyBuffers,
 		// Watches and logs -f (no Content-Length) are flushed at every
 		// write by ReverseProxy itself; a response of known length goes
 		// out without a flush per write (see client/forward.go).

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http/httputil"
 	"sync"
 )
 
@@ -133,3 +134,19 @@ func firstReal(errs ...error) error {
 	}
 	return nil
 }
+
+// ProxyBuffers is the copy-buffer pool of the relay's and the agent's
+// reverse proxies (terminate mode). Without one, ReverseProxy allocates a
+// 32 KiB buffer per response, which at thousands of small requests per
+// second is most of the garbage both processes make. The size stays
+// ReverseProxy's own: a watch holds its buffer for as long as it runs.
+var ProxyBuffers httputil.BufferPool = proxyBuffers{}
+
+type proxyBuffers struct{}
+
+var proxyBufs = sync.Pool{New: func() any { return make([]byte, 32<<10) }}
+
+func (proxyBuffers) Get() []byte { return proxyBufs.Get().([]byte) }
+
+// Put boxes the slice header (a few bytes) to pool a 32 KiB buffer.
+func (proxyBuffers) Put(b []byte) { proxyBufs.Put(b) }
