@@ -24,10 +24,22 @@ lint: ## gofmt and go vet
 	@test -z "$$(gofmt -l . | tee /dev/stderr)"
 	$(GO) vet ./...
 
+# Every fuzz target as package:Target. `make test` already runs each on its
+# seeds and its checked-in corpus (testdata/fuzz/); this target explores.
+FUZZ_TARGETS := \
+	./internal/sni:FuzzServerName \
+	./internal/token:FuzzVerify \
+	./internal/tunnel:FuzzParseRoutes \
+	./internal/tunnel:FuzzConnRead \
+	./internal/kubeconfig:FuzzRewrite \
+	./client:FuzzServeStream \
+	./templates-test:FuzzMacroValue
 FUZZTIME ?= 30s
-fuzz: ## Run each fuzz target for FUZZTIME (default 30s)
-	$(GO) test -run '^$$' -fuzz FuzzServerName -fuzztime $(FUZZTIME) ./internal/sni
-	$(GO) test -run '^$$' -fuzz FuzzVerify -fuzztime $(FUZZTIME) ./internal/token
+fuzz: ## Run each fuzz target for FUZZTIME (default 30s; e.g. make fuzz FUZZTIME=10m)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t#*:} in $${t%%:*} for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) "$${t%%:*}"; \
+	done
 
 clean: ## Remove build output and .run/
 	rm -rf bin .run

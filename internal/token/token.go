@@ -107,6 +107,11 @@ func Issue(key []byte, clusterUID, subdomain string, ttl time.Duration, now time
 	return body + "." + base64.RawURLEncoding.EncodeToString(sign(key, body)), c, nil
 }
 
+// strictB64 decodes what Issue encodes and nothing else: the lenient
+// decoder ignores the unused low bits of the last character, so four
+// different strings carried one signature.
+var strictB64 = base64.RawURLEncoding.Strict()
+
 func sign(key []byte, body string) []byte {
 	m := hmac.New(sha256.New, key)
 	m.Write([]byte(body))
@@ -125,14 +130,14 @@ func Verify(key []byte, tok string, now time.Time) (Claims, error) {
 		return Claims{}, fmt.Errorf("%w: missing signature", ErrMalformed)
 	}
 	body, sigText := tok[:dot], tok[dot+1:]
-	sig, err := base64.RawURLEncoding.DecodeString(sigText)
+	sig, err := strictB64.DecodeString(sigText)
 	if err != nil {
 		return Claims{}, fmt.Errorf("%w: signature encoding: %v", ErrMalformed, err)
 	}
 	if !hmac.Equal(sig, sign(key, body)) {
 		return Claims{}, ErrSignature
 	}
-	payload, err := base64.RawURLEncoding.DecodeString(body[len(prefix):])
+	payload, err := strictB64.DecodeString(body[len(prefix):])
 	if err != nil {
 		return Claims{}, fmt.Errorf("%w: payload encoding: %v", ErrMalformed, err)
 	}
