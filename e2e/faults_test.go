@@ -2,19 +2,24 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,6 +27,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
@@ -54,6 +60,12 @@ func figure(t testing.TB, what, value, bound string) {
 // `spectro_proxy_refusals_total{reason="bad_token"}`.
 func scrape(t testing.TB, addr string, roots *x509.CertPool) map[string]float64 {
 	t.Helper()
+	m, err := scrapeErr(addr, roots)
+	require.NoError(t, err)
+	return m
+}
+
+func scrapeErr(addr string, roots *x509.CertPool) (map[string]float64, error) {
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, network, addr)
@@ -62,9 +74,13 @@ func scrape(t testing.TB, addr string, roots *x509.CertPool) map[string]float64 
 	}}
 	defer hc.CloseIdleConnections()
 	resp, err := hc.Get("https://" + domain + "/metrics")
-	require.NoError(t, err)
+	if err != nil {
+		return nil, err
+	}
 	defer resp.Body.Close()
-	require.Equal(t, http.StatusOK, resp.StatusCode)
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("metrics: status %d", resp.StatusCode)
+	}
 	out := map[string]float64{}
 	s := bufio.NewScanner(resp.Body)
 	for s.Scan() {
@@ -80,8 +96,7 @@ func scrape(t testing.TB, addr string, roots *x509.CertPool) map[string]float64 
 			out[line[:i]] = v
 		}
 	}
-	require.NoError(t, s.Err())
-	return out
+	return out, s.Err()
 }
 
 func refusals(reason string) string { return `spectro_proxy_refusals_total{reason="` + reason + `"}` }
@@ -578,4 +593,176 @@ func TestFaultAgentDrain(t *testing.T) {
 				"0 cut, 0 failed")
 		})
 	}
+}
+
+// relayProcess is the real relay binary, so that its CPU and memory can
+// be measured apart from the agents in this process, and SIGTERM is a
+// real signal.
+type relayProcess struct {
+	cmd  *exec.Cmd
+	addr string
+	exit chan error
+}
+
+func buildRelay(t *testing.T) string {
+	t.Helper()
+	goBin, err := exec.LookPath("go")
+	require.NoError(t, err, "the go tool builds the relay binary")
+	bin := filepath.Join(t.TempDir(), "spectro-proxy-server")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, goBin, "build", "-o", bin, "../server/cmd/spectro-proxy-server").CombinedOutput()
+	require.NoError(t, err, "building the relay: %s", out)
+	return bin
+}
+
+func startRelayProcess(t *testing.T, bin, stateDir, addr string, args ...string) *relayProcess {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"--listen", addr, "--domain", domain, "--state-dir", stateDir, "--drain-timeout", "5s",
+		"--log-level", "info"}, args...)...)
+	stderr, err := cmd.StderrPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	p := &relayProcess{cmd: cmd, exit: make(chan error, 1)}
+	addrCh := make(chan string, 1)
+	go func() {
+		s := bufio.NewScanner(stderr)
+		for s.Scan() {
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(s.Bytes(), &line) == nil && line.Msg == "relay listening" {
+				addrCh <- line.Addr
+			}
+		}
+		p.exit <- cmd.Wait()
+	}()
+	t.Cleanup(func() { p.stop(t) })
+	select {
+	case p.addr = <-addrCh:
+	case err := <-p.exit:
+		p.exit <- err
+		t.Fatalf("relay exited at start: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("relay did not start listening within 30s")
+	}
+	return p
+}
+
+// stop sends SIGTERM and waits for the drain; stopping twice is harmless.
+func (p *relayProcess) stop(t *testing.T) {
+	if p.cmd.ProcessState != nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exit:
+	case <-time.After(30 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.exit
+		t.Error("relay did not stop within 30s of SIGTERM")
+	}
+}
+
+// procUsage reads a process's CPU time (user+system) and its resident and
+// peak resident memory from /proc.
+func procUsage(t *testing.T, pid int) (cpu time.Duration, rssMiB, peakMiB float64) {
+	t.Helper()
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	require.NoError(t, err)
+	// Fields after the parenthesised command name; utime and stime are
+	// the 14th and 15th fields of the line.
+	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+2:]))
+	utime, _ := strconv.ParseInt(fields[11], 10, 64)
+	stime, _ := strconv.ParseInt(fields[12], 10, 64)
+	cpu = time.Duration(utime+stime) * time.Second / 100 // USER_HZ is 100 on Linux
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	require.NoError(t, err)
+	for _, l := range strings.Split(string(status), "\n") {
+		k, v, _ := strings.Cut(l, ":")
+		kib, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+		switch k {
+		case "VmRSS":
+			rssMiB = kib / 1024
+		case "VmHWM":
+			peakMiB = kib / 1024
+		}
+	}
+	return cpu, rssMiB, peakMiB
+}
+
+func TestFaultThousandAgentsReconnect(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts 1,000 agents")
+	}
+	const (
+		agents   = 1000
+		within   = 60 * time.Second
+		peakMax  = 512.0 // MiB
+		cpuMax   = 60 * time.Second
+		tunnelsQ = "spectro_proxy_tunnels_connected"
+	)
+	// Half the default registration rate, so that the returning fleet
+	// does hit the limit and must honour Retry-After (at the default the
+	// agents' own jittered backoff already spreads 1,000 of them enough).
+	const rate = "100"
+	bin := buildRelay(t)
+	dir := t.TempDir()
+	r1 := startRelayProcess(t, bin, dir, "127.0.0.1:0", "--registrations-per-second", rate)
+	caFile := filepath.Join(dir, "ca.crt")
+	roots := (&relay{stateDir: dir}).caPool(t)
+	key, err := token.ReadKey(filepath.Join(dir, "signing.key"))
+	require.NoError(t, err)
+	tokDir := t.TempDir()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	for i := range agents {
+		uid := fmt.Sprintf("fleet%04d", i)
+		tok, _, err := token.Issue(key, uid, "", time.Hour, time.Now())
+		require.NoError(t, err)
+		tokFile := filepath.Join(tokDir, uid)
+		require.NoError(t, os.WriteFile(tokFile, []byte(tok), 0o600))
+		// Production defaults for reconnecting: backoff from 250ms to 30s,
+		// jittered, and Retry-After honoured.
+		c, err := client.New(client.Config{Server: domain, RelayAddress: r1.addr, RelayCAFile: caFile, ClusterUID: uid,
+			TokenFile: tokFile, Mode: tunnel.Terminate, APIServer: "https://127.0.0.1:1", APIServerCAFile: caFile,
+			AgentID: uid, DrainTimeout: time.Second})
+		require.NoError(t, err)
+		wg.Go(func() { c.Run(ctx) })
+	}
+	waitAll := func(addr string, limit time.Duration) time.Duration {
+		start := time.Now()
+		for {
+			m, err := scrapeErr(addr, roots) // fails while the relay is busy or between lives
+			if err == nil && m[tunnelsQ] == agents {
+				return time.Since(start)
+			}
+			require.Less(t, time.Since(start), limit, "not all %d agents connected within %v (last: %v, %v)", agents, limit, m[tunnelsQ], err)
+			time.Sleep(250 * time.Millisecond) // polling interval
+		}
+	}
+	first := waitAll(r1.addr, 2*within)
+	_, steadyRSS, _ := procUsage(t, r1.cmd.Process.Pid)
+
+	// Restart: SIGTERM (drain), then a new relay on the same address.
+	addr := r1.addr
+	r1.stop(t)
+	r2 := startRelayProcess(t, bin, dir, addr, "--registrations-per-second", rate)
+	back := waitAll(r2.addr, within)
+	cpu, rss, peak := procUsage(t, r2.cmd.Process.Pid)
+	m := scrape(t, r2.addr, roots)
+	limited := m[refusals("rate_limited")]
+	accepted := m[`spectro_proxy_tunnel_registrations_total{result="accepted"}`]
+	assert.Equal(t, float64(agents), accepted)
+	// Agents that were told to come back later did not hammer: each was
+	// turned away a few times at most.
+	assert.Less(t, limited, float64(3*agents), "agents honour Retry-After")
+	assert.Less(t, peak, peakMax, "relay memory bounded")
+	assert.Less(t, cpu, cpuMax, "relay CPU bounded")
+	figure(t, "1,000 agents reconnecting at once after a relay restart (SIGTERM, new process)",
+		fmt.Sprintf("all back in %v (first connect %v); %0.f attempts turned away with Retry-After by the %s/s limit", back.Round(100*time.Millisecond),
+			first.Round(100*time.Millisecond), limited, rate), "< 60s")
+	figure(t, "relay process during the 1,000-agent reconnect",
+		fmt.Sprintf("CPU %v, peak RSS %.0f MiB, RSS %.0f MiB with 1,000 tunnels (before restart: %.0f MiB)", cpu.Round(10*time.Millisecond), peak, rss, steadyRSS),
+		fmt.Sprintf("CPU < %v, peak < %.0f MiB", cpuMax, peakMax))
 }
