@@ -122,9 +122,12 @@ func (r *Results) Verdicts() []Verdict {
 		}
 	}
 	for _, p := range r.Idle.Points {
+		if p.Tunnels < 10000 {
+			continue // the target is set at 10,000; smaller counts are in the detail table
+		}
 		kib := p.PerTunnel / 1024
 		out = append(out, Verdict{Label: fmt.Sprintf("relay RSS per idle tunnel at %d tunnels (KiB)", p.Tunnels), Mode: "relay",
-			Target: "≤ 32 KiB", Value: kib, Met: p.Tunnels < 10000 || kib <= 32})
+			Target: "≤ 32 KiB", Value: kib, Met: kib <= 32})
 	}
 	for _, w := range r.WAN {
 		out = append(out, Verdict{Label: fmt.Sprintf("%d HTTP/2 downloads on one connection over the long link, longest pause (s)", r.Options.Parallel),
@@ -145,6 +148,10 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	fmt.Fprintf(&b, "| date | %s |\n| duration | %s |\n", r.Started.UTC().Format("2006-01-02 15:04 MST"), r.Took.Round(time.Second))
 	fmt.Fprintf(&b, "| load average (1, 5, 15 min) at start / end | %s / %s |\n", m.LoadStart, m.LoadEnd)
 	fmt.Fprintf(&b, "| repetitions | %d (figures are medians, ranges in parentheses) |\n\n", r.Options.Reps)
+	if busy(m.LoadStart, m.Cores) || busy(m.LoadEnd, m.Cores) {
+		fmt.Fprintf(&b, "**The machine was busy with other work during this run** (1-minute load above %d on %d cores): "+
+			"direct and proxied figures were disturbed unevenly, so read ratios whose direct range is wide with care.\n\n", m.Cores, m.Cores)
+	}
 
 	fmt.Fprintf(&b, "## Targets\n\n| figure | mode | target | measured | met |\n|---|---|---|---|---|\n")
 	for _, v := range r.Verdicts() {
@@ -271,3 +278,13 @@ const notes = `
   headroom on top of the live heap. Returning from the handler after registration (cleanup on
   close instead of a parked goroutine) is the next step down.
 `
+
+// busy reports whether a "1 5 15" load string shows a 1-minute load above
+// the core count: other processes then competed with the benchmark.
+func busy(load string, cores int) bool {
+	var l1 float64
+	if _, err := fmt.Sscan(load, &l1); err != nil {
+		return false
+	}
+	return l1 > float64(cores)
+}
