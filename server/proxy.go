@@ -46,18 +46,21 @@ func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, can
 // errTooManyStreams says every replica's tunnel carries MaxStreamsPerTunnel.
 var errTooManyStreams = errors.New("too many concurrent streams on the tunnel")
 
-// countedStream is a stream holding one of its session's slots until Close.
-type countedStream struct {
-	*tunnel.Stream
+// slot is one of a session's stream slots, given back once.
+type slot struct {
 	once sync.Once
 	sess *session
 }
 
-func (c *countedStream) Close() error {
-	err := c.Stream.Close()
-	c.once.Do(c.sess.release)
-	return err
+func (s *slot) free() { s.once.Do(s.sess.release) }
+
+// countedStream is a stream holding a slot until Close.
+type countedStream struct {
+	*tunnel.Stream
+	slot *slot
 }
+
+func (c *countedStream) Close() error { defer c.slot.free(); return c.Stream.Close() }
 
 // openStream opens a stream of kind on the first candidate session that
 // takes it, failing over to the next replica.
@@ -73,7 +76,7 @@ func (s *Server) openStream(ctx context.Context, label, kind string, cands []*se
 		}
 		st, err := tunnel.OpenStream(ctx, sess.cc, label, kind, s.cfg.StreamTimeout)
 		if err == nil {
-			return &countedStream{Stream: st, sess: sess}, nil
+			return &countedStream{Stream: st, slot: &slot{sess: sess}}, nil
 		}
 		sess.release()
 		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
@@ -187,7 +190,7 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := sess.cc.RoundTrip(req)
 		if err == nil {
 			// The stream is open until ReverseProxy closes the body.
-			resp.Body = &releaseBody{ReadCloser: resp.Body, sess: sess}
+			resp.Body = &releaseBody{ReadCloser: resp.Body, slot: &slot{sess: sess}}
 			return resp, nil
 		}
 		sess.release()
@@ -253,15 +256,10 @@ func (u *upgradedStream) Close() error      { return u.st.Close() }
 // releaseBody gives the stream's slot back when the body is closed.
 type releaseBody struct {
 	io.ReadCloser
-	once sync.Once
-	sess *session
+	slot *slot
 }
 
-func (b *releaseBody) Close() error {
-	err := b.ReadCloser.Close()
-	b.once.Do(b.sess.release)
-	return err
-}
+func (b *releaseBody) Close() error { defer b.slot.free(); return b.ReadCloser.Close() }
 
 type closeBoth struct {
 	io.ReadCloser
