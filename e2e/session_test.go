@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"regexp"
 	"strconv"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+	"github.com/spectroproxy/spectro-proxy/server"
 )
 
 // metric scrapes the relay's /metrics on its own domain and returns the
@@ -203,4 +205,28 @@ func TestHostNameOwnership(t *testing.T) {
 		resp.Body.Close()
 		assert.Equal(t, http.StatusMisdirectedRequest, resp.StatusCode)
 	})
+}
+
+// TestRelayShutdownDelay: after SIGTERM the relay first reports not ready
+// while still accepting (the load balancer's cue), then stops accepting.
+func TestRelayShutdownDelay(t *testing.T) {
+	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) { c.ShutdownDelay = 2 * time.Second })
+	health := httptest.NewServer(r.srv.HealthHandler())
+	defer health.Close()
+	waitHTTP(t, health.URL+"/readyz", 200)
+
+	start := time.Now()
+	r.cancel()
+	waitHTTP(t, health.URL+"/readyz", 503)
+	c, err := dialTLS(r, domain, r.caPool(t))
+	require.NoError(t, err, "still accepting during the shutdown delay")
+	c.Close()
+	require.Eventually(t, func() bool {
+		c, err := net.DialTimeout("tcp", r.addr, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	}, 10*time.Second, 20*time.Millisecond, "listener closes after the delay")
+	assert.GreaterOrEqual(t, time.Since(start), 2*time.Second)
 }

@@ -59,6 +59,12 @@ type Config struct {
 	MaxStreamsPerTunnel uint32
 	// DrainTimeout bounds how long shutdown waits for connections in flight.
 	DrainTimeout time.Duration
+	// ShutdownDelay keeps the listener accepting for this long after the
+	// serve context ends, with /readyz failing, so a load balancer stops
+	// sending new connections before the relay stops taking them (in
+	// Kubernetes, endpoint removal races SIGTERM). New tunnels are already
+	// told to go elsewhere during the delay.
+	ShutdownDelay time.Duration
 	// RegistrationsPerSecond limits new tunnels accepted per second (with an
 	// equal burst), so a fleet reconnecting at once after a restart is
 	// spread out with Retry-After instead of overloading the relay.

@@ -129,7 +129,15 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer close(httpsDone)
 		_ = s.https.Serve(s.httpLn)
 	}()
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	stop := context.AfterFunc(ctx, func() {
+		s.draining.Store(true)
+		if s.cfg.ShutdownDelay <= 0 {
+			ln.Close()
+			return
+		}
+		s.log.Info("relay not ready; accepting until the shutdown delay is over", "delay", s.cfg.ShutdownDelay.String())
+		time.AfterFunc(s.cfg.ShutdownDelay, func() { ln.Close() })
+	})
 	defer stop()
 	// Connections get a context of their own: ctx ending stops the
 	// accepting, but the streams in flight must outlive it to be drained.

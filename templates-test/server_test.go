@@ -56,6 +56,7 @@ func TestRelayTyped(t *testing.T) {
 	assert.Equal(t, []string{
 		"--listen=:8443",
 		"--health-addr=:8081",
+		"--shutdown-delay=5s",
 		"--domain=proxy.example.com",
 		"--tls-cert-file=/etc/spectro-proxy/tls/tls.crt",
 		"--tls-key-file=/etc/spectro-proxy/tls/tls.key",

@@ -65,6 +65,7 @@ func serve(args []string) error {
 	fs.DurationVar(&cfg.StreamTimeout, "stream-timeout", 10*time.Second, "How long an agent may take to answer a new stream.")
 	maxStreams := fs.Uint("max-streams-per-tunnel", 1000, "The most concurrent streams one agent is asked to carry.")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long connections in flight may take to finish.")
+	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "On SIGTERM, keep accepting for this long with /readyz failing, so load balancers stop sending connections first; then drain.")
 	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", 200, "New tunnels accepted per second; the rest are told to retry later.")
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
