@@ -15,6 +15,15 @@ func Name(prefix, flagName string) string {
 	return prefix + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
+// Parse parses args into fs, then fills the flags not given from the
+// environment (see Apply).
+func Parse(fs *flag.FlagSet, args []string, prefix string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	return Apply(fs, prefix)
+}
+
 // Apply sets each flag of fs not given on the command line from its
 // variable, if present. Call it after fs.Parse.
 func Apply(fs *flag.FlagSet, prefix string) error {

@@ -61,10 +61,7 @@ func agent(args []string) error {
 	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", 5*time.Second, "Reconnect when the relay does not answer a ping within this long.")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long streams in flight may take to finish.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := flagenv.Apply(fs, envPrefix); err != nil {
+	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
 	cfg.Mode = tunnel.Mode(*mode)
@@ -96,10 +93,7 @@ func printKubeconfig(args []string) error {
 	caFile := fs.String("ca-file", "", "The CA kubectl trusts: the relay CA in terminate mode, the cluster CA in passthrough mode (default: in-cluster CA for passthrough).")
 	relayCAFile := fs.String("relay-ca-file", "", "Alias of --ca-file in terminate mode.")
 	tokenFile := fs.String("user-token-file", "", "A file holding the bearer token for the kubeconfig's user (terminate mode: the chart's service account token).")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := flagenv.Apply(fs, envPrefix); err != nil {
+	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
 	o.Mode = tunnel.Mode(*mode)

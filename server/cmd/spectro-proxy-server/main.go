@@ -69,10 +69,7 @@ func serve(args []string) error {
 	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", 200, "New tunnels accepted per second; the rest are told to retry later.")
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := flagenv.Apply(fs, envPrefix); err != nil {
+	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
 	cfg.MaxStreamsPerTunnel = uint32(*maxStreams)
@@ -106,10 +103,7 @@ func tokenIssue(args []string) error {
 	ttl := fs.Duration("ttl", 0, "How long the token is valid; 0 means until revoked.")
 	keyFile := fs.String("signing-key-file", "", "The relay's signing key.")
 	stateDir := fs.String("state-dir", "", "The relay's state dir; its signing.key is used when --signing-key-file is empty.")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := flagenv.Apply(fs, envPrefix); err != nil {
+	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
 	if *keyFile == "" && *stateDir != "" {
@@ -140,10 +134,7 @@ func tokenRevoke(args []string) error {
 	id := fs.String("id", "", "The id of the token to revoke (printed by token issue).")
 	file := fs.String("revocation-file", "", "The relay's revocation file.")
 	comment := fs.String("comment", "", "Why, for the record.")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if err := flagenv.Apply(fs, envPrefix); err != nil {
+	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
 	if *file == "" {
