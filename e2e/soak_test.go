@@ -100,8 +100,14 @@ func TestSoak(t *testing.T) {
 		limit    = 90 * time.Second
 
 		slackGoroutines, slackFDs = 6, 4
-		slackHeapMiB, slackRSSMiB = 16, 128
+		slackHeapMiB              = 16
 	)
+	// RSS: the runtime keeps freed spans for a while, and under -race
+	// shadow memory grows with whatever ever ran at once.
+	slackRSSMiB := 32.0
+	if raceEnabled {
+		slackRSSMiB = 128
+	}
 	hostP, hostT := "cluster-soakp."+domain, "cluster-soakt."+domain
 	be := newBackend(t, hostP, hostT)
 	r := startRelay(t, "127.0.0.1:0", "", nil)
@@ -244,5 +250,5 @@ func TestSoak(t *testing.T) {
 	figure(t, "soak: goroutines / fds / heap / RSS, baseline -> after",
 		fmt.Sprintf("%d -> %d / %d -> %d / heap %.1f -> %.1f MiB / RSS %.0f -> %.0f MiB", base.goroutines, after.goroutines,
 			base.fds, after.fds, base.heapMiB, after.heapMiB, base.rssMiB, after.rssMiB),
-		fmt.Sprintf("+%d / +%d / +%d MiB / +%d MiB", slackGoroutines, slackFDs, slackHeapMiB, slackRSSMiB))
+		fmt.Sprintf("+%d / +%d / +%d MiB / +%.0f MiB", slackGoroutines, slackFDs, slackHeapMiB, slackRSSMiB))
 }
