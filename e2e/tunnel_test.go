@@ -70,6 +70,24 @@ func newBackend(t *testing.T, sans ...string) *backend {
 	})
 	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) { w.Write(b.big) })
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) })
+	// /early answers when all but the last 64 KiB of the request body
+	// have arrived, then reads the rest and reports the body's hash: a
+	// proxy must keep both directions open meanwhile. (Go's HTTP/1 server
+	// discards what is left of a request body, if under 256 KiB, once a
+	// response starts, unless full duplex is enabled.)
+	mux.HandleFunc("/early", func(w http.ResponseWriter, r *http.Request) {
+		_ = http.NewResponseController(w).EnableFullDuplex() // the backend itself, over HTTP/1
+		h := sha256.New()
+		first, err := io.CopyN(h, r.Body, r.ContentLength-64<<10)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintln(w, "accepted")
+		w.(http.Flusher).Flush()
+		rest, err := io.Copy(h, r.Body)
+		fmt.Fprintf(w, "%d %x %v\n", first+rest, h.Sum(nil), err)
+	})
 	mux.HandleFunc("/watch", func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
 		w.(http.Flusher).Flush()
@@ -113,6 +131,22 @@ func newBackend(t *testing.T, sans ...string) *backend {
 	b.roots, err = pki.Pool(ca.CertPEM)
 	require.NoError(t, err)
 	return b
+}
+
+// gatedReader reads nothing until its gate is closed, then EOF; it gives
+// up with ctx (net/http waits for the body's reader before it returns).
+type gatedReader struct {
+	ctx  context.Context
+	gate <-chan struct{}
+}
+
+func (g gatedReader) Read([]byte) (int, error) {
+	select {
+	case <-g.gate:
+		return 0, io.EOF
+	case <-g.ctx.Done():
+		return 0, g.ctx.Err()
+	}
 }
 
 // httpClient reaches host through the relay, trusting roots.
@@ -172,6 +206,25 @@ func TestTunnelModes(t *testing.T) {
 					resp.Body.Close()
 					require.NoError(t, err)
 					assert.Equal(t, sha256.Sum256(be.big[:4<<20]), sha256.Sum256(got), "4 MiB upload echoed intact")
+
+					// The client holds back the last 64 KiB until the answer
+					// has begun: the relay must still carry them.
+					upload := be.big[:4<<20]
+					gate := make(chan struct{})
+					ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+					defer cancel()
+					slow := io.MultiReader(bytes.NewReader(upload[:len(upload)-64<<10]),
+						gatedReader{ctx, gate}, bytes.NewReader(upload[len(upload)-64<<10:]))
+					req, _ = http.NewRequestWithContext(ctx, "POST", "https://"+host+"/early", slow)
+					req.ContentLength = int64(len(upload))
+					resp, err = hc.Do(req)
+					close(gate)
+					require.NoError(t, err)
+					got, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					require.NoError(t, err)
+					assert.Equal(t, fmt.Sprintf("accepted\n%d %x <nil>\n", len(upload), sha256.Sum256(upload)), string(got),
+						"an upload the backend answers early arrives whole")
 
 					// Each watch event must arrive before the next is sent:
 					// nothing may sit in a buffer.

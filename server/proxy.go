@@ -100,6 +100,13 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 	} else {
 		s.m.streams.WithLabelValues("http").Inc()
 		defer s.m.streams.WithLabelValues("http").Dec()
+		if r.ProtoMajor == 1 {
+			// The response streams back while the request body may still
+			// be arriving (an upstream that answers early, or echoes).
+			// net/http's HTTP/1 server would otherwise cut the request
+			// body once the response starts, truncating both.
+			_ = http.NewResponseController(w).EnableFullDuplex()
+		}
 	}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
