@@ -88,17 +88,23 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	s.log.Info("agent connected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
 		"hostnames", s.hostnames(sess), "replaced_stale_session", result == "replaced")
 
-	<-sess.done
-	s.reg.remove(sess)
-	s.m.tunnels.Dec()
-	cc.Close()
-	readErr := conn.err()
-	if errors.Is(readErr, websocket.ErrReadLimit) {
-		s.refuse(reasonMessageTooLarge, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
-			"limit_bytes", tunnel.MaxMessageSize)
-	}
-	s.log.Info("agent disconnected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
-		"connected_for", time.Since(sess.since).Round(time.Millisecond).String(), "read_error", readErr)
+	// The handler returns now and cleanup waits in a goroutine of its own:
+	// the handler's goroutine (its stack grown by the TLS handshake), the
+	// request and net/http's connection state would otherwise live as long
+	// as the tunnel, which is most of what an idle tunnel costs.
+	go func() {
+		<-sess.done
+		s.reg.remove(sess)
+		s.m.tunnels.Dec()
+		cc.Close()
+		readErr := conn.err()
+		if errors.Is(readErr, websocket.ErrReadLimit) {
+			s.refuse(reasonMessageTooLarge, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
+				"limit_bytes", tunnel.MaxMessageSize)
+		}
+		s.log.Info("agent disconnected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
+			"connected_for", time.Since(sess.since).Round(time.Millisecond).String(), "read_error", readErr)
+	}()
 }
 
 // authorize checks a registration: token (signature, expiry, revocation),
