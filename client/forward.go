@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -13,6 +12,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -116,19 +116,10 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 		FlushInterval: 0,
 		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) {
 			cfg.Logger.Warn("forwarding request", "host", r.label, "target", r.target.String(), "error", err)
-			writeStatus(w, http.StatusBadGateway, "BadGateway",
+			kubestatus.Write(w, http.StatusBadGateway, "BadGateway",
 				fmt.Sprintf("spectro-proxy agent could not reach %s: %v", r.target.Host, err))
 		},
 	}
-}
-
-func writeStatus(w http.ResponseWriter, code int, reason, msg string) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]any{
-		"kind": "Status", "apiVersion": "v1", "metadata": map[string]any{},
-		"status": "Failure", "reason": reason, "code": code, "message": msg,
-	})
 }
 
 // serveStream handles one stream the relay opened.
@@ -155,7 +146,7 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 	}
 	rt, ok := c.routes[r.Header.Get(tunnel.HeaderRoute)]
 	if !ok {
-		writeStatus(w, http.StatusNotFound, "NotFound", "spectro-proxy agent has no route "+r.Header.Get(tunnel.HeaderRoute))
+		kubestatus.Write(w, http.StatusNotFound, "NotFound", "spectro-proxy agent has no route "+r.Header.Get(tunnel.HeaderRoute))
 		return
 	}
 	rt.proxy.ServeHTTP(w, r)

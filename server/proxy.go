@@ -3,7 +3,6 @@ package server
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +12,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -159,13 +159,7 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	} else {
 		s.refuse(reasonStreamFailed, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(code)
-	_ = json.NewEncoder(w).Encode(map[string]any{
-		"kind": "Status", "apiVersion": "v1", "metadata": map[string]any{},
-		"status": "Failure", "reason": reason, "code": code,
-		"message": "spectro-proxy: " + err.Error(),
-	})
+	kubestatus.Write(w, code, reason, "spectro-proxy: "+err.Error())
 }
 
 type noAgentError struct{ label string }
