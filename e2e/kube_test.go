@@ -141,25 +141,9 @@ func setupProxied(t *testing.T, c *testcluster.Cluster, mode tunnel.Mode) *proxi
 	a.waitReady(t)
 
 	opts := kubeconfig.Options{Mode: mode, Server: domain, Port: 443, Subdomain: "cluster-" + kubeUID, Connect: r.addr}
-	var out []byte
-	var err error
-	if mode == tunnel.Passthrough {
-		// The admin kubeconfig, rewritten: cluster CA and client
-		// certificate are kept end to end.
-		src, rerr := os.ReadFile(c.AdminKubeconfig)
-		require.NoError(t, rerr)
-		out, err = kubeconfig.Rewrite(src, opts)
-	} else {
-		// A service account's bearer token and the relay's CA, as the
-		// chart sets up for imported clusters.
-		require.NoError(t, c.BindClusterRole(ctx, "spectro-proxy", "kubeconfig-user", "cluster-admin"))
-		tokStr, terr := c.ServiceAccountToken(ctx, "spectro-proxy", "kubeconfig-user", time.Hour)
-		require.NoError(t, terr)
-		ca, rerr := os.ReadFile(r.caFile())
-		require.NoError(t, rerr)
-		opts.CAPEM, opts.BearerToken = ca, tokStr
-		out, err = kubeconfig.New(opts)
-	}
+	relayCA, err := os.ReadFile(r.caFile())
+	require.NoError(t, err)
+	out, err := c.ProxiedKubeconfig(ctx, opts, relayCA, time.Hour)
 	require.NoError(t, err)
 	kc := filepath.Join(t.TempDir(), "kubeconfig")
 	require.NoError(t, os.WriteFile(kc, out, 0o600))
@@ -186,7 +170,7 @@ func TestKubectlThroughProxy(t *testing.T) {
 				if mode == tunnel.Passthrough {
 					assert.Equal(t, "admin", out, "client certificate reached the API server")
 				} else {
-					assert.Equal(t, "system:serviceaccount:spectro-proxy:kubeconfig-user", out)
+					assert.Equal(t, "system:serviceaccount:"+testcluster.ProxyUserNamespace+":"+testcluster.ProxyUser, out)
 				}
 			})
 

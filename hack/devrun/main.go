@@ -81,6 +81,10 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	relayCA, err := os.ReadFile(filepath.Join(stateDir, "ca.crt"))
+	if err != nil {
+		return err
+	}
 	_, port, _ := net.SplitHostPort(*listen)
 	agentDone := make(chan struct{}, 2)
 	kubeconfigs := map[tunnel.Mode]string{}
@@ -107,32 +111,9 @@ func run() error {
 
 		opts := kubeconfig.Options{Mode: mode, Server: *domain, Subdomain: "cluster-" + id, Connect: *listen, Name: "spectro-proxy-" + string(mode)}
 		fmt.Sscan(port, &opts.Port)
-		var out []byte
-		if mode == tunnel.Passthrough {
-			src, err := os.ReadFile(cluster.AdminKubeconfig)
-			if err != nil {
-				return err
-			}
-			out, err = kubeconfig.Rewrite(src, opts)
-			if err != nil {
-				return err
-			}
-		} else {
-			if err := cluster.BindClusterRole(ctx, "spectro-proxy", "kubeconfig-user", "cluster-admin"); err != nil {
-				return err
-			}
-			saTok, err := cluster.ServiceAccountToken(ctx, "spectro-proxy", "kubeconfig-user", 24*time.Hour)
-			if err != nil {
-				return err
-			}
-			opts.CAPEM, err = os.ReadFile(filepath.Join(stateDir, "ca.crt"))
-			if err != nil {
-				return err
-			}
-			opts.BearerToken = saTok
-			if out, err = kubeconfig.New(opts); err != nil {
-				return err
-			}
+		out, err := cluster.ProxiedKubeconfig(ctx, opts, relayCA, 24*time.Hour)
+		if err != nil {
+			return fmt.Errorf("writing the %s kubeconfig: %w", mode, err)
 		}
 		path := filepath.Join(abs, "kubeconfig-"+string(mode))
 		if err := os.WriteFile(path, out, 0o600); err != nil {
