@@ -136,10 +136,8 @@ func (c *Config) Validate() error {
 	if c.Domain == "" {
 		return errors.New("domain is required (the relay's own host name, e.g. proxy.example.com)")
 	}
-	for _, l := range strings.Split(c.Domain, ".") {
-		if err := tunnel.ValidateLabel(l); err != nil {
-			return fmt.Errorf("domain %q: %w", c.Domain, err)
-		}
+	if err := tunnel.ValidateDomain(c.Domain); err != nil {
+		return err
 	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
 		return errors.New("tls-cert-file and tls-key-file go together")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 
 	"k8s.io/client-go/tools/clientcmd"
 	api "k8s.io/client-go/tools/clientcmd/api"
@@ -44,6 +45,8 @@ func (o Options) validate() error {
 	}
 	if o.Server == "" {
 		errs = append(errs, errors.New("server (the relay's domain) is required"))
+	} else if err := tunnel.ValidateDomain(o.Server); err != nil {
+		errs = append(errs, fmt.Errorf("server: %w", err))
 	}
 	if err := tunnel.ValidateLabel(o.Subdomain); err != nil {
 		errs = append(errs, fmt.Errorf("subdomain: %w", err))
@@ -52,11 +55,30 @@ func (o Options) validate() error {
 		errs = append(errs, fmt.Errorf("port %d is out of range 1-65535", o.Port))
 	}
 	if o.Connect != "" {
-		if _, _, err := net.SplitHostPort(o.Connect); err != nil {
-			errs = append(errs, fmt.Errorf("connect %q: want host:port: %w", o.Connect, err))
+		if err := validateHostPort(o.Connect); err != nil {
+			errs = append(errs, fmt.Errorf("connect %q: %w", o.Connect, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validateHostPort accepts what kubectl can dial: an IP address or a DNS
+// name, and a port 1-65535.
+func validateHostPort(hp string) error {
+	host, port, err := net.SplitHostPort(hp)
+	if err != nil {
+		return fmt.Errorf("want host:port: %w", err)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("port %q must be a number 1-65535", port)
+	}
+	if net.ParseIP(host) != nil {
+		return nil
+	}
+	if err := tunnel.ValidateDomain(strings.ToLower(host)); err != nil {
+		return fmt.Errorf("host is neither an IP address nor a DNS name: %w", err)
+	}
+	return nil
 }
 
 func (o Options) apply(cl *api.Cluster) {

@@ -102,3 +102,17 @@ func ValidateLabel(s string) error {
 	}
 	return nil
 }
+
+// ValidateDomain checks that s is a lower-case DNS name: dot-separated
+// labels, no trailing dot, at most 253 characters.
+func ValidateDomain(s string) error {
+	if s == "" || len(s) > 253 {
+		return fmt.Errorf("domain %q: must be 1 to 253 characters", s)
+	}
+	for _, l := range strings.Split(s, ".") {
+		if err := ValidateLabel(l); err != nil {
+			return fmt.Errorf("domain %q: %w", s, err)
+		}
+	}
+	return nil
+}
