@@ -23,7 +23,6 @@ type session struct {
 	since      time.Time
 	cc         *http2.ClientConn
 	conn       net.Conn
-	done       <-chan struct{}
 	// streams counts streams open on the tunnel, capped at maxStreams
 	// (MaxStreamsPerTunnel) so that one busy or abused host name cannot
 	// make its agent carry without limit.

@@ -67,7 +67,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	}
 	sess := &session{
 		agentID: agentID, clusterUID: claims.ClusterUID, tokenID: claims.ID,
-		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn, done: conn.Done(),
+		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn,
 		maxStreams: int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
 	}
 	result := "accepted"
@@ -88,12 +88,12 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	s.log.Info("agent connected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
 		"hostnames", s.hostnames(sess), "replaced_stale_session", result == "replaced")
 
-	// The handler returns now and cleanup waits in a goroutine of its own:
-	// the handler's goroutine (its stack grown by the TLS handshake), the
-	// request and net/http's connection state would otherwise live as long
-	// as the tunnel, which is most of what an idle tunnel costs.
-	go func() {
-		<-sess.done
+	// The handler returns now and cleanup runs when the tunnel closes
+	// (x/net's read loop closes it when reading fails): the handler's
+	// goroutine (its stack grown by the TLS handshake), the request and
+	// net/http's connection state would otherwise live as long as the
+	// tunnel, which is most of what an idle tunnel costs.
+	conn.AfterClose(func() {
 		s.reg.remove(sess)
 		s.m.tunnels.Dec()
 		cc.Close()
@@ -104,7 +104,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		}
 		s.log.Info("agent disconnected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
 			"connected_for", time.Since(sess.since).Round(time.Millisecond).String(), "read_error", readErr)
-	}()
+	})
 }
 
 // authorize checks a registration: token (signature, expiry, revocation),

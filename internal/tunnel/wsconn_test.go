@@ -25,7 +25,8 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 func wsPair(t *testing.T) (client, server *Conn) {
 	t.Helper()
 	srvCh := make(chan *Conn, 1)
-	up := websocket.Upgrader{}
+	up := NewUpgrader() // the relay's buffer sizes: a 512-byte reader under 3 MiB writes
+
 	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ws, err := up.Upgrade(w, r, nil)
 		if err != nil {
@@ -112,4 +113,19 @@ func TestCloseIsIdempotent(t *testing.T) {
 	default:
 		t.Fatal("Done not closed")
 	}
+}
+
+func TestAfterClose(t *testing.T) {
+	c, _ := wsPair(t)
+	ran := make(chan string, 2)
+	c.AfterClose(func() { ran <- "before" })
+	select {
+	case <-ran:
+		t.Fatal("ran before Close")
+	default:
+	}
+	c.Close()
+	require.Equal(t, "before", <-ran)
+	c.AfterClose(func() { ran <- "after" })
+	require.Equal(t, "after", <-ran, "registered on a closed Conn, it runs at once")
 }
