@@ -33,6 +33,11 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if len(c.pending) > 0 {
 		n := copy(p, c.pending)
 		c.pending = c.pending[n:]
+		if len(c.pending) == 0 {
+			// An empty tail still pins the ClientHello's array for as
+			// long as the connection lives (a tunnel: days).
+			c.pending = nil
+		}
 		return n, nil
 	}
 	return c.Conn.Read(p)

@@ -88,6 +88,7 @@ func TestPeekReplaysBytes(t *testing.T) {
 	all, err := io.ReadAll(pc)
 	require.NoError(t, err)
 	assert.Equal(t, append(hello, "tail"...), all)
+	assert.Nil(t, pc.pending, "replayed bytes must not stay pinned for the connection's life")
 }
 
 func TestPeekTimesOut(t *testing.T) {
