@@ -352,39 +352,48 @@ func TestFaultReplicaKilled(t *testing.T) {
 }
 
 func TestFaultBlackholedTunnel(t *testing.T) {
-	const uid = "bh"
-	host := "cluster-" + uid + "." + domain
-	be := newBackend(t, host)
-	// Default liveness on both sides: this is the promise users get.
-	r := startRelay(t, "127.0.0.1:0", "", nil)
-	tok, _ := r.issue(t, uid, "", time.Hour)
-	px := newFaultProxy(t, r.addr)
-	a := startAgent(t, r, client.Config{ClusterUID: uid, TokenFile: tok, Mode: tunnel.Terminate,
-		APIServer: be.srv.URL, APIServerCAFile: be.caFile, RelayAddress: px.addr()})
-	a.waitReady(t)
-	get := getter(r, host, "/small", r.caPool(t))
-	require.NoError(t, get())
-	connects := a.c.Connects()
+	// A used tunnel runs HTTP/2, whose pings watch it; a tunnel nobody has
+	// used yet is watched by WebSocket pings until HTTP/2 starts.
+	for _, used := range []bool{true, false} {
+		name := map[bool]string{true: "used", false: "never used"}[used]
+		t.Run(name, func(t *testing.T) {
+			uid := map[bool]string{true: "bh", false: "bh-idle"}[used]
+			host := "cluster-" + uid + "." + domain
+			be := newBackend(t, host)
+			// Default liveness on both sides: this is the promise users get.
+			r := startRelay(t, "127.0.0.1:0", "", nil)
+			tok, _ := r.issue(t, uid, "", time.Hour)
+			px := newFaultProxy(t, r.addr)
+			a := startAgent(t, r, client.Config{ClusterUID: uid, TokenFile: tok, Mode: tunnel.Terminate,
+				APIServer: be.srv.URL, APIServerCAFile: be.caFile, RelayAddress: px.addr()})
+			a.waitReady(t)
+			get := getter(r, host, "/small", r.caPool(t))
+			if used {
+				require.NoError(t, get())
+			}
+			connects := a.c.Connects()
 
-	start := time.Now()
-	px.blackhole()
-	// New connections through the proxy still pass: only the path of the
-	// old tunnel is dead.
-	var replaced time.Duration
-	deadline := start.Add(15 * time.Second)
-	for {
-		if a.c.Connects() > connects && get() == nil {
-			replaced = time.Since(start)
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "blackholed tunnel not replaced within 15s")
-		time.Sleep(50 * time.Millisecond) // pacing between probes
+			start := time.Now()
+			px.blackhole()
+			// New connections through the proxy still pass: only the path of
+			// the old tunnel is dead.
+			var replaced time.Duration
+			deadline := start.Add(15 * time.Second)
+			for {
+				if a.c.Connects() > connects && get() == nil {
+					replaced = time.Since(start)
+					break
+				}
+				require.True(t, time.Now().Before(deadline), "blackholed tunnel not replaced within 15s")
+				time.Sleep(50 * time.Millisecond) // pacing between probes
+			}
+			require.Eventually(t, func() bool { return r.srv.Tunnels() == 1 }, 5*time.Second, 10*time.Millisecond,
+				"the stale session is gone from the relay")
+			live := tunnel.DefaultLiveness
+			figure(t, "blackholed tunnel ("+name+") detected and replaced, request served", replaced.Round(time.Millisecond).String(),
+				fmt.Sprintf("< 15s (liveness %v idle + %v ping)", live.ReadIdle, live.Ping))
+		})
 	}
-	require.Eventually(t, func() bool { return r.srv.Tunnels() == 1 }, 5*time.Second, 10*time.Millisecond,
-		"the stale session is gone from the relay")
-	live := tunnel.DefaultLiveness
-	figure(t, "blackholed tunnel detected and replaced, request served", replaced.Round(time.Millisecond).String(),
-		fmt.Sprintf("< 15s (liveness %v idle + %v ping)", live.ReadIdle, live.Ping))
 }
 
 // slowUpload posts size bytes to /echo in chunks spread over d and checks

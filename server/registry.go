@@ -8,8 +8,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/http2"
-
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -21,7 +19,7 @@ type session struct {
 	routes     map[string]tunnel.Mode
 	remote     string
 	since      time.Time
-	cc         *http2.ClientConn
+	cc         *tunnel.LazyClientConn
 	conn       net.Conn
 	// streams counts streams open on the tunnel, capped at maxStreams
 	// (MaxStreamsPerTunnel) so that one busy or abused host name cannot

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -58,13 +57,8 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.refuse(reasonBadRegistration, "remote", remote, "error", err.Error())
 		return
 	}
-	conn := &recordingConn{Conn: tunnel.NewConn(ws)}
-	cc, err := tunnel.NewClientConn(conn, s.cfg.Liveness)
-	if err != nil {
-		conn.Close()
-		s.log.Warn("starting tunnel", "remote", remote, "error", err)
-		return
-	}
+	conn := tunnel.NewConn(ws)
+	cc := tunnel.StartLazyClientConn(conn, s.cfg.Liveness)
 	sess := &session{
 		agentID: agentID, clusterUID: claims.ClusterUID, tokenID: claims.ID,
 		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn,
@@ -89,7 +83,8 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		"hostnames", s.hostnames(sess), "replaced_stale_session", result == "replaced")
 
 	// The handler returns now and cleanup runs when the tunnel closes
-	// (x/net's read loop closes it when reading fails): the handler's
+	// (whoever reads it closes it when reading fails: the goroutine waiting
+	// for the agent, then x/net's read loop): the handler's
 	// goroutine (its stack grown by the TLS handshake), the request and
 	// net/http's connection state would otherwise live as long as the
 	// tunnel, which is most of what an idle tunnel costs.
@@ -97,7 +92,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.reg.remove(sess)
 		s.m.tunnels.Dec()
 		cc.Close()
-		readErr := conn.err()
+		readErr := conn.ReadErr()
 		if errors.Is(readErr, websocket.ErrReadLimit) {
 			s.refuse(reasonMessageTooLarge, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
 				"limit_bytes", tunnel.MaxMessageSize)
@@ -151,32 +146,6 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (token.Claims
 		return fail(http.StatusBadRequest, reasonBadRegistration, "agent id header missing or too long")
 	}
 	return claims, routes, agentID, true
-}
-
-// recordingConn keeps the first read error of a tunnel, so that its end
-// can be explained (an oversized WebSocket message, a reset, a timeout).
-type recordingConn struct {
-	*tunnel.Conn
-	mu      sync.Mutex
-	readErr error
-}
-
-func (c *recordingConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if err != nil {
-		c.mu.Lock()
-		if c.readErr == nil {
-			c.readErr = err
-		}
-		c.mu.Unlock()
-	}
-	return n, err
-}
-
-func (c *recordingConn) err() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.readErr
 }
 
 func (s *Server) refuseTunnel(w http.ResponseWriter, code int, reason, msg, remote string) {

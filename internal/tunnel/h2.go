@@ -43,8 +43,13 @@ var DefaultLiveness = Liveness{ReadIdle: 5 * time.Second, Ping: 5 * time.Second}
 // sends GOAWAY on every connection it serves, so the relay stops opening new
 // streams there while the running ones finish.
 type Server struct {
-	hs *http.Server
-	h2 *http2.Server
+	hs   *http.Server
+	h2   *http2.Server
+	live Liveness
+
+	mu       sync.Mutex
+	shutdown bool
+	waiting  map[*Conn]struct{} // tunnels the relay has not used yet
 }
 
 // NewServer returns a Server that hands each stream to h.
@@ -62,21 +67,53 @@ func NewServer(h http.Handler, maxStreams uint32, live Liveness) *Server {
 	if err := http2.ConfigureServer(hs, h2); err != nil {
 		panic(fmt.Sprintf("tunnel: configuring http2 server: %v", err)) // only fails on a bad TLSConfig, which we never set
 	}
-	return &Server{hs: hs, h2: h2}
+	return &Server{hs: hs, h2: h2, live: live, waiting: map[*Conn]struct{}{}}
 }
 
 // ServeConn serves HTTP/2 on conn until the connection ends or ctx is done,
-// then closes conn.
+// then closes conn. On a tunnel Conn, HTTP/2 starts when the relay sends
+// its first bytes (the relay starts its side on first use; see
+// LazyClientConn); until then WebSocket pings watch the connection.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
+	defer conn.Close()
+	if wc, ok := conn.(*Conn); ok && !s.await(ctx, wc) {
+		return
+	}
 	s.h2.ServeConn(conn, &http2.ServeConnOpts{Context: ctx, BaseConfig: s.hs, Handler: s.hs.Handler})
-	conn.Close()
 }
 
-// Shutdown sends GOAWAY on every served connection. Streams in flight keep
-// running; ServeConn returns once they are done.
-func (s *Server) Shutdown(ctx context.Context) error { return s.hs.Shutdown(ctx) }
+// await waits for the relay's first bytes on conn, and reports whether
+// HTTP/2 should be served on it: not if the connection ended, nor once
+// Shutdown has begun (the relay then sends new streams to another replica).
+func (s *Server) await(ctx context.Context, conn *Conn) bool {
+	s.mu.Lock()
+	if s.shutdown {
+		s.mu.Unlock()
+		return false
+	}
+	s.waiting[conn] = struct{}{}
+	s.mu.Unlock()
+	err := conn.AwaitData(ctx, s.live)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.waiting, conn)
+	return err == nil && !s.shutdown
+}
+
+// Shutdown sends GOAWAY on every served connection and closes tunnels the
+// relay has not used yet. Streams in flight keep running; ServeConn returns
+// once they are done.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.shutdown = true
+	for c := range s.waiting {
+		c.Close()
+	}
+	s.mu.Unlock()
+	return s.hs.Shutdown(ctx)
+}
 
 // relayConnWindow is the relay's receive window per tunnel (downloads).
 // Connection-level credit only comes back as clients read, so it is kept
@@ -124,6 +161,82 @@ func NewClientConn(conn net.Conn, live Liveness) (*http2.ClientConn, error) {
 		return nil, fmt.Errorf("starting http2 client on tunnel: %w", err)
 	}
 	return cc, nil
+}
+
+// LazyClientConn is the relay's HTTP/2 client on one tunnel, started by
+// the first request that needs it. Until then the tunnel costs a TLS
+// connection, a WebSocket and one goroutine waiting in Conn.AwaitData:
+// x/net's client would allocate 8 KiB of buffers, a framer, HPACK state
+// and its read loop per tunnel up front, and most of a relay's tunnels sit
+// idle most of the time.
+type LazyClientConn struct {
+	conn *Conn
+	live Liveness
+
+	mu     sync.Mutex
+	cc     *http2.ClientConn
+	err    error
+	closed bool
+}
+
+// StartLazyClientConn watches conn and returns its client. If the agent
+// sends first (earlier agent builds served HTTP/2 at once), the client
+// starts then, so that the agent's HTTP/2 pings are answered.
+func StartLazyClientConn(conn *Conn, live Liveness) *LazyClientConn {
+	l := &LazyClientConn{conn: conn, live: live}
+	go func() {
+		if conn.AwaitData(context.Background(), live) == nil {
+			_, _ = l.get()
+		}
+	}()
+	return l
+}
+
+func (l *LazyClientConn) get() (*http2.ClientConn, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cc == nil && l.err == nil {
+		if l.closed {
+			return nil, net.ErrClosed
+		}
+		l.cc, l.err = NewClientConn(l.conn, l.live)
+		if l.err != nil {
+			l.conn.Close()
+		}
+	}
+	return l.cc, l.err
+}
+
+// RoundTrip sends req on the tunnel, starting HTTP/2 if it has not yet.
+func (l *LazyClientConn) RoundTrip(req *http.Request) (*http.Response, error) {
+	cc, err := l.get()
+	if err != nil {
+		return nil, fmt.Errorf("tunnel closed: %w", err)
+	}
+	return cc.RoundTrip(req)
+}
+
+// CanTakeNewRequest reports whether a new request may go to this tunnel.
+func (l *LazyClientConn) CanTakeNewRequest() bool {
+	l.mu.Lock()
+	cc, closed := l.cc, l.closed || l.err != nil
+	l.mu.Unlock()
+	if cc == nil {
+		return !closed && l.conn.closed.Err() == nil
+	}
+	return cc.CanTakeNewRequest()
+}
+
+// Close closes the client and the tunnel.
+func (l *LazyClientConn) Close() error {
+	l.mu.Lock()
+	cc := l.cc
+	l.closed = true
+	l.mu.Unlock()
+	if cc != nil {
+		cc.Close()
+	}
+	return l.conn.Close()
 }
 
 // ErrRefused is returned by OpenStream when the agent answered but refused
@@ -200,7 +313,7 @@ func (b *reqBody) finish(err error) {
 // OpenStream opens a CONNECT stream for label carrying kind and waits up to
 // headerTimeout for the agent's answer. The stream lives until Close, or
 // until ctx is done.
-func OpenStream(ctx context.Context, cc *http2.ClientConn, label, kind string, headerTimeout time.Duration) (*Stream, error) {
+func OpenStream(ctx context.Context, cc http.RoundTripper, label, kind string, headerTimeout time.Duration) (*Stream, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	pr, pw := io.Pipe()
 	rb := &reqBody{pr: pr, srcCh: make(chan io.Reader, 1), done: make(chan struct{})}

@@ -7,9 +7,11 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -55,16 +57,23 @@ func NewUpgrader() websocket.Upgrader {
 // HTTP/2 framer writes from several goroutines). It deviates from net.Conn
 // in one way that callers must know: as with gorilla itself, once a read or
 // write deadline is hit the connection is broken and must be closed; it
-// cannot be resumed by moving the deadline. HTTP/2 pings, not deadlines,
-// keep a live tunnel honest.
+// cannot be resumed by moving the deadline. Pings, not deadlines, keep a
+// live tunnel honest: HTTP/2's, and WebSocket's before HTTP/2 has started
+// (AwaitData).
 //
 // Close sends a normal-closure frame (bounded by a short deadline) and then
 // closes the socket; a normal close from the peer reads as io.EOF.
 type Conn struct {
 	ws *websocket.Conn
 
-	readMu sync.Mutex
-	r      io.Reader
+	readMu  sync.Mutex
+	r       io.Reader
+	reading bool // Read has run: HTTP/2 owns the read side
+
+	errMu   sync.Mutex
+	readErr error // the first, to explain the tunnel's end in a log line
+
+	pongs atomic.Uint64 // WebSocket pongs received (AwaitData's liveness)
 
 	writeMu sync.Mutex
 
@@ -82,7 +91,9 @@ var _ net.Conn = (*Conn)(nil)
 func NewConn(ws *websocket.Conn) *Conn {
 	ws.SetReadLimit(MaxMessageSize)
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Conn{ws: ws, closed: ctx, cancel: cancel}
+	c := &Conn{ws: ws, closed: ctx, cancel: cancel}
+	ws.SetPongHandler(func(string) error { c.pongs.Add(1); return nil })
+	return c
 }
 
 // Done is closed once Close has been called, by either side's code.
@@ -97,19 +108,12 @@ func (c *Conn) AfterClose(f func()) { context.AfterFunc(c.closed, f) }
 func (c *Conn) Read(p []byte) (int, error) {
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
+	c.reading = true
 	for {
 		if c.r == nil {
-			typ, r, err := c.ws.NextReader()
-			if err != nil {
-				return 0, mapCloseErr(err)
+			if err := c.nextMessage(); err != nil {
+				return 0, err
 			}
-			if typ != websocket.BinaryMessage {
-				// A text message is a protocol violation on the tunnel;
-				// refusing it beats feeding text into the HTTP/2 framer.
-				c.Close()
-				return 0, errors.New("tunnel: unexpected non-binary websocket message")
-			}
-			c.r = r
 		}
 		n, err := c.r.Read(p)
 		if errors.Is(err, io.EOF) {
@@ -120,11 +124,130 @@ func (c *Conn) Read(p []byte) (int, error) {
 			continue
 		}
 		if err != nil {
-			return n, mapCloseErr(err)
+			return n, c.readFailed(mapCloseErr(err))
 		}
 		return n, nil
 	}
 }
+
+// nextMessage makes the next binary message the one Read reads. Call it
+// with readMu held.
+func (c *Conn) nextMessage() error {
+	typ, r, err := c.ws.NextReader()
+	if err != nil {
+		return c.readFailed(mapCloseErr(err))
+	}
+	if typ != websocket.BinaryMessage {
+		// A text message is a protocol violation on the tunnel; refusing
+		// it beats feeding text into the HTTP/2 framer.
+		c.Close()
+		return c.readFailed(errors.New("tunnel: unexpected non-binary websocket message"))
+	}
+	c.r = r
+	return nil
+}
+
+func (c *Conn) readFailed(err error) error {
+	c.errMu.Lock()
+	defer c.errMu.Unlock()
+	if c.readErr == nil {
+		c.readErr = err
+	}
+	return err
+}
+
+// ReadErr returns the first error reading failed with (nil while none
+// has): an oversized message, a reset, a close from the peer (io.EOF).
+func (c *Conn) ReadErr() error {
+	c.errMu.Lock()
+	defer c.errMu.Unlock()
+	return c.readErr
+}
+
+// AwaitData blocks until the peer's first data message has arrived (Read
+// then returns it) and keeps the quiet connection honest meanwhile: a
+// WebSocket ping every live.ReadIdle, and Close if its pong does not come
+// within live.Ping. It returns at once if Read has already run. It lets a
+// tunnel idle before either side starts HTTP/2, whose buffers, framer and
+// read loop are most of what an idle tunnel would cost the relay. The
+// error is why the connection ended; Close has been called.
+func (c *Conn) AwaitData(ctx context.Context, live Liveness) error {
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	p := c.startPinger(live)
+	defer p.stop()
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	if c.reading || c.r != nil {
+		return nil
+	}
+	if err := c.nextMessage(); err != nil {
+		c.Close()
+		return c.ReadErr() // the cause (a ping timeout), not its effect
+	}
+	return nil
+}
+
+// pinger sends AwaitData's pings from a timer, so a waiting tunnel costs
+// no goroutine beyond the one blocked reading.
+type pinger struct {
+	c        *Conn
+	live     Liveness
+	mu       sync.Mutex
+	t        *time.Timer
+	awaiting bool   // a ping is out; the timer next checks for its pong
+	pongs    uint64 // c.pongs when it was sent
+	stopped  bool
+}
+
+func (c *Conn) startPinger(live Liveness) *pinger {
+	p := &pinger{c: c, live: live}
+	if live.Ping <= 0 {
+		p.live.Ping = 15 * time.Second // as x/net's PingTimeout
+	}
+	if live.ReadIdle > 0 { // 0 turns pings off, as with HTTP/2
+		p.t = time.AfterFunc(live.ReadIdle, p.fire)
+	}
+	return p
+}
+
+func (p *pinger) fire() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		return
+	}
+	if p.awaiting {
+		if p.c.pongs.Load() == p.pongs {
+			p.c.readFailed(errPingTimeout)
+			p.c.Close()
+			return
+		}
+		p.awaiting = false
+		p.t.Reset(p.live.ReadIdle)
+		return
+	}
+	p.pongs = p.c.pongs.Load()
+	if err := p.c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(p.live.Ping)); err != nil {
+		p.c.readFailed(fmt.Errorf("sending websocket ping: %w", err))
+		p.c.Close()
+		return
+	}
+	p.awaiting = true
+	p.t.Reset(p.live.Ping)
+}
+
+func (p *pinger) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.stopped = true
+	if p.t != nil {
+		p.t.Stop()
+	}
+}
+
+// errPingTimeout ends a tunnel whose peer stopped answering pings.
+var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
 
 // Write sends p as one or more binary messages.
 func (c *Conn) Write(p []byte) (int, error) {
