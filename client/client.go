@@ -57,7 +57,12 @@ func New(cfg Config) (*Client, error) {
 	nd := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second}
 	c.dialer = &websocket.Dialer{
 		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return nd.DialContext(ctx, network, cfg.relayAddr())
+			c, err := nd.DialContext(ctx, network, cfg.relayAddr())
+			if err != nil {
+				return nil, err
+			}
+			// One write syscall per tunnel message, not one per TLS record.
+			return tunnel.NewBatchConn(c), nil
 		},
 		TLSClientConfig:  tlsConf,
 		HandshakeTimeout: cfg.DialTimeout,

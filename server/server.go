@@ -273,7 +273,9 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 // handOff terminates TLS and gives the connection to the HTTPS server.
 func (s *Server) handOff(c net.Conn) {
 	wc := &watchedConn{Conn: c}
-	tc := tls.Server(wc, s.tlsConf)
+	// Tunnels batch their TLS records into one write per message; other
+	// connections write through.
+	tc := tls.Server(tunnel.NewBatchConn(wc), s.tlsConf)
 	s.watched.Store(tc, wc)
 	if !s.httpLn.push(tc) {
 		s.watched.Delete(tc)

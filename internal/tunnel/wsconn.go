@@ -76,6 +76,7 @@ type Conn struct {
 	pongs atomic.Uint64 // WebSocket pongs received (AwaitData's liveness)
 
 	writeMu sync.Mutex
+	batch   *BatchConn // under the TLS connection, when there is one
 
 	closeOnce sync.Once
 	closeErr  error
@@ -91,7 +92,7 @@ var _ net.Conn = (*Conn)(nil)
 func NewConn(ws *websocket.Conn) *Conn {
 	ws.SetReadLimit(MaxMessageSize)
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Conn{ws: ws, closed: ctx, cancel: cancel}
+	c := &Conn{ws: ws, closed: ctx, cancel: cancel, batch: batchOf(ws.NetConn())}
 	ws.SetPongHandler(func(string) error { c.pongs.Add(1); return nil })
 	return c
 }
@@ -249,10 +250,19 @@ func (p *pinger) stop() {
 // errPingTimeout ends a tunnel whose peer stopped answering pings.
 var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
 
-// Write sends p as one or more binary messages.
-func (c *Conn) Write(p []byte) (int, error) {
+// Write sends p as one or more binary messages, with one write syscall per
+// message when a BatchConn is under the TLS connection.
+func (c *Conn) Write(p []byte) (n int, err error) {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
+	if c.batch != nil {
+		c.batch.begin()
+		defer func() {
+			if ferr := c.batch.end(); ferr != nil && err == nil {
+				n, err = 0, ferr
+			}
+		}()
+	}
 	written := 0
 	for len(p) > 0 {
 		chunk := p
