@@ -19,7 +19,12 @@ import (
 )
 
 // Binaries are the relay and agent executables under test.
-type Binaries struct{ Relay, Agent string }
+type Binaries struct {
+	Relay, Agent string
+	// Forwarder is bench/cmd/tcp-forwarder, the floor; without it (binaries
+	// given on the command line) the floor is not measured.
+	Forwarder string
+}
 
 // Build compiles the relay and agent from the module this package lives in
 // into dir. Measuring the real binaries as separate processes keeps their
@@ -31,12 +36,47 @@ func Build(ctx context.Context, dir string) (Binaries, error) {
 	}
 	root := filepath.Dir(strings.TrimSpace(string(out)))
 	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/",
-		"./server/cmd/spectro-proxy-server", "./client/cmd/spectro-proxy-client")
+		"./server/cmd/spectro-proxy-server", "./client/cmd/spectro-proxy-client", "./bench/cmd/tcp-forwarder")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return Binaries{}, fmt.Errorf("building relay and agent: %w: %s", err, out)
 	}
-	return Binaries{Relay: filepath.Join(dir, "spectro-proxy-server"), Agent: filepath.Join(dir, "spectro-proxy-client")}, nil
+	return Binaries{Relay: filepath.Join(dir, "spectro-proxy-server"), Agent: filepath.Join(dir, "spectro-proxy-client"),
+		Forwarder: filepath.Join(dir, "tcp-forwarder")}, nil
+}
+
+// StartForwarder starts a tcp-forwarder process to addr and returns it
+// with the address it listens on.
+func StartForwarder(ctx context.Context, bin, name, to string) (*Proc, string, error) {
+	return startListening(ctx, name, bin, "listening", "--to", to)
+}
+
+// startListening starts bin and waits until it logs msg with the address
+// it listens on.
+func startListening(ctx context.Context, name, bin, msg string, args ...string) (*Proc, string, error) {
+	addrc := make(chan string, 1)
+	p, err := startProc(name, bin, func(line string) bool {
+		if l := parseLog(line); l.Msg == msg {
+			addrc <- l.Addr
+			return true
+		}
+		return false
+	}, args...)
+	if err != nil {
+		return nil, "", err
+	}
+	select {
+	case addr := <-addrc:
+		return p, addr, nil
+	case <-p.Exited():
+		return nil, "", fmt.Errorf("%s exited before listening:\n%s", name, p.Tail())
+	case <-time.After(30 * time.Second):
+		p.Stop(time.Second)
+		return nil, "", fmt.Errorf("%s did not listen within 30s:\n%s", name, p.Tail())
+	case <-ctx.Done():
+		p.Stop(time.Second)
+		return nil, "", ctx.Err()
+	}
 }
 
 // Proc is a child process whose log lines are read as they come.

@@ -92,6 +92,9 @@ type Verdict struct {
 	Label, Mode, Target string
 	Value               float64
 	Met                 bool
+	// Floor is the same ratio for two plain TCP forwarders (0 when not
+	// measured or not a ratio).
+	Floor float64
 }
 
 // Verdicts checks every target the results can speak to.
@@ -107,6 +110,7 @@ func (r *Results) Verdicts() []Verdict {
 				continue
 			}
 			v := Verdict{Label: f.label, Mode: mode, Value: ratio}
+			v.Floor, _ = r.Ratio(f.key, ModeFloor)
 			if f.lower {
 				v.Target, v.Met = fmt.Sprintf("≤ %.2f×", f.target), ratio <= f.target
 			} else {
@@ -118,7 +122,8 @@ func (r *Results) Verdicts() []Verdict {
 	for _, mode := range []string{ModePassthrough, ModeTerminate} {
 		if v := r.Values["cpu_s_per_gib"][mode]; len(v) > 0 {
 			m := spread(v).Median
-			out = append(out, Verdict{Label: "relay + agent CPU per GiB moved", Mode: mode, Target: "≤ 3.00 s", Value: m, Met: m <= 3.0})
+			out = append(out, Verdict{Label: "relay + agent CPU per GiB moved", Mode: mode, Target: "≤ 3.00 s", Value: m, Met: m <= 3.0,
+				Floor: spread(r.Values["cpu_s_per_gib"][ModeFloor]).Median})
 		}
 	}
 	for _, p := range r.Idle.Points {
@@ -153,24 +158,34 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 			"direct and proxied figures were disturbed unevenly, so read ratios whose direct range is wide with care.\n\n", m.Cores, m.Cores)
 	}
 
-	fmt.Fprintf(&b, "## Targets\n\n| figure | mode | target | measured | met |\n|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "## Targets\n\n")
+	if _, ok := r.Values["get_h1_c1_p50"][ModeFloor]; ok {
+		fmt.Fprintf(&b, "The floor column is the same figure for two plain TCP forwarder processes standing where relay and agent stand "+
+			"(`bench/cmd/tcp-forwarder`: one goroutine per direction, no TLS, no tunnel): what any relay-and-agent design pays on this machine "+
+			"before doing any work of its own.\n\n")
+	}
+	fmt.Fprintf(&b, "| figure | mode | target | measured | met | floor |\n|---|---|---|---|---|---|\n")
 	for _, v := range r.Verdicts() {
-		val := fmt.Sprintf("%.2f×", v.Value)
+		unit := "×"
 		if !strings.HasSuffix(v.Target, "×") {
-			val = fmt.Sprintf("%.2f", v.Value)
+			unit = ""
 		}
 		met := "yes"
 		if !v.Met {
 			met = "**no**"
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", v.Label, v.Mode, v.Target, val, met)
+		floor := ""
+		if v.Floor != 0 {
+			floor = fmt.Sprintf("%.2f%s", v.Floor, unit)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %.2f%s | %s | %s |\n", v.Label, v.Mode, v.Target, v.Value, unit, met, floor)
 	}
 
 	fmt.Fprintf(&b, "\nWhat the proxy adds to one small GET at 1 concurrent (p50, absolute):")
 	for _, key := range []string{"get_h1_c1_p50", "get_h2_c1_p50", "watch_p50"} {
 		d := spread(r.Values[key][ModeDirect]).Median
 		fmt.Fprintf(&b, " %s:", key)
-		for _, mode := range []string{ModePassthrough, ModeTerminate} {
+		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor} {
 			if v := r.Values[key][mode]; len(v) > 0 {
 				fmt.Fprintf(&b, " %s +%.0f µs", mode, spread(v).Median-d)
 			}
@@ -179,10 +194,10 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	}
 	fmt.Fprintf(&b, " see [Notes](#notes) for where it goes.\n")
 
-	fmt.Fprintf(&b, "\n## All figures\n\n| figure | unit | direct | passthrough | × | terminate | × |\n|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "\n## All figures\n\n| figure | unit | direct | passthrough | × | terminate | × | floor | × |\n|---|---|---|---|---|---|---|---|---|\n")
 	for _, f := range figures {
 		row := []string{f.label, f.unit, spread(r.Values[f.key][ModeDirect]).String()}
-		for _, mode := range []string{ModePassthrough, ModeTerminate} {
+		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor} {
 			row = append(row, spread(r.Values[f.key][mode]).String())
 			if ratio, ok := r.Ratio(f.key, mode); ok {
 				row = append(row, fmt.Sprintf("%.2f", ratio))
@@ -193,9 +208,9 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 		fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
 	}
 
-	fmt.Fprintf(&b, "\n## CPU and memory of relay and agent\n\n| figure | passthrough | terminate |\n|---|---|---|\n")
-	fmt.Fprintf(&b, "| relay + agent CPU seconds per GiB moved (all bulk transfers) | %s | %s |\n",
-		spread(r.Values["cpu_s_per_gib"][ModePassthrough]), spread(r.Values["cpu_s_per_gib"][ModeTerminate]))
+	fmt.Fprintf(&b, "\n## CPU and memory of relay and agent\n\n| figure | passthrough | terminate | floor |\n|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| relay + agent CPU seconds per GiB moved (all bulk transfers) | %s | %s | %s |\n",
+		spread(r.Values["cpu_s_per_gib"][ModePassthrough]), spread(r.Values["cpu_s_per_gib"][ModeTerminate]), spread(r.Values["cpu_s_per_gib"][ModeFloor]))
 	mib := func(key string) string {
 		v := r.Values[key][""]
 		if len(v) == 0 {
@@ -260,24 +275,25 @@ const notes = `
   object in about 30 µs. A real kube-apiserver takes hundreds of µs to milliseconds for the same GET
   (authentication, authorization, admission, serialization), so the ratios here are the worst case;
   the absolute µs the proxy adds are the figures to carry over.
-- **Where the latency goes.** A passthrough request crosses five processes instead of two (client,
-  relay, agent, backend and back), and inside relay and agent it changes goroutines at every layer
-  x/net's HTTP/2 has: on the agent the frame reader, the serve loop and the handler's copier; on the
-  relay the transport's read loop and the copier to the client. On 2 cores with every process
-  competing, each wakeup that has to find an idle thread costs tens of µs. Cutting that further
-  means fewer layers (HTTP/2 frames written without the x/net serve loop, or a multiplexer
-  without per-stream goroutines), not tuning.
-- **Where the CPU goes.** Relay and agent add two TLS legs (the tunnel) to the client's and
-  backend's, plus WebSocket framing and masking; terminate mode adds a third TLS leg (the relay
-  terminates, the agent re-encrypts). crypto/tls writes one record per syscall, so throughput on a
-  2-core machine shared with the load generator is bound by syscalls and AES-GCM; relay and agent
-  CPU per GiB is the fair figure for capacity planning.
-- **Idle tunnels.** Per idle tunnel the relay holds x/net's read loop and a small goroutine that
-  cleans up when the tunnel closes (the HTTP handler that accepted the tunnel returns at once:
-  that took 67.8 to 51.2 KiB at 3,000 tunnels), the TLS connection's buffers (its input buffer
-  keeps the size the ClientHello grew it to), the WebSocket's and x/net's 4 KiB read and write
-  buffers and HPACK tables, plus garbage-collector headroom on top of the live heap. Reaching
-  32 KiB needs buffers released while a tunnel is idle, which x/net and crypto/tls do not offer.
+- **The floor.** Two plain TCP forwarder processes where relay and agent stand (` + "`bench/cmd/tcp-forwarder`" + `, no TLS,
+  no tunnel, one goroutine per direction) are what the two extra processes on the path cost before any proxy work: each
+  hop is a loopback write, a wakeup of another process and a read. The floor column of the targets table gives the same
+  ratio for them. Where the floor itself misses a target, no relay-and-agent design can meet that target on this machine,
+  and the proxy's own cost is its distance from the floor, not from 1.0.
+- **Where the rest of the latency goes.** Beyond the floor, a passthrough request adds the tunnel's TLS leg and the
+  goroutine changes x/net's HTTP/2 has at every layer: on the agent the frame reader, the serve loop and the handler's
+  copier; on the relay the transport's read loop and the copier to the client. On 2 cores with every process competing,
+  each wakeup that has to find an idle thread costs tens of µs. Terminate mode adds TLS termination, HTTP parsing and a
+  reverse proxy on both sides.
+- **Where the CPU goes.** Relay and agent add two TLS legs (the tunnel) to the client's and backend's, plus WebSocket
+  framing and masking; terminate mode adds a third TLS leg (the relay terminates, the agent re-encrypts). Write syscalls
+  were a third of relay and agent CPU until tunnel messages were written with one syscall each (` + "`tunnel.BatchConn`" + `);
+  what remains is mostly the kernel's loopback copies, AES-GCM and memmove. Relay and agent CPU per GiB is the fair
+  figure for capacity planning.
+- **Idle tunnels.** An idle tunnel holds a TLS connection, a WebSocket with a 512-byte read buffer and one goroutine
+  waiting for the agent: HTTP/2 (x/net's 8 KiB of buffers, framer, HPACK state and read loop) starts on the tunnel's
+  first use, and WebSocket pings watch the tunnel until then. Per tunnel at 10,000: 52.3 KiB at the start of this work,
+  39.4 KiB after the cleanup goroutine and the read buffer went, about 25 KiB with HTTP/2 started on first use.
 `
 
 // busy reports whether a "1 5 15" load string shows a 1-minute load above

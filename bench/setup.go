@@ -35,14 +35,7 @@ type Relay struct {
 // StartRelay starts the relay binary on 127.0.0.1 with its state in dir and
 // waits until it listens.
 func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
-	addrc := make(chan string, 1)
-	p, err := startProc("relay", bin, func(line string) bool {
-		if l := parseLog(line); l.Msg == "relay listening" {
-			addrc <- l.Addr
-			return true
-		}
-		return false
-	},
+	p, addr, err := startListening(ctx, "relay", bin, "relay listening",
 		"--listen", "127.0.0.1:0", "--domain", Domain, "--state-dir", dir,
 		"--revocation-file", filepath.Join(dir, "revoked"),
 		// Thousands of bench agents register within seconds.
@@ -51,18 +44,7 @@ func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
 	if err != nil {
 		return nil, err
 	}
-	r := &Relay{Proc: p, StateDir: dir}
-	select {
-	case r.Addr = <-addrc:
-	case <-p.Exited():
-		return nil, fmt.Errorf("relay exited before listening:\n%s", p.Tail())
-	case <-time.After(30 * time.Second):
-		p.Stop(time.Second)
-		return nil, fmt.Errorf("relay did not listen within 30s:\n%s", p.Tail())
-	case <-ctx.Done():
-		p.Stop(time.Second)
-		return nil, ctx.Err()
-	}
+	r := &Relay{Proc: p, Addr: addr, StateDir: dir}
 	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
 	if err != nil {
 		return nil, fmt.Errorf("reading relay CA: %w", err)
