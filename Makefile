@@ -17,8 +17,10 @@ kube-bins: ## Build (once, cached by version in ~/.cache/spectro-proxy) etcd, ku
 test: kube-bins ## Run every test: unit, fuzz seeds, chart, and e2e against a real API server with kubectl
 	$(GO) test -race -count=1 -timeout 20m ./...
 
+# Built and exec'd rather than `go run`: go exits on SIGTERM without passing
+# it on, which would leave the control plane running.
 run: kube-bins ## Local API server + relay + agents; writes .run/kubeconfig-{passthrough,terminate}, prints "ready"
-	$(GO) run ./hack/devrun
+	$(GO) build -o .run/devrun ./hack/devrun && exec .run/devrun
 
 lint: ## gofmt and go vet
 	@test -z "$$(gofmt -l . | tee /dev/stderr)"
