@@ -45,10 +45,10 @@ func Build(ctx context.Context, dir string) (Binaries, error) {
 		Forwarder: filepath.Join(dir, "tcp-forwarder")}, nil
 }
 
-// StartForwarder starts a tcp-forwarder process to addr and returns it
-// with the address it listens on.
-func StartForwarder(ctx context.Context, bin, name, to string) (*Proc, string, error) {
-	return startListening(ctx, name, bin, "listening", "--to", to)
+// StartForwarder starts a tcp-forwarder process to addr (with extra args)
+// and returns it with the address it listens on.
+func StartForwarder(ctx context.Context, bin, name, to string, args ...string) (*Proc, string, error) {
+	return startListening(ctx, name, bin, "listening", append([]string{"--to", to}, args...)...)
 }
 
 // startListening starts bin and waits until it logs msg with the address

@@ -58,6 +58,9 @@ const (
 	// ModeFloor is two plain TCP forwarder processes where relay and agent
 	// stand: what any relay design pays for the two extra processes.
 	ModeFloor = "floor"
+	// ModeFloorTLS is the same pair with TLS between them: the least an
+	// encrypted tunnel can cost.
+	ModeFloorTLS = "floor+TLS"
 )
 
 // Results is one run.
@@ -185,19 +188,33 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 	// whose CPU per GiB is measured.
 	procs := map[string][]*Proc{ModePassthrough: {relay.Proc, pt.Proc}, ModeTerminate: {relay.Proc, tm.Proc}}
 	if bins.Forwarder != "" {
-		// Agent-side forwarder first: it dials the backend.
-		near, nearAddr, err := StartForwarder(ctx, bins.Forwarder, "floor-agent", be.Addr)
-		if err != nil {
-			return err
+		for _, f := range []struct {
+			mode string
+			tls  bool
+		}{{ModeFloor, false}, {ModeFloorTLS, true}} {
+			// The agent-side forwarder first: it dials the backend.
+			var nearArgs, farArgs []string
+			if f.tls {
+				dir, err := stateDir(o, "floor-tls")
+				if err != nil {
+					return err
+				}
+				nearArgs = []string{"--tls-listen", dir}
+				farArgs = []string{"--tls-to", filepath.Join(dir, "ca.crt")}
+			}
+			near, nearAddr, err := StartForwarder(ctx, bins.Forwarder, f.mode+"-agent", be.Addr, nearArgs...)
+			if err != nil {
+				return err
+			}
+			defer near.Stop(time.Second)
+			far, farAddr, err := StartForwarder(ctx, bins.Forwarder, f.mode+"-relay", nearAddr, farArgs...)
+			if err != nil {
+				return err
+			}
+			defer far.Stop(time.Second)
+			targets = append(targets, Target{Name: f.mode, Addr: farAddr, Host: "127.0.0.1", Roots: be.Roots})
+			procs[f.mode] = []*Proc{far, near}
 		}
-		defer near.Stop(time.Second)
-		far, farAddr, err := StartForwarder(ctx, bins.Forwarder, "floor-relay", nearAddr)
-		if err != nil {
-			return err
-		}
-		defer far.Stop(time.Second)
-		targets = append(targets, Target{Name: ModeFloor, Addr: farAddr, Host: "127.0.0.1", Roots: be.Roots})
-		procs[ModeFloor] = []*Proc{far, near}
 	}
 
 	say("checking every path moves the bytes intact")

@@ -1,15 +1,18 @@
 // Command tcp-forwarder is the benchmark's floor: the least a relay process
-// can do, copying bytes between two TCP connections with one goroutine per
+// can do, copying bytes between two connections with one goroutine per
 // direction. Two of them chained stand where the relay and the agent stand,
 // so `make bench` can show how much of the proxy's cost is the two extra
-// processes on the path and how much is Spectro Proxy's own.
+// processes on the path and how much is Spectro Proxy's own. With TLS
+// between the two (--tls-listen on the agent's side, --tls-to on the
+// relay's), the pair is the least an encrypted tunnel can cost.
 //
-//	tcp-forwarder --to 127.0.0.1:6443
+//	tcp-forwarder --to 127.0.0.1:6443 [--tls-listen DIR] [--tls-to CA_FILE]
 //
 // It listens on 127.0.0.1 (a free port) and logs {"msg":"listening","addr":...}.
 package main
 
 import (
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -20,28 +23,53 @@ import (
 	"os/signal"
 	"syscall"
 	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/pki"
 )
 
 func main() {
 	fs := flag.NewFlagSet("tcp-forwarder", flag.ContinueOnError)
 	to := fs.String("to", "", "The address to forward every connection to (host:port).")
+	tlsListen := fs.String("tls-listen", "", "Serve TLS, with a new CA and a certificate for 127.0.0.1 written to this directory (ca.crt).")
+	tlsTo := fs.String("tls-to", "", "Dial --to with TLS, trusting this CA file (server name 127.0.0.1).")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-	if err := run(*to, log); err != nil {
+	if err := run(*to, *tlsListen, *tlsTo, log); err != nil {
 		fmt.Fprintln(os.Stderr, "tcp-forwarder:", err)
 		os.Exit(1)
 	}
 }
 
-func run(to string, log *slog.Logger) error {
+func run(to, tlsListen, tlsTo string, log *slog.Logger) error {
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return fmt.Errorf("--to %q: want host:port: %w", to, err)
+	}
+	dial := func() (net.Conn, error) { return net.DialTimeout("tcp", to, 10*time.Second) }
+	if tlsTo != "" {
+		caPEM, err := os.ReadFile(tlsTo)
+		if err != nil {
+			return fmt.Errorf("reading --tls-to CA: %w", err)
+		}
+		roots, err := pki.Pool(caPEM)
+		if err != nil {
+			return err
+		}
+		conf := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
+		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: conf}
+		dial = func() (net.Conn, error) { return d.Dial("tcp", to) }
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return fmt.Errorf("listening: %w", err)
+	}
+	if tlsListen != "" {
+		conf, err := serverTLS(tlsListen)
+		if err != nil {
+			return err
+		}
+		ln = tls.NewListener(ln, conf)
 	}
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, os.Interrupt)
@@ -55,15 +83,38 @@ func run(to string, log *slog.Logger) error {
 			}
 			return fmt.Errorf("accepting: %w", err)
 		}
-		go forward(c.(*net.TCPConn), to, log)
+		go forward(c, dial, log)
 	}
 }
 
-func forward(c *net.TCPConn, to string, log *slog.Logger) {
-	defer c.Close()
-	up, err := net.DialTimeout("tcp", to, 10*time.Second)
+// serverTLS makes a CA and a certificate for 127.0.0.1, and writes the CA
+// to dir for the other forwarder.
+func serverTLS(dir string) (*tls.Config, error) {
+	ca, err := pki.NewCA("tcp-forwarder")
 	if err != nil {
-		log.Warn("dialing", "to", to, "error", err)
+		return nil, err
+	}
+	leaf, err := ca.Issue("127.0.0.1", []string{"127.0.0.1"}, nil, false)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := leaf.TLSCertificate()
+	if err != nil {
+		return nil, err
+	}
+	if err := pki.WriteFiles(dir, map[string][]byte{"ca.crt": ca.CertPEM}); err != nil {
+		return nil, err
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+func forward(c net.Conn, dial func() (net.Conn, error), log *slog.Logger) {
+	defer c.Close()
+	up, err := dial()
+	if err != nil {
+		log.Warn("dialing", "error", err)
 		return
 	}
 	defer up.Close()
@@ -71,9 +122,9 @@ func forward(c *net.TCPConn, to string, log *slog.Logger) {
 	go func() {
 		defer close(done)
 		io.Copy(up, c)
-		up.(*net.TCPConn).CloseWrite()
+		up.(closeWriter).CloseWrite()
 	}()
 	io.Copy(c, up)
-	c.CloseWrite()
+	c.(closeWriter).CloseWrite()
 	<-done
 }
