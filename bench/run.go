@@ -11,6 +11,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/pki"
 )
 
 // Options size a run. Full is what `make bench` runs; the smoke test uses
@@ -61,7 +63,76 @@ const (
 	// ModeFloorTLS is the same pair with TLS between them: the least an
 	// encrypted tunnel can cost.
 	ModeFloorTLS = "floor+TLS"
+	// ModeFloorTerminate adds TLS on both outer legs too (the relay-side
+	// forwarder terminates the client's TLS, the agent-side one
+	// re-encrypts to the backend): the least terminate mode can cost.
+	ModeFloorTerminate = "floor+terminate"
 )
+
+// floorPair is two tcp-forwarder processes where relay and agent stand.
+type floorPair struct {
+	far, near *Proc
+	target    Target
+}
+
+// startFloors starts the three floors. The agent-side forwarder of each
+// starts first: it dials the backend.
+func startFloors(ctx context.Context, o Options, bin string, be *Backend) (pairs []floorPair, err error) {
+	defer func() {
+		if err != nil {
+			for _, p := range pairs {
+				p.far.Stop(time.Second)
+				p.near.Stop(time.Second)
+			}
+		}
+	}()
+	// Each forwarder that serves TLS writes its new CA to a directory of
+	// its own, read by the one that dials it.
+	dirs := map[string]string{}
+	for _, name := range []string{"floor-tls-tunnel", "floor-terminate-tunnel", "floor-terminate-edge"} {
+		if dirs[name], err = stateDir(o, name); err != nil {
+			return nil, err
+		}
+	}
+	ca := func(name string) string { return filepath.Join(dirs[name], "ca.crt") }
+	for _, f := range []struct {
+		mode            string
+		nearArgs        []string
+		farArgs         []string
+		clientTrustsFar bool
+	}{
+		{mode: ModeFloor},
+		{mode: ModeFloorTLS,
+			nearArgs: []string{"--tls-listen", dirs["floor-tls-tunnel"]},
+			farArgs:  []string{"--tls-to", ca("floor-tls-tunnel")}},
+		{mode: ModeFloorTerminate,
+			nearArgs:        []string{"--tls-listen", dirs["floor-terminate-tunnel"], "--tls-to", be.CAFile},
+			farArgs:         []string{"--tls-listen", dirs["floor-terminate-edge"], "--tls-to", ca("floor-terminate-tunnel")},
+			clientTrustsFar: true},
+	} {
+		near, nearAddr, err := StartForwarder(ctx, bin, f.mode+"-agent", be.Addr, f.nearArgs...)
+		if err != nil {
+			return pairs, err
+		}
+		far, farAddr, err := StartForwarder(ctx, bin, f.mode+"-relay", nearAddr, f.farArgs...)
+		if err != nil {
+			near.Stop(time.Second)
+			return pairs, err
+		}
+		pairs = append(pairs, floorPair{far: far, near: near,
+			target: Target{Name: f.mode, Addr: farAddr, Host: "127.0.0.1", Roots: be.Roots}})
+		if f.clientTrustsFar {
+			caPEM, err := os.ReadFile(ca("floor-terminate-edge"))
+			if err != nil {
+				return pairs, fmt.Errorf("reading floor CA: %w", err)
+			}
+			if pairs[len(pairs)-1].target.Roots, err = pki.Pool(caPEM); err != nil {
+				return pairs, err
+			}
+		}
+	}
+	return pairs, nil
+}
 
 // Results is one run.
 type Results struct {
@@ -188,32 +259,15 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 	// whose CPU per GiB is measured.
 	procs := map[string][]*Proc{ModePassthrough: {relay.Proc, pt.Proc}, ModeTerminate: {relay.Proc, tm.Proc}}
 	if bins.Forwarder != "" {
-		for _, f := range []struct {
-			mode string
-			tls  bool
-		}{{ModeFloor, false}, {ModeFloorTLS, true}} {
-			// The agent-side forwarder first: it dials the backend.
-			var nearArgs, farArgs []string
-			if f.tls {
-				dir, err := stateDir(o, "floor-tls")
-				if err != nil {
-					return err
-				}
-				nearArgs = []string{"--tls-listen", dir}
-				farArgs = []string{"--tls-to", filepath.Join(dir, "ca.crt")}
-			}
-			near, nearAddr, err := StartForwarder(ctx, bins.Forwarder, f.mode+"-agent", be.Addr, nearArgs...)
-			if err != nil {
-				return err
-			}
-			defer near.Stop(time.Second)
-			far, farAddr, err := StartForwarder(ctx, bins.Forwarder, f.mode+"-relay", nearAddr, farArgs...)
-			if err != nil {
-				return err
-			}
-			defer far.Stop(time.Second)
-			targets = append(targets, Target{Name: f.mode, Addr: farAddr, Host: "127.0.0.1", Roots: be.Roots})
-			procs[f.mode] = []*Proc{far, near}
+		floors, err := startFloors(ctx, o, bins.Forwarder, be)
+		if err != nil {
+			return err
+		}
+		for _, f := range floors {
+			defer f.far.Stop(time.Second)
+			defer f.near.Stop(time.Second)
+			targets = append(targets, f.target)
+			procs[f.target.Name] = []*Proc{f.far, f.near}
 		}
 	}
 

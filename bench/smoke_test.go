@@ -38,23 +38,23 @@ func TestSmoke(t *testing.T) {
 	require.NoError(t, err)
 
 	for _, f := range figures {
-		for _, mode := range []string{ModeDirect, ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS} {
+		for _, mode := range []string{ModeDirect, ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
 			assert.Len(t, res.Values[f.key][mode], 1, "%s %s measured once", f.key, mode)
 		}
 	}
-	for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS} {
+	for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
 		assert.Len(t, res.Values["cpu_s_per_gib"][mode], 1, "CPU per GiB for %s", mode)
 	}
-	// Direct, passthrough, terminate and both floors each checked four
-	// ways, plus the first three over the long link.
-	assert.Len(t, res.Checks, 5*4+3)
+	// Direct, passthrough, terminate and the three floors each checked
+	// four ways, plus the first three over the long link.
+	assert.Len(t, res.Checks, 6*4+3)
 	require.Len(t, res.WAN, 3)
 	require.Len(t, res.Idle.Points, 2)
 	assert.Equal(t, 20, res.Idle.Points[1].Tunnels)
 
 	var md bytes.Buffer
 	require.NoError(t, res.WriteMarkdown(&md, "go test ./bench"))
-	for _, want := range []string{"## Targets", "small GET p50, HTTP/1.1, 1 concurrent", "Relay memory with idle tunnels", "Long link", "| floor | floor+TLS |"} {
+	for _, want := range []string{"## Targets", "small GET p50, HTTP/1.1, 1 concurrent", "Relay memory with idle tunnels", "Long link", "| floor | floor+TLS |", "| floor+terminate |"} {
 		assert.Contains(t, md.String(), want)
 	}
 	if os.Getenv("BENCH_SMOKE_PRINT") != "" {

@@ -46,7 +46,9 @@ func run(to, tlsListen, tlsTo string, log *slog.Logger) error {
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return fmt.Errorf("--to %q: want host:port: %w", to, err)
 	}
-	dial := func() (net.Conn, error) { return net.DialTimeout("tcp", to, 10*time.Second) }
+	// dial reaches the next hop; alpn is what the incoming TLS connection
+	// negotiated, when this forwarder terminates one.
+	dial := func(alpn string) (net.Conn, error) { return net.DialTimeout("tcp", to, 10*time.Second) }
 	if tlsTo != "" {
 		caPEM, err := os.ReadFile(tlsTo)
 		if err != nil {
@@ -56,9 +58,16 @@ func run(to, tlsListen, tlsTo string, log *slog.Logger) error {
 		if err != nil {
 			return err
 		}
-		conf := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
-		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: conf}
-		dial = func() (net.Conn, error) { return d.Dial("tcp", to) }
+		dial = func(alpn string) (net.Conn, error) {
+			conf := &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}
+			if alpn != "" {
+				// Carry the client's protocol on, as a proxy that ends
+				// TLS must: HTTP/2 clients insist on it.
+				conf.NextProtos = []string{alpn}
+			}
+			d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: conf}
+			return d.Dial("tcp", to)
+		}
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -105,14 +114,23 @@ func serverTLS(dir string) (*tls.Config, error) {
 	if err := pki.WriteFiles(dir, map[string][]byte{"ca.crt": ca.CertPEM}); err != nil {
 		return nil, err
 	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12,
+		NextProtos: []string{"h2", "http/1.1"}}, nil
 }
 
 type closeWriter interface{ CloseWrite() error }
 
-func forward(c net.Conn, dial func() (net.Conn, error), log *slog.Logger) {
+func forward(c net.Conn, dial func(alpn string) (net.Conn, error), log *slog.Logger) {
 	defer c.Close()
-	up, err := dial()
+	var alpn string
+	if tc, ok := c.(*tls.Conn); ok {
+		if err := tc.Handshake(); err != nil {
+			log.Warn("handshake", "error", err)
+			return
+		}
+		alpn = tc.ConnectionState().NegotiatedProtocol
+	}
+	up, err := dial(alpn)
 	if err != nil {
 		log.Warn("dialing", "error", err)
 		return
