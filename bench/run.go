@@ -41,7 +41,7 @@ type Options struct {
 	Progress func(string)
 }
 
-// Full is the `make bench` run, about 6 minutes on 2 cores.
+// Full is the `make bench` run, about 9 minutes on 2 cores.
 func Full() Options {
 	return Options{
 		Reps: 5, GetDuration: 2 * time.Second, ListSize: 10 << 20,
