@@ -175,13 +175,13 @@ func (c *Conn) ReadErr() error {
 func (c *Conn) AwaitData(ctx context.Context, live Liveness) error {
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	defer stop()
-	p := c.startPinger(live)
-	defer p.stop()
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
 	if c.reading || c.r != nil {
-		return nil
+		return nil // HTTP/2 owns the connection, and its pings watch it
 	}
+	p := c.startPinger(live)
+	defer p.stop()
 	if err := c.nextMessage(); err != nil {
 		c.Close()
 		return c.ReadErr() // the cause (a ping timeout), not its effect
