@@ -18,7 +18,7 @@ type BatchConn struct {
 	net.Conn
 
 	mu       sync.Mutex
-	batching int
+	batching bool    // Conn.Write holds its write lock for a batch, so they never nest
 	buf      *[]byte // pooled, only held during a batch
 	err      error   // a failed flush; the connection is broken from then on
 }
@@ -48,7 +48,7 @@ func (b *BatchConn) Write(p []byte) (int, error) {
 	if b.err != nil {
 		return 0, b.err
 	}
-	if b.batching == 0 {
+	if !b.batching {
 		return b.Conn.Write(p)
 	}
 	if b.buf == nil {
@@ -79,7 +79,7 @@ func (b *BatchConn) flushLocked() error {
 
 func (b *BatchConn) begin() {
 	b.mu.Lock()
-	b.batching++
+	b.batching = true
 	b.mu.Unlock()
 }
 
@@ -87,10 +87,7 @@ func (b *BatchConn) begin() {
 func (b *BatchConn) end() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.batching--
-	if b.batching > 0 {
-		return nil
-	}
+	b.batching = false
 	return b.flushLocked()
 }
 
