@@ -14,6 +14,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -107,7 +108,7 @@ func (a *IdleAgents) connect(ctx context.Context, i int) error {
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+tok)
 	h.Set(tunnel.HeaderAgent, uid)
-	h.Set(tunnel.HeaderRoutes, "cluster-"+uid+"="+string(tunnel.Passthrough))
+	h.Set(tunnel.HeaderRoutes, hostname.DefaultSubdomain(uid)+"="+string(tunnel.Passthrough))
 	ws, resp, err := a.dialer.DialContext(ctx, "wss://"+Domain+tunnel.Path, h)
 	if err != nil {
 		if resp != nil {

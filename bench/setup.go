@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 )
@@ -136,7 +137,7 @@ func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, 
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{Proc: p, Target: Target{Name: mode, Addr: r.Addr, Host: "cluster-" + uid + "." + Domain, Roots: be.Roots}}
+	a := &Agent{Proc: p, Target: Target{Name: mode, Addr: r.Addr, Host: hostname.Host(hostname.DefaultSubdomain(uid), Domain), Roots: be.Roots}}
 	if mode == "terminate" {
 		a.Target.Roots = r.Roots
 	}

@@ -14,7 +14,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -71,7 +71,7 @@ func (c *Config) setDefaults() {
 		c.Port = 443
 	}
 	if c.Subdomain == "" && c.ClusterUID != "" {
-		c.Subdomain = "cluster-" + c.ClusterUID
+		c.Subdomain = hostname.DefaultSubdomain(c.ClusterUID)
 	}
 	if c.TokenFile == "" {
 		c.TokenFile = DefaultTokenFile
@@ -133,17 +133,17 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("cluster-uid is required"))
 	}
 	if c.Subdomain != "" {
-		if err := tunnel.ValidateLabel(c.Subdomain); err != nil {
+		if err := hostname.ValidateLabel(c.Subdomain); err != nil {
 			errs = append(errs, fmt.Errorf("subdomain: %w", err))
 		}
 		for _, d := range []struct{ url, label string }{
-			{c.K8sDashboardURL, c.Subdomain + token.DashboardSuffix},
-			{c.VMDashboardURL, c.Subdomain + token.VMDashboardSuffix},
+			{c.K8sDashboardURL, hostname.Dashboard(c.Subdomain)},
+			{c.VMDashboardURL, hostname.VMDashboard(c.Subdomain)},
 		} {
 			if d.url == "" {
 				continue
 			}
-			if err := tunnel.ValidateLabel(d.label); err != nil {
+			if err := hostname.ValidateLabel(d.label); err != nil {
 				errs = append(errs, fmt.Errorf("dashboard host name: %w (shorten the subdomain)", err))
 			}
 		}

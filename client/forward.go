@@ -12,9 +12,9 @@ import (
 	"os"
 	"time"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
-	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -67,12 +67,12 @@ func buildRoutes(cfg *Config) (map[string]*route, error) {
 	}
 	dashTLS := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.DashboardInsecureSkipVerify} //nolint:gosec // in-cluster dashboards are self-signed; opt-out flag exists
 	if cfg.K8sDashboardURL != "" {
-		if err := add(cfg.Subdomain+token.DashboardSuffix, tunnel.Terminate, cfg.K8sDashboardURL, dashTLS); err != nil {
+		if err := add(hostname.Dashboard(cfg.Subdomain), tunnel.Terminate, cfg.K8sDashboardURL, dashTLS); err != nil {
 			return nil, fmt.Errorf("dashboard route: %w", err)
 		}
 	}
 	if cfg.VMDashboardURL != "" {
-		if err := add(cfg.Subdomain+token.VMDashboardSuffix, tunnel.Terminate, cfg.VMDashboardURL, dashTLS); err != nil {
+		if err := add(hostname.VMDashboard(cfg.Subdomain), tunnel.Terminate, cfg.VMDashboardURL, dashTLS); err != nil {
 			return nil, fmt.Errorf("vm dashboard route: %w", err)
 		}
 	}

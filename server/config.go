@@ -11,9 +11,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -124,7 +124,7 @@ func (c *Config) setDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
-	c.Domain = strings.ToLower(strings.TrimSuffix(c.Domain, "."))
+	c.Domain = hostname.Canonical(c.Domain)
 	if c.SigningKeyFile == "" && c.StateDir != "" {
 		c.SigningKeyFile = filepath.Join(c.StateDir, "signing.key")
 	}
@@ -136,7 +136,7 @@ func (c *Config) Validate() error {
 	if c.Domain == "" {
 		return errors.New("domain is required (the relay's own host name, e.g. proxy.example.com)")
 	}
-	if err := tunnel.ValidateDomain(c.Domain); err != nil {
+	if err := hostname.ValidateDomain(c.Domain); err != nil {
 		return err
 	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/time/rate"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -238,7 +239,7 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 		conn.Close()
 		return
 	}
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name = hostname.Canonical(name)
 	if name == s.cfg.Domain {
 		s.handOff(pc)
 		return
@@ -326,11 +327,7 @@ var cipherSuites = []uint16{
 
 // labelOf returns the label of a name one level under the relay's domain.
 func (s *Server) labelOf(name string) (string, bool) {
-	label, ok := strings.CutSuffix(name, "."+s.cfg.Domain)
-	if !ok || label == "" || strings.Contains(label, ".") {
-		return "", false
-	}
-	return label, true
+	return hostname.LabelOf(name, s.cfg.Domain)
 }
 
 func (s *Server) refuse(reason string, args ...any) {
@@ -346,7 +343,7 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
 		s.watched.Delete(c)
 	}
-	name := strings.ToLower(strings.TrimSuffix(r.TLS.ServerName, "."))
+	name := hostname.Canonical(r.TLS.ServerName)
 	if name == s.cfg.Domain || name == "" {
 		s.serveAPI(w, r)
 		return
@@ -357,7 +354,7 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	// retry on a connection of its own, so routing by SNI stays right.
 	// A Host outside the domain (kubectl with tls-server-name dialing
 	// 127.0.0.1) is no such case: SNI alone names the cluster then.
-	if host := strings.ToLower(stripPort(r.Host)); host != name && (host == s.cfg.Domain || strings.HasSuffix(host, "."+s.cfg.Domain)) {
+	if host := strings.ToLower(stripPort(r.Host)); host != name && hostname.InDomain(host, s.cfg.Domain) {
 		s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
 		http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+name, http.StatusMisdirectedRequest)
 		return
@@ -448,7 +445,7 @@ func (l *connListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0
 func (s *Server) hostnames(sess *session) []string {
 	out := make([]string, 0, len(sess.routes))
 	for label, mode := range sess.routes {
-		out = append(out, fmt.Sprintf("%s.%s (%s)", label, s.cfg.Domain, mode))
+		out = append(out, fmt.Sprintf("%s (%s)", hostname.Host(label, s.cfg.Domain), mode))
 	}
 	return out
 }

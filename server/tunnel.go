@@ -12,6 +12,7 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -47,7 +48,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	}
 	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
 		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
-			fmt.Sprintf("host name %s.%s is served by another cluster's agent", label, s.cfg.Domain), remote)
+			fmt.Sprintf("host name %s is served by another cluster's agent", hostname.Host(label, s.cfg.Domain)), remote)
 		return
 	}
 

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
@@ -54,7 +55,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	ptHost := "cluster-" + *uid + "." + *domain
+	ptHost := hostname.Host(hostname.DefaultSubdomain(*uid), *domain)
 	log.Info("starting etcd, kube-apiserver and kwok", "dir", filepath.Join(abs, "cluster"))
 	cluster, err := testcluster.Start(ctx, testcluster.Options{
 		Dir: filepath.Join(abs, "cluster"), Kwok: true, ExtraSANs: []string{ptHost}, Log: log,
@@ -109,7 +110,7 @@ func run() error {
 		}
 		go func() { a.Run(ctx); agentDone <- struct{}{} }()
 
-		opts := kubeconfig.Options{Mode: mode, Server: *domain, Subdomain: "cluster-" + id, Connect: *listen, Name: "spectro-proxy-" + string(mode)}
+		opts := kubeconfig.Options{Mode: mode, Server: *domain, Subdomain: hostname.DefaultSubdomain(id), Connect: *listen, Name: "spectro-proxy-" + string(mode)}
 		fmt.Sscan(port, &opts.Port)
 		out, err := cluster.ProxiedKubeconfig(ctx, opts, relayCA, 24*time.Hour)
 		if err != nil {

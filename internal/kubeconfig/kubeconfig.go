@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	api "k8s.io/client-go/tools/clientcmd/api"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -36,7 +37,7 @@ type Options struct {
 }
 
 // Host returns the public host name of the cluster's API server.
-func (o Options) Host() string { return o.Subdomain + "." + o.Server }
+func (o Options) Host() string { return hostname.Host(o.Subdomain, o.Server) }
 
 func (o Options) validate() error {
 	var errs []error
@@ -45,10 +46,10 @@ func (o Options) validate() error {
 	}
 	if o.Server == "" {
 		errs = append(errs, errors.New("server (the relay's domain) is required"))
-	} else if err := tunnel.ValidateDomain(o.Server); err != nil {
+	} else if err := hostname.ValidateDomain(o.Server); err != nil {
 		errs = append(errs, fmt.Errorf("server: %w", err))
 	}
-	if err := tunnel.ValidateLabel(o.Subdomain); err != nil {
+	if err := hostname.ValidateLabel(o.Subdomain); err != nil {
 		errs = append(errs, fmt.Errorf("subdomain: %w", err))
 	}
 	if o.Port < 1 || o.Port > 65535 {
@@ -75,7 +76,7 @@ func validateHostPort(hp string) error {
 	if net.ParseIP(host) != nil {
 		return nil
 	}
-	if err := tunnel.ValidateDomain(strings.ToLower(host)); err != nil {
+	if err := hostname.ValidateDomain(strings.ToLower(host)); err != nil {
 		return fmt.Errorf("host is neither an IP address nor a DNS name: %w", err)
 	}
 	return nil

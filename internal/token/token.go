@@ -18,18 +18,14 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 )
 
 const prefix = "spx1."
 
 // MinKeySize is the shortest signing key accepted.
 const MinKeySize = 32
-
-// Suffixes of the dashboard labels a cluster's token also allows.
-const (
-	DashboardSuffix   = "-dashboard"
-	VMDashboardSuffix = "-vmdashboard"
-)
 
 // Errors a caller can tell apart. Every failure wraps one of them.
 var (
@@ -48,22 +44,9 @@ type Claims struct {
 	ExpiresAt  int64  `json:"exp,omitempty"` // unix seconds; 0 never expires
 }
 
-// reservedSubdomain reports why sub cannot be a cluster's subdomain: one
-// ending in a dashboard suffix would own another cluster's dashboard label
-// ("foo-dashboard" is cluster "foo"'s dashboard), and the relay would then
-// spread that host's traffic over both clusters.
-func reservedSubdomain(sub string) error {
-	for _, suf := range []string{DashboardSuffix, VMDashboardSuffix} {
-		if strings.HasSuffix(sub, suf) {
-			return fmt.Errorf("subdomain %q ends in %q, which is reserved for dashboards", sub, suf)
-		}
-	}
-	return nil
-}
-
 // Labels returns the hostname labels the token allows an agent to register.
 func (c Claims) Labels() []string {
-	return []string{c.Subdomain, c.Subdomain + DashboardSuffix, c.Subdomain + VMDashboardSuffix}
+	return hostname.Labels(c.Subdomain)
 }
 
 // Allows reports whether the token allows registering label.
@@ -86,9 +69,9 @@ func Issue(key []byte, clusterUID, subdomain string, ttl time.Duration, now time
 		return "", Claims{}, errors.New("cluster uid is empty")
 	}
 	if subdomain == "" {
-		subdomain = "cluster-" + clusterUID
+		subdomain = hostname.DefaultSubdomain(clusterUID)
 	}
-	if err := reservedSubdomain(subdomain); err != nil {
+	if err := hostname.CheckSubdomain(subdomain); err != nil {
 		return "", Claims{}, err
 	}
 	id := make([]byte, 12)
@@ -150,7 +133,7 @@ func Verify(key []byte, tok string, now time.Time) (Claims, error) {
 	}
 	// Tokens signed before the suffixes were reserved must not claim
 	// another cluster's dashboard either.
-	if err := reservedSubdomain(c.Subdomain); err != nil {
+	if err := hostname.CheckSubdomain(c.Subdomain); err != nil {
 		return Claims{}, fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
 	if c.ExpiresAt != 0 && now.Unix() >= c.ExpiresAt {

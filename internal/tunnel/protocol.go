@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 )
 
 // Wire constants shared by the relay and the agent. Changing any of them
@@ -73,7 +75,7 @@ func ParseRoutes(s string) (map[string]Mode, error) {
 		if !ok {
 			return nil, fmt.Errorf("route %q: want label=mode", part)
 		}
-		if err := ValidateLabel(label); err != nil {
+		if err := hostname.ValidateLabel(label); err != nil {
 			return nil, err
 		}
 		m, err := ParseMode(mode)
@@ -86,33 +88,4 @@ func ParseRoutes(s string) (map[string]Mode, error) {
 		routes[label] = m
 	}
 	return routes, nil
-}
-
-// ValidateLabel checks that s is one lower-case DNS label (RFC 1123).
-func ValidateLabel(s string) error {
-	if s == "" || len(s) > 63 {
-		return fmt.Errorf("label %q: must be 1 to 63 characters", s)
-	}
-	for i, c := range s {
-		alnum := c >= 'a' && c <= 'z' || c >= '0' && c <= '9'
-		if alnum || (c == '-' && i > 0 && i < len(s)-1) {
-			continue
-		}
-		return fmt.Errorf("label %q: must be lower-case letters, digits and inner '-' only", s)
-	}
-	return nil
-}
-
-// ValidateDomain checks that s is a lower-case DNS name: dot-separated
-// labels, no trailing dot, at most 253 characters.
-func ValidateDomain(s string) error {
-	if s == "" || len(s) > 253 {
-		return fmt.Errorf("domain %q: must be 1 to 253 characters", s)
-	}
-	for _, l := range strings.Split(s, ".") {
-		if err := ValidateLabel(l); err != nil {
-			return fmt.Errorf("domain %q: %w", s, err)
-		}
-	}
-	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -50,7 +51,7 @@ func FuzzParseRoutes(f *testing.F) {
 			return
 		}
 		for label, m := range routes {
-			if ValidateLabel(label) != nil {
+			if hostname.ValidateLabel(label) != nil {
 				t.Fatalf("accepted bad label %q", label)
 			}
 			if _, err := ParseMode(string(m)); err != nil {

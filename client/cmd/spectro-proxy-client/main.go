@@ -17,6 +17,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -98,7 +99,7 @@ func printKubeconfig(args []string) error {
 	}
 	o.Mode = tunnel.Mode(*mode)
 	if o.Subdomain == "" && *uid != "" {
-		o.Subdomain = "cluster-" + *uid
+		o.Subdomain = hostname.DefaultSubdomain(*uid)
 	}
 	if *caFile == "" {
 		*caFile = *relayCAFile
