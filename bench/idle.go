@@ -23,7 +23,7 @@ import (
 // them. They exist to load the relay with idle tunnels.
 type IdleAgents struct {
 	relay  *Relay
-	srv    *tunnel.Server
+	srv    *tunnel.AgentServer
 	dialer *websocket.Dialer
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -41,7 +41,7 @@ func NewIdleAgents(r *Relay) *IdleAgents {
 	nd := &net.Dialer{Timeout: 10 * time.Second}
 	return &IdleAgents{
 		relay: r,
-		srv: tunnel.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		srv: tunnel.NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 			http.Error(w, "idle bench agent", http.StatusNotFound)
 		}), 10, tunnel.DefaultLiveness),
 		dialer: &websocket.Dialer{

@@ -144,7 +144,7 @@ func (c *Client) connectOnce(ctx context.Context) error {
 	defer c.ready.Store(false)
 	c.log.Info("tunnel up", "relay", c.cfg.relayAddr(), "hostnames", c.hostnames())
 
-	srv := tunnel.NewServer(http.HandlerFunc(c.serveStream), c.cfg.MaxStreams, c.cfg.Liveness)
+	srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), c.cfg.MaxStreams, c.cfg.Liveness)
 	hardStop, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	served := make(chan struct{})

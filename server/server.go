@@ -29,6 +29,7 @@ type Server struct {
 	log      *slog.Logger
 	tlsConf  *tls.Config
 	key      []byte
+	relay    *tunnel.RelayTransport // the HTTP/2 client side of every tunnel
 	revoked  *token.Revocations
 	reg      *registry
 	m        *metrics
@@ -67,6 +68,10 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	relay, err := tunnel.NewRelayTransport(cfg.Liveness)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{
 		cfg: cfg,
 		log: cfg.Logger,
@@ -79,6 +84,7 @@ func New(cfg Config) (*Server, error) {
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
 		key:     key,
+		relay:   relay,
 		revoked: token.NewRevocations(cfg.RevocationFile),
 		reg:     newRegistry(),
 		m:       newMetrics(),

@@ -59,7 +59,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	conn := tunnel.NewConn(ws)
-	cc := tunnel.StartLazyClientConn(conn, s.cfg.Liveness)
+	cc := s.relay.StartLazyClientConn(conn)
 	sess := &session{
 		agentID: agentID, clusterUID: claims.ClusterUID, tokenID: claims.ID,
 		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn,

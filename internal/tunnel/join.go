@@ -83,16 +83,19 @@ func CloseWrite(c io.Closer) error {
 }
 
 // sourceTaker is a Stream (or a type embedding one): it can read a source
-// itself instead of being written to.
+// itself instead of being written to. (takesSource keeps *net.TCPConn,
+// whose ReadFrom is io.Copy with a fresh buffer, out.)
 type sourceTaker interface {
 	ReadFrom(src io.Reader) (int64, error)
-	CloseWrite() error
+	takesSource()
 }
 
 // Join copies bytes both ways between a and b until both directions end,
 // half-closing each destination when its source hits EOF. It closes both
 // when done and returns the bytes moved a→b and b→a, and the first error
-// that was not a plain close.
+// that was not a plain close. An a that cannot half-close (the agent's end
+// of a stream, whose response only ends with its handler) ends the join
+// when b's side ends: both are closed then.
 func Join(a, b io.ReadWriteCloser) (aToB, bToA int64, err error) {
 	var wg sync.WaitGroup
 	var errAB, errBA error
@@ -114,7 +117,7 @@ func Join(a, b io.ReadWriteCloser) (aToB, bToA int64, err error) {
 		CloseWrite(b)
 	}()
 	bToA, errBA = Copy(a, b)
-	if errBA != nil {
+	if _, halfCloses := a.(closeWriter); errBA != nil || !halfCloses {
 		a.Close()
 		b.Close()
 	} else {

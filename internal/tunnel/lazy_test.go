@@ -66,8 +66,8 @@ func TestAwaitDataStopsWithContext(t *testing.T) {
 }
 
 // echoServer is an agent whose streams echo their bytes.
-func echoServer() *Server {
-	return NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func echoServer() *AgentServer {
+	return NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		st, err := AcceptStream(w, r)
 		if err != nil {
 			return
@@ -103,7 +103,7 @@ func TestLazyClientConnStartsOnFirstUse(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan struct{})
 	go func() { srv.ServeConn(ctx, agent); close(served) }()
-	l := StartLazyClientConn(relay, fastLiveness)
+	l := relayTransport(t, fastLiveness).StartLazyClientConn(relay)
 
 	// Idle through several ping rounds: no HTTP/2 on either side yet.
 	require.Eventually(t, func() bool { return relay.pongs.Load() >= 3 }, 5*time.Second, 5*time.Millisecond)
@@ -133,7 +133,7 @@ func TestLazyClientConnWithEagerAgent(t *testing.T) {
 		h2s.ServeConn(agent, &http2.ServeConnOpts{Handler: echoServer().hs.Handler})
 		close(served)
 	}()
-	l := StartLazyClientConn(relay, fastLiveness)
+	l := relayTransport(t, fastLiveness).StartLazyClientConn(relay)
 	require.Eventually(t, l.started, 5*time.Second, 5*time.Millisecond)
 	echoOnce(t, l)
 	l.Close()
@@ -147,7 +147,7 @@ func TestEagerRelayWithNewAgent(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan struct{})
 	go func() { echoServer().ServeConn(ctx, agent); close(served) }()
-	cc, err := NewClientConn(relay, fastLiveness)
+	cc, err := relayTransport(t, fastLiveness).NewClientConn(relay)
 	require.NoError(t, err)
 	echoOnce(t, cc)
 	cc.Close()
@@ -160,7 +160,7 @@ func TestShutdownClosesUnusedTunnels(t *testing.T) {
 	srv := echoServer()
 	served := make(chan struct{})
 	go func() { srv.ServeConn(context.Background(), agent); close(served) }()
-	l := StartLazyClientConn(relay, fastLiveness)
+	l := relayTransport(t, fastLiveness).StartLazyClientConn(relay)
 	require.Eventually(t, func() bool { return relay.pongs.Load() >= 1 }, 5*time.Second, 5*time.Millisecond)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

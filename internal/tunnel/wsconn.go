@@ -1,13 +1,19 @@
 // Package tunnel is the wire shared by the relay and the agent: a WebSocket
 // connection adapted to net.Conn, HTTP/2 run over it (the agent serves, the
 // relay is the client), and the byte pumps that join two streams. It knows
-// nothing about hostnames, tokens or Kubernetes.
+// nothing about tokens, Kubernetes or which label is served where (it only
+// checks that labels are labels, with package hostname).
+//
+// Files by role: wsconn.go and batch.go are the connection both sides use;
+// agent.go is the agent's HTTP/2 server; relay.go is the relay's HTTP/2
+// client and its streams; liveness.go is how either side notices a dead
+// peer; join.go moves bytes between two connections; protocol.go is the
+// wire's names.
 package tunnel
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -164,91 +170,6 @@ func (c *Conn) ReadErr() error {
 	defer c.errMu.Unlock()
 	return c.readErr
 }
-
-// AwaitData blocks until the peer's first data message has arrived (Read
-// then returns it) and keeps the quiet connection honest meanwhile: a
-// WebSocket ping every live.ReadIdle, and Close if its pong does not come
-// within live.Ping. It returns at once if Read has already run. It lets a
-// tunnel idle before either side starts HTTP/2, whose buffers, framer and
-// read loop are most of what an idle tunnel would cost the relay. The
-// error is why the connection ended; Close has been called.
-func (c *Conn) AwaitData(ctx context.Context, live Liveness) error {
-	stop := context.AfterFunc(ctx, func() { c.Close() })
-	defer stop()
-	c.readMu.Lock()
-	defer c.readMu.Unlock()
-	if c.reading || c.r != nil {
-		return nil // HTTP/2 owns the connection, and its pings watch it
-	}
-	p := c.startPinger(live)
-	defer p.stop()
-	if err := c.nextMessage(); err != nil {
-		c.Close()
-		return c.ReadErr() // the cause (a ping timeout), not its effect
-	}
-	return nil
-}
-
-// pinger sends AwaitData's pings from a timer, so a waiting tunnel costs
-// no goroutine beyond the one blocked reading.
-type pinger struct {
-	c        *Conn
-	live     Liveness
-	mu       sync.Mutex
-	t        *time.Timer
-	awaiting bool   // a ping is out; the timer next checks for its pong
-	pongs    uint64 // c.pongs when it was sent
-	stopped  bool
-}
-
-func (c *Conn) startPinger(live Liveness) *pinger {
-	p := &pinger{c: c, live: live}
-	if live.Ping <= 0 {
-		p.live.Ping = 15 * time.Second // as x/net's PingTimeout
-	}
-	if live.ReadIdle > 0 { // 0 turns pings off, as with HTTP/2
-		p.t = time.AfterFunc(live.ReadIdle, p.fire)
-	}
-	return p
-}
-
-func (p *pinger) fire() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.stopped {
-		return
-	}
-	if p.awaiting {
-		if p.c.pongs.Load() == p.pongs {
-			p.c.readFailed(errPingTimeout)
-			p.c.Close()
-			return
-		}
-		p.awaiting = false
-		p.t.Reset(p.live.ReadIdle)
-		return
-	}
-	p.pongs = p.c.pongs.Load()
-	if err := p.c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(p.live.Ping)); err != nil {
-		p.c.readFailed(fmt.Errorf("sending websocket ping: %w", err))
-		p.c.Close()
-		return
-	}
-	p.awaiting = true
-	p.t.Reset(p.live.Ping)
-}
-
-func (p *pinger) stop() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.stopped = true
-	if p.t != nil {
-		p.t.Stop()
-	}
-}
-
-// errPingTimeout ends a tunnel whose peer stopped answering pings.
-var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
 
 // Write sends p as one or more binary messages, with one write syscall per
 // message when a BatchConn is under the TLS connection.

@@ -32,7 +32,7 @@ func TestStreamOverPipe(t *testing.T) {
 	target, err := net.Dial("tcp", echo.Addr().String())
 	require.NoError(t, err)
 
-	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get(HeaderStream) != StreamTCP {
 			RefuseStream(w, http.StatusBadRequest, "want tcp")
 			return
@@ -48,7 +48,7 @@ func TestStreamOverPipe(t *testing.T) {
 	served := make(chan struct{})
 	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
 
-	cc, err := NewClientConn(relayEnd, DefaultLiveness)
+	cc, err := relayTransport(t, DefaultLiveness).NewClientConn(relayEnd)
 	require.NoError(t, err)
 
 	_, err = OpenStream(ctx, cc, "x", "bogus", time.Second)
@@ -68,4 +68,18 @@ func TestStreamOverPipe(t *testing.T) {
 	cc.Close()
 	cancel()
 	<-served
+}
+
+// relayTransport is a relay's transport, made for one test.
+func relayTransport(t *testing.T, live Liveness) *RelayTransport {
+	t.Helper()
+	rt, err := NewRelayTransport(live)
+	require.NoError(t, err)
+	return rt
+}
+
+// Two relays in one process (tests, scale-out) share no transport.
+func TestRelayTransportsShareNothing(t *testing.T) {
+	a, b := relayTransport(t, DefaultLiveness), relayTransport(t, DefaultLiveness)
+	assert.NotSame(t, a.t, b.t)
 }

@@ -15,120 +15,22 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// Flow-control windows. The HTTP/2 defaults (64 KiB per stream on the
-// server side, 1 MiB per connection) cap a single stream at window/RTT, which
-// is what makes other multiplexing tunnels crawl on long links. These allow
-// ~16 MiB in flight per stream, and per tunnel 64 MiB of uploads (agent
-// side) and relayConnWindow of downloads (relay side); memory is only used
-// when a reader falls behind.
-const (
-	streamWindow = 16 << 20
-	connWindow   = 64 << 20
-	// frameSize is the largest DATA frame each side accepts. Bigger frames
-	// mean fewer WebSocket messages and fewer syscalls per byte.
-	frameSize = 256 << 10
-)
-
-// Liveness is how a tunnel notices a dead peer: after ReadIdle without a
-// frame it sends a ping and gives up if no answer comes within Ping.
-type Liveness struct {
-	ReadIdle time.Duration
-	Ping     time.Duration
-}
-
-// DefaultLiveness detects a dead tunnel within 10 s, inside the 15 s promise.
-var DefaultLiveness = Liveness{ReadIdle: 5 * time.Second, Ping: 5 * time.Second}
-
-// Server serves HTTP/2 on tunnel connections the agent dialed. Shutdown
-// sends GOAWAY on every connection it serves, so the relay stops opening new
-// streams there while the running ones finish.
-type Server struct {
-	hs   *http.Server
-	h2   *http2.Server
-	live Liveness
-
-	mu       sync.Mutex
-	shutdown bool
-	waiting  map[*Conn]struct{} // tunnels the relay has not used yet
-}
-
-// NewServer returns a Server that hands each stream to h.
-func NewServer(h http.Handler, maxStreams uint32, live Liveness) *Server {
-	hs := &http.Server{Handler: h}
-	h2 := &http2.Server{
-		MaxConcurrentStreams:         maxStreams,
-		MaxReadFrameSize:             frameSize,
-		MaxUploadBufferPerConnection: connWindow,
-		MaxUploadBufferPerStream:     streamWindow,
-		ReadIdleTimeout:              live.ReadIdle,
-		PingTimeout:                  live.Ping,
-	}
-	// ConfigureServer hooks h2's graceful shutdown into hs.Shutdown.
-	if err := http2.ConfigureServer(hs, h2); err != nil {
-		panic(fmt.Sprintf("tunnel: configuring http2 server: %v", err)) // only fails on a bad TLSConfig, which we never set
-	}
-	return &Server{hs: hs, h2: h2, live: live, waiting: map[*Conn]struct{}{}}
-}
-
-// ServeConn serves HTTP/2 on conn until the connection ends or ctx is done,
-// then closes conn. On a tunnel Conn, HTTP/2 starts when the relay sends
-// its first bytes (the relay starts its side on first use; see
-// LazyClientConn); until then WebSocket pings watch the connection.
-func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
-	defer conn.Close()
-	if wc, ok := conn.(*Conn); ok && !s.await(ctx, wc) {
-		return
-	}
-	s.h2.ServeConn(conn, &http2.ServeConnOpts{Context: ctx, BaseConfig: s.hs, Handler: s.hs.Handler})
-}
-
-// await waits for the relay's first bytes on conn, and reports whether
-// HTTP/2 should be served on it: not if the connection ended, nor once
-// Shutdown has begun (the relay then sends new streams to another replica).
-func (s *Server) await(ctx context.Context, conn *Conn) bool {
-	s.mu.Lock()
-	if s.shutdown {
-		s.mu.Unlock()
-		return false
-	}
-	s.waiting[conn] = struct{}{}
-	s.mu.Unlock()
-	err := conn.AwaitData(ctx, s.live)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.waiting, conn)
-	return err == nil && !s.shutdown
-}
-
-// Shutdown sends GOAWAY on every served connection and closes tunnels the
-// relay has not used yet. Streams in flight keep running; ServeConn returns
-// once they are done.
-func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.shutdown = true
-	for c := range s.waiting {
-		c.Close()
-	}
-	s.mu.Unlock()
-	return s.hs.Shutdown(ctx)
-}
-
 // relayConnWindow is the relay's receive window per tunnel (downloads).
 // Connection-level credit only comes back as clients read, so it is kept
 // at sixteen streams' worth: a few kubectls reading slowly cannot starve
 // the other streams of their tunnel. (x/net's default is 1 GiB.)
 const relayConnWindow = 16 * streamWindow
 
-// clientTransports holds the relay's HTTP/2 transport per liveness setting
-// (one per relay in practice), rather than one per tunnel.
-var clientTransports sync.Map // Liveness -> *http2.Transport
+// RelayTransport is the relay's side of its tunnels: the one HTTP/2
+// transport its tunnels' clients share (rather than one per tunnel). Each
+// relay makes its own, so two relays in one process share nothing.
+type RelayTransport struct {
+	t    *http2.Transport
+	live Liveness
+}
 
-func clientTransport(live Liveness) (*http2.Transport, error) {
-	if t, ok := clientTransports.Load(live); ok {
-		return t.(*http2.Transport), nil
-	}
+// NewRelayTransport returns the transport for tunnels watched with live.
+func NewRelayTransport(live Liveness) (*RelayTransport, error) {
 	// Receive windows are only configurable through a net/http
 	// Transport's HTTP2 settings. Without them x/net gives each stream
 	// 4 MiB, which capped one passthrough connection at 80 MiB/s on a
@@ -146,17 +48,12 @@ func clientTransport(live Liveness) (*http2.Transport, error) {
 	t.PingTimeout = live.Ping
 	// The agent's answer to a new stream is quick or the agent is gone.
 	t.WriteByteTimeout = 15 * time.Second
-	actual, _ := clientTransports.LoadOrStore(live, t)
-	return actual.(*http2.Transport), nil
+	return &RelayTransport{t: t, live: live}, nil
 }
 
 // NewClientConn runs the HTTP/2 client side on conn (the relay's side).
-func NewClientConn(conn net.Conn, live Liveness) (*http2.ClientConn, error) {
-	t, err := clientTransport(live)
-	if err != nil {
-		return nil, err
-	}
-	cc, err := t.NewClientConn(conn)
+func (r *RelayTransport) NewClientConn(conn net.Conn) (*http2.ClientConn, error) {
+	cc, err := r.t.NewClientConn(conn)
 	if err != nil {
 		return nil, fmt.Errorf("starting http2 client on tunnel: %w", err)
 	}
@@ -171,7 +68,7 @@ func NewClientConn(conn net.Conn, live Liveness) (*http2.ClientConn, error) {
 // idle most of the time.
 type LazyClientConn struct {
 	conn *Conn
-	live Liveness
+	rt   *RelayTransport
 
 	mu     sync.Mutex
 	cc     *http2.ClientConn
@@ -182,10 +79,10 @@ type LazyClientConn struct {
 // StartLazyClientConn watches conn and returns its client. If the agent
 // sends first (earlier agent builds served HTTP/2 at once), the client
 // starts then, so that the agent's HTTP/2 pings are answered.
-func StartLazyClientConn(conn *Conn, live Liveness) *LazyClientConn {
-	l := &LazyClientConn{conn: conn, live: live}
+func (r *RelayTransport) StartLazyClientConn(conn *Conn) *LazyClientConn {
+	l := &LazyClientConn{conn: conn, rt: r}
 	go func() {
-		if conn.AwaitData(context.Background(), live) == nil {
+		if conn.AwaitData(context.Background(), r.live) == nil {
 			_, _ = l.get()
 		}
 	}()
@@ -199,7 +96,7 @@ func (l *LazyClientConn) get() (*http2.ClientConn, error) {
 		if l.closed {
 			return nil, net.ErrClosed
 		}
-		l.cc, l.err = NewClientConn(l.conn, l.live)
+		l.cc, l.err = l.rt.NewClientConn(l.conn)
 		if l.err != nil {
 			l.conn.Close()
 		}
@@ -372,71 +269,4 @@ func (s *Stream) Close() error {
 	return nil
 }
 
-// ServerStream is the agent's side of a CONNECT stream inside an
-// http.Handler: reads come from the request body, writes are flushed to the
-// response at once so interactive sessions never wait on a buffer.
-type ServerStream struct {
-	body io.ReadCloser
-	w    io.Writer
-	rc   *http.ResponseController
-}
-
-// AcceptStream answers a CONNECT stream with 200 and returns its byte stream.
-func AcceptStream(w http.ResponseWriter, r *http.Request) (*ServerStream, error) {
-	rc := http.NewResponseController(w)
-	w.WriteHeader(http.StatusOK)
-	if err := rc.Flush(); err != nil {
-		return nil, fmt.Errorf("sending stream headers: %w", err)
-	}
-	return &ServerStream{body: r.Body, w: w, rc: rc}, nil
-}
-
-func (s *ServerStream) Read(p []byte) (int, error) { return s.body.Read(p) }
-
-func (s *ServerStream) Write(p []byte) (int, error) {
-	n, err := s.w.Write(p)
-	if err != nil {
-		return n, err
-	}
-	return n, s.rc.Flush()
-}
-
-// Join copies between the stream and target until target's side ends:
-// src (the stream's body, or a reader that buffered part of it) goes to
-// target, half-closing target at EOF; target's bytes come back until it
-// closes, which ends the stream (an HTTP/2 response can only end by the
-// handler returning, so this is the one direction that finishes the join).
-// It returns the bytes moved each way.
-func (s *ServerStream) Join(target io.ReadWriteCloser, src io.Reader) (toTarget, fromTarget int64, err error) {
-	if src == nil {
-		src = s.body
-	}
-	done := make(chan error, 1)
-	go func() {
-		n, err := Copy(target, src)
-		toTarget = n
-		if err == nil {
-			err = CloseWrite(target)
-		} else {
-			// The stream broke (reset, or the tunnel is gone): nobody will
-			// read target's answer, and a quiet target (a watch with no
-			// events) would otherwise hold the copy below forever.
-			target.Close()
-		}
-		done <- err
-	}()
-	fromTarget, err = Copy(s, target)
-	target.Close()
-	s.body.Close()
-	if errIn := <-done; err == nil {
-		err = firstReal(errIn)
-	}
-	return toTarget, fromTarget, firstReal(err)
-}
-
-// RefuseStream answers a stream with an error status and a reason the relay
-// logs.
-func RefuseStream(w http.ResponseWriter, code int, reason string) {
-	w.Header().Set(HeaderError, reason)
-	w.WriteHeader(code)
-}
+func (s *Stream) takesSource() {}

@@ -1,0 +1,144 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// How a tunnel notices a dead peer, on either side: HTTP/2 pings once
+// HTTP/2 runs (ReadIdleTimeout and PingTimeout of x/net's server and
+// transport), WebSocket pings before (AwaitData). One heartbeat at a time.
+
+// Liveness is how a tunnel notices a dead peer: after ReadIdle without a
+// frame it sends a ping and gives up if no answer comes within Ping.
+type Liveness struct {
+	ReadIdle time.Duration
+	Ping     time.Duration
+}
+
+// Defaults of Liveness, the one place they are written (the relay's and
+// the agent's flags and configs take them from here).
+const (
+	DefaultReadIdle = 5 * time.Second
+	DefaultPing     = 5 * time.Second
+)
+
+// DefaultLiveness detects a dead tunnel within 10 s, inside the 15 s promise.
+var DefaultLiveness = Liveness{ReadIdle: DefaultReadIdle, Ping: DefaultPing}
+
+// WithDefaults returns l with each zero field set to its default.
+func (l Liveness) WithDefaults() Liveness {
+	if l.ReadIdle == 0 {
+		l.ReadIdle = DefaultReadIdle
+	}
+	if l.Ping == 0 {
+		l.Ping = DefaultPing
+	}
+	return l
+}
+
+// AwaitData blocks until the peer's first data message has arrived (Read
+// then returns it) and keeps the quiet connection honest meanwhile: a
+// WebSocket ping every live.ReadIdle, and Close if its pong does not come
+// within live.Ping. It returns at once if Read has already run. It lets a
+// tunnel idle before either side starts HTTP/2, whose buffers, framer and
+// read loop are most of what an idle tunnel would cost the relay. The
+// error is why the connection ended; Close has been called.
+func (c *Conn) AwaitData(ctx context.Context, live Liveness) error {
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	defer stop()
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	if c.reading || c.r != nil {
+		return nil // HTTP/2 owns the connection, and its pings watch it
+	}
+	p := c.startPinger(live)
+	defer p.stop()
+	if err := c.nextMessage(); err != nil {
+		c.Close()
+		return c.ReadErr() // the cause (a ping timeout), not its effect
+	}
+	return nil
+}
+
+// pinger sends AwaitData's pings from a timer, so a waiting tunnel costs
+// no goroutine beyond the one blocked reading.
+type pinger struct {
+	c        *Conn
+	live     Liveness
+	mu       sync.Mutex
+	t        *time.Timer
+	awaiting bool   // a ping is out; the timer next checks for its pong
+	pongs    uint64 // c.pongs when it was sent
+	stopped  bool
+}
+
+func (c *Conn) startPinger(live Liveness) *pinger {
+	p := &pinger{c: c, live: live}
+	if live.Ping <= 0 {
+		p.live.Ping = 15 * time.Second // as x/net's PingTimeout
+	}
+	if live.ReadIdle > 0 { // 0 turns pings off, as with HTTP/2
+		p.t = time.AfterFunc(live.ReadIdle, p.fire)
+	}
+	return p
+}
+
+func (p *pinger) fire() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		return
+	}
+	if p.awaiting {
+		if p.c.pongs.Load() == p.pongs {
+			p.c.readFailed(errPingTimeout)
+			p.c.Close()
+			return
+		}
+		p.awaiting = false
+		p.t.Reset(p.live.ReadIdle)
+		return
+	}
+	p.pongs = p.c.pongs.Load()
+	if err := p.c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(p.live.Ping)); err != nil {
+		p.c.readFailed(fmt.Errorf("sending websocket ping: %w", err))
+		p.c.Close()
+		return
+	}
+	p.awaiting = true
+	p.t.Reset(p.live.Ping)
+}
+
+func (p *pinger) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.stopped = true
+	if p.t != nil {
+		p.t.Stop()
+	}
+}
+
+// errPingTimeout ends a tunnel whose peer stopped answering pings.
+var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
+
+// HTTP/2 settings both roles share.
+
+// Flow-control windows. The HTTP/2 defaults (64 KiB per stream on the
+// server side, 1 MiB per connection) cap a single stream at window/RTT, which
+// is what makes other multiplexing tunnels crawl on long links. These allow
+// ~16 MiB in flight per stream, and per tunnel 64 MiB of uploads (agent
+// side) and relayConnWindow of downloads (relay side); memory is only used
+// when a reader falls behind.
+const (
+	streamWindow = 16 << 20
+	connWindow   = 64 << 20
+	// frameSize is the largest DATA frame each side accepts. Bigger frames
+	// mean fewer WebSocket messages and fewer syscalls per byte.
+	frameSize = 256 << 10
+)
