@@ -1,21 +1,12 @@
-// Package server is the relay: one public TLS listener shared by agents and
-// users. It reads each connection's server name, terminates the relay's own
-// domain (the agents' tunnel endpoint, health and metrics), and carries every
-// <label>.<domain> connection down the tunnel of the agent that registered
-// that label.
 package server
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
-	"github.com/spectroproxy/spectro-proxy/internal/pki"
-	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -157,47 +148,3 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
-
-// ensureState creates the local CA, certificate and signing key the
-// configuration relies on, keeping what already exists.
-func (c *Config) ensureState() error {
-	if c.StateDir == "" {
-		return nil
-	}
-	caCert, caKey := filepath.Join(c.StateDir, "ca.crt"), filepath.Join(c.StateDir, "ca.key")
-	files := map[string][]byte{}
-	if c.TLSCertFile == "" {
-		var ca *pki.CA
-		var err error
-		if exists(caCert) && exists(caKey) {
-			ca, err = pki.LoadCA(caCert, caKey)
-		} else {
-			ca, err = pki.NewCA("spectro-proxy relay CA")
-			files["ca.crt"], files["ca.key"] = ca.CertPEM, ca.KeyPEM
-		}
-		if err != nil {
-			return err
-		}
-		c.TLSCertFile, c.TLSKeyFile = filepath.Join(c.StateDir, "tls.crt"), filepath.Join(c.StateDir, "tls.key")
-		if !exists(c.TLSCertFile) || len(files) > 0 {
-			leaf, err := ca.Issue(c.Domain, []string{c.Domain, "*." + c.Domain, "localhost", "127.0.0.1"}, nil, false)
-			if err != nil {
-				return err
-			}
-			files["tls.crt"], files["tls.key"] = leaf.CertPEM, leaf.KeyPEM
-		}
-	}
-	if c.SigningKeyFile == filepath.Join(c.StateDir, "signing.key") && !exists(c.SigningKeyFile) {
-		k, err := token.NewKey()
-		if err != nil {
-			return err
-		}
-		files["signing.key"] = k
-	}
-	if err := pki.WriteFiles(c.StateDir, files); err != nil {
-		return fmt.Errorf("writing state dir: %w", err)
-	}
-	return nil
-}
-
-func exists(p string) bool { _, err := os.Stat(p); return err == nil }

@@ -3,7 +3,6 @@ package server
 import (
 	"net"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -144,23 +143,4 @@ func sourceOf(remote string) string {
 		return remote
 	}
 	return host
-}
-
-// watchedConn sits under the TLS of a connection handed to the HTTPS
-// server and notes what the HTTPS server does not say: whether a read hit
-// its deadline (a slow client) and how much was read. When the connection
-// closes before any request was served, that tells why (see connState).
-type watchedConn struct {
-	net.Conn
-	read     atomic.Int64
-	timedOut atomic.Bool
-}
-
-func (w *watchedConn) Read(p []byte) (int, error) {
-	n, err := w.Conn.Read(p)
-	w.read.Add(int64(n))
-	if ne, ok := err.(net.Error); ok && ne.Timeout() {
-		w.timedOut.Store(true)
-	}
-	return n, err
 }

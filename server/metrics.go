@@ -65,3 +65,9 @@ func newMetrics() *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
+
+// refuse counts a refusal by reason and logs it.
+func (s *Server) refuse(reason string, args ...any) {
+	s.m.refusals.WithLabelValues(reason).Inc()
+	s.log.Info("refused", append([]any{"reason", reason}, args...)...)
+}

@@ -30,17 +30,6 @@ type session struct {
 
 func (s *session) close() { s.cc.Close(); s.conn.Close() }
 
-// acquire takes one of the session's stream slots.
-func (s *session) acquire() bool {
-	if s.streams.Add(1) > s.maxStreams {
-		s.streams.Add(-1)
-		return false
-	}
-	return true
-}
-
-func (s *session) release() { s.streams.Add(-1) }
-
 // registry maps labels to the sessions serving them.
 //
 // The rule for duplicates: any number of replicas of one cluster may serve a

@@ -160,3 +160,12 @@ func (s *Server) retryLater(w http.ResponseWriter, code, afterSeconds int, msg s
 	w.Header().Set("Retry-After", strconv.Itoa(afterSeconds))
 	http.Error(w, "spectro-proxy: "+msg, code)
 }
+
+// hostnames renders the public host names of a session's labels.
+func (s *Server) hostnames(sess *session) []string {
+	out := make([]string, 0, len(sess.routes))
+	for label, mode := range sess.routes {
+		out = append(out, fmt.Sprintf("%s (%s)", hostname.Host(label, s.cfg.Domain), mode))
+	}
+	return out
+}

@@ -10,84 +10,11 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strings"
-	"sync"
 
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
-
-// passthrough carries a raw TLS connection to the agent serving label.
-func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, cands []*session) {
-	remote := c.RemoteAddr().String()
-	st, err := s.openStream(ctx, label, tunnel.StreamTCP, cands)
-	if err != nil {
-		reason := reasonStreamFailed
-		if len(cands) == 0 {
-			reason = reasonAgentUnavailable
-		} else if errors.Is(err, errTooManyStreams) {
-			reason = reasonTooManyStreams
-		}
-		s.refuse(reason, "host", label, "remote", remote, "error", err.Error())
-		// There is no HTTP here to explain in; an alert at least ends the
-		// client's handshake at once instead of letting it hang.
-		_ = sni.WriteAlert(c, sni.AlertInternalError)
-		c.Close()
-		return
-	}
-	s.m.streams.WithLabelValues("passthrough").Inc()
-	defer s.m.streams.WithLabelValues("passthrough").Dec()
-	up, down, err := tunnel.Join(c, st)
-	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
-	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
-	s.log.Debug("passthrough closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
-}
-
-// errTooManyStreams says every replica's tunnel carries MaxStreamsPerTunnel.
-var errTooManyStreams = errors.New("too many concurrent streams on the tunnel")
-
-// slot is one of a session's stream slots, given back once.
-type slot struct {
-	once sync.Once
-	sess *session
-}
-
-func (s *slot) free() { s.once.Do(s.sess.release) }
-
-// countedStream is a stream holding a slot until Close.
-type countedStream struct {
-	*tunnel.Stream
-	slot *slot
-}
-
-func (c *countedStream) Close() error { defer c.slot.free(); return c.Stream.Close() }
-
-// openStream opens a stream of kind on the first candidate session that
-// takes it, failing over to the next replica.
-func (s *Server) openStream(ctx context.Context, label, kind string, cands []*session) (*countedStream, error) {
-	if len(cands) == 0 {
-		return nil, fmt.Errorf("no agent connected for %s", label)
-	}
-	var errs []error
-	for _, sess := range cands {
-		if !sess.acquire() {
-			errs = append(errs, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams))
-			continue
-		}
-		st, err := tunnel.OpenStream(ctx, sess.cc, label, kind, s.cfg.StreamTimeout)
-		if err == nil {
-			return &countedStream{Stream: st, slot: &slot{sess: sess}}, nil
-		}
-		sess.release()
-		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
-		if errors.Is(err, tunnel.ErrRefused) {
-			// The agent is alive but could not reach its target; another
-			// replica of the same cluster would not do better.
-			break
-		}
-	}
-	return nil, errors.Join(errs...)
-}
 
 // serveTerminated forwards a request whose TLS the relay terminated to the
 // agent serving label.

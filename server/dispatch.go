@@ -1,0 +1,225 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/sni"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// Where each public connection goes. The SNI router (handleConn) reads a
+// connection's server name and sends it to the relay's own API, down a
+// tunnel as raw TLS (passthrough.go), or to the HTTPS server for a
+// terminate-mode route (terminate.go); serveHTTPS sorts what the HTTPS
+// server reads the same way.
+
+// handleConn routes one public connection by its server name.
+func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
+	remote := conn.RemoteAddr().String()
+	src := sourceOf(remote)
+	if !s.hellos.enter(src) {
+		s.refuse(reasonTooManyHellos, "remote", remote)
+		conn.Close()
+		return
+	}
+	name, pc, err := sni.Peek(conn, s.cfg.HelloTimeout)
+	s.hellos.leave(src)
+	if err != nil {
+		reason := reasonNotTLS
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			reason = reasonHelloTimeout
+		}
+		s.refuse(reason, "remote", conn.RemoteAddr().String(), "error", err.Error())
+		conn.Close()
+		return
+	}
+	name = hostname.Canonical(name)
+	if name == s.cfg.Domain {
+		s.handOff(pc)
+		return
+	}
+	label, ok := s.labelOf(name)
+	if !ok {
+		reason := reasonUnknownHost
+		if name == "" {
+			reason = reasonNoServerName
+		}
+		s.refuse(reason, "host", name, "remote", conn.RemoteAddr().String())
+		_ = sni.WriteAlert(conn, sni.AlertUnrecognizedName)
+		conn.Close()
+		return
+	}
+	cands, mode, known := s.reg.candidates(label)
+	if !known {
+		s.refuse(reasonUnknownHost, "host", name, "remote", conn.RemoteAddr().String())
+		_ = sni.WriteAlert(conn, sni.AlertUnrecognizedName)
+		conn.Close()
+		return
+	}
+	if mode == "terminate" {
+		// TLS ends here; HTTP requests then go down the tunnel one stream
+		// each (and "agent not connected" can be said in HTTP).
+		s.handOff(pc)
+		return
+	}
+	s.passthrough(ctx, pc, label, cands)
+}
+
+// handOff terminates TLS and gives the connection to the HTTPS server.
+func (s *Server) handOff(c net.Conn) {
+	wc := &watchedConn{Conn: c}
+	// Tunnels batch their TLS records into one write per message; other
+	// connections write through.
+	tc := tls.Server(tunnel.NewBatchConn(wc), s.tlsConf)
+	s.watched.Store(tc, wc)
+	if !s.httpLn.push(tc) {
+		s.watched.Delete(tc)
+		c.Close()
+	}
+}
+
+// connState explains connections the HTTPS server closed before a single
+// request reached serveHTTPS, which net/http does silently: a slow handshake or slow
+// headers (slowloris), headers over MaxHeaderBytes (answered 431), or
+// nothing usable at all (a failed TLS handshake, a bad request, a client
+// that only connected).
+func (s *Server) connState(c net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateHijacked:
+		s.watched.Delete(c)
+	case http.StateClosed:
+		v, ok := s.watched.LoadAndDelete(c)
+		if !ok {
+			return
+		}
+		wc := v.(*watchedConn)
+		remote := wc.RemoteAddr().String()
+		switch {
+		case wc.timedOut.Load():
+			s.refuse(reasonRequestTimeout, "remote", remote, "timeout", s.cfg.RequestHeaderTimeout.String())
+		case wc.read.Load() > int64(s.cfg.MaxHeaderBytes):
+			s.refuse(reasonHeadersTooLarge, "remote", remote, "read_bytes", wc.read.Load(), "max_header_bytes", s.cfg.MaxHeaderBytes)
+		default:
+			// Common and harmless (probes, clients that gave up): counted,
+			// logged only at debug level.
+			s.m.refusals.WithLabelValues(reasonNoRequest).Inc()
+			s.log.Debug("refused", "reason", reasonNoRequest, "remote", remote)
+		}
+	}
+}
+
+// labelOf returns the label of a name one level under the relay's domain.
+func (s *Server) labelOf(name string) (string, bool) {
+	return hostname.LabelOf(name, s.cfg.Domain)
+}
+
+// connKey is the context key of a request's connection.
+type connKey struct{}
+
+// serveHTTPS serves connections whose TLS the relay terminated.
+func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
+	if c, ok := r.Context().Value(connKey{}).(net.Conn); ok {
+		s.watched.Delete(c)
+	}
+	name := hostname.Canonical(r.TLS.ServerName)
+	if name == s.cfg.Domain || name == "" {
+		s.api.ServeHTTP(w, r)
+		return
+	}
+	// Browsers reuse an HTTP/2 connection for any host its certificate
+	// covers, and ours covers *.domain: a request for one cluster could
+	// arrive on a connection opened for another. 421 makes the client
+	// retry on a connection of its own, so routing by SNI stays right.
+	// A Host outside the domain (kubectl with tls-server-name dialing
+	// 127.0.0.1) is no such case: SNI alone names the cluster then.
+	if host := strings.ToLower(stripPort(r.Host)); host != name && hostname.InDomain(host, s.cfg.Domain) {
+		s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
+		http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+name, http.StatusMisdirectedRequest)
+		return
+	}
+	label, _ := s.labelOf(name)
+	s.serveTerminated(w, r, label)
+}
+
+func stripPort(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return hostport
+}
+
+// watchedConn sits under the TLS of a connection handed to the HTTPS
+// server and notes what the HTTPS server does not say: whether a read hit
+// its deadline (a slow client) and how much was read. When the connection
+// closes before any request was served, that tells why (see connState).
+type watchedConn struct {
+	net.Conn
+	read     atomic.Int64
+	timedOut atomic.Bool
+}
+
+func (w *watchedConn) Read(p []byte) (int, error) {
+	n, err := w.Conn.Read(p)
+	w.read.Add(int64(n))
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		w.timedOut.Store(true)
+	}
+	return n, err
+}
+
+// connListener is a net.Listener fed by the SNI router.
+type connListener struct {
+	ch     chan net.Conn
+	done   chan struct{}
+	once   sync.Once
+	mu     sync.RWMutex
+	closed bool
+}
+
+func newConnListener() *connListener {
+	return &connListener{ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *connListener) push(c net.Conn) bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.closed {
+		return false
+	}
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *connListener) Close() error {
+	l.once.Do(func() {
+		close(l.done)
+		l.mu.Lock()
+		l.closed = true
+		l.mu.Unlock()
+	})
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)} }

@@ -1,0 +1,35 @@
+package server
+
+import (
+	"context"
+	"errors"
+
+	"github.com/spectroproxy/spectro-proxy/internal/sni"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// passthrough carries a raw TLS connection to the agent serving label.
+func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, cands []*session) {
+	remote := c.RemoteAddr().String()
+	st, err := s.openStream(ctx, label, tunnel.StreamTCP, cands)
+	if err != nil {
+		reason := reasonStreamFailed
+		if len(cands) == 0 {
+			reason = reasonAgentUnavailable
+		} else if errors.Is(err, errTooManyStreams) {
+			reason = reasonTooManyStreams
+		}
+		s.refuse(reason, "host", label, "remote", remote, "error", err.Error())
+		// There is no HTTP here to explain in; an alert at least ends the
+		// client's handshake at once instead of letting it hang.
+		_ = sni.WriteAlert(c, sni.AlertInternalError)
+		c.Close()
+		return
+	}
+	s.m.streams.WithLabelValues("passthrough").Inc()
+	defer s.m.streams.WithLabelValues("passthrough").Dec()
+	up, down, err := tunnel.Join(c, st)
+	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
+	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
+	s.log.Debug("passthrough closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
+}
