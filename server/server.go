@@ -37,9 +37,8 @@ type Server struct {
 	cfg      Config
 	log      *slog.Logger
 	tlsConf  *tls.Config
-	key      []byte
+	tokens   *token.Verifier
 	relay    *tunnel.RelayTransport // the HTTP/2 client side of every tunnel
-	revoked  *token.Revocations
 	reg      *registry
 	m        *metrics
 	limiter  *rate.Limiter
@@ -96,8 +95,7 @@ func New(cfg Config) (*Server, error) {
 			CipherSuites: cipherSuites,
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
-		key:     key,
-		revoked: token.NewRevocations(cfg.RevocationFile),
+		tokens:  token.NewVerifier(key, cfg.RevocationFile),
 		relay:   relay,
 		reg:     newRegistry(),
 		m:       newMetrics(),

@@ -34,7 +34,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.retryLater(w, http.StatusTooManyRequests, int(wait/time.Second)+1, "too many failed tunnel registrations from "+src)
 		return
 	}
-	claims, routes, agentID, ok := s.authorize(w, r)
+	reg, ok := s.authorize(w, r)
 	if !ok {
 		s.fails.fail(src)
 		return
@@ -46,6 +46,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "too many tunnel registrations right now")
 		return
 	}
+	claims, routes, agentID := reg.claims, reg.routes, reg.agentID
 	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
 		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
 			fmt.Sprintf("host name %s is served by another cluster's agent", hostname.Host(label, s.cfg.Domain)), remote)
@@ -103,34 +104,38 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// registration is what authorize allows: one agent replica of a cluster,
+// serving routes its token allows.
+type registration struct {
+	claims  token.Claims
+	routes  map[string]tunnel.Mode
+	agentID string
+}
+
 // authorize checks a registration: token (signature, expiry, revocation),
-// the labels it may register, and the agent id. On failure it has answered
-// the agent and counted the reason.
-func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (token.Claims, map[string]tunnel.Mode, string, bool) {
+// the labels it may register, and the agent id, and returns what it allows.
+// On failure it has answered the agent and counted the reason.
+func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (registration, bool) {
 	remote := r.RemoteAddr
-	fail := func(code int, reason, msg string) (token.Claims, map[string]tunnel.Mode, string, bool) {
+	fail := func(code int, reason, msg string) (registration, bool) {
 		s.refuseTunnel(w, code, reason, msg, remote)
-		return token.Claims{}, nil, "", false
+		return registration{}, false
 	}
 	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok {
 		return fail(http.StatusUnauthorized, reasonBadToken, "missing bearer token")
 	}
-	claims, err := token.Verify(s.key, tok, time.Now())
-	if err != nil {
-		reason := reasonBadToken
-		if errors.Is(err, token.ErrExpired) {
-			reason = reasonExpiredToken
-		}
-		return fail(http.StatusUnauthorized, reason, err.Error())
-	}
-	revoked, err := s.revoked.Revoked(claims.ID)
-	if err != nil {
+	claims, err := s.tokens.Verify(tok)
+	switch {
+	case errors.Is(err, token.ErrRevocationUnreadable):
 		s.log.Error("checking token revocation", "error", err)
 		return fail(http.StatusServiceUnavailable, reasonRevokedToken, "revocation list unreadable")
-	}
-	if revoked {
-		return fail(http.StatusUnauthorized, reasonRevokedToken, "token "+claims.ID+" is revoked")
+	case errors.Is(err, token.ErrRevoked):
+		return fail(http.StatusUnauthorized, reasonRevokedToken, err.Error())
+	case errors.Is(err, token.ErrExpired):
+		return fail(http.StatusUnauthorized, reasonExpiredToken, err.Error())
+	case err != nil:
+		return fail(http.StatusUnauthorized, reasonBadToken, err.Error())
 	}
 	routes, err := tunnel.ParseRoutes(r.Header.Get(tunnel.HeaderRoutes))
 	if err != nil {
@@ -146,7 +151,7 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (token.Claims
 	if agentID == "" || len(agentID) > 253 {
 		return fail(http.StatusBadRequest, reasonBadRegistration, "agent id header missing or too long")
 	}
-	return claims, routes, agentID, true
+	return registration{claims: claims, routes: routes, agentID: agentID}, true
 }
 
 func (s *Server) refuseTunnel(w http.ResponseWriter, code int, reason, msg, remote string) {

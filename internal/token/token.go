@@ -29,10 +29,13 @@ const MinKeySize = 32
 
 // Errors a caller can tell apart. Every failure wraps one of them.
 var (
-	ErrMalformed = errors.New("malformed token")
-	ErrSignature = errors.New("token signature does not match")
-	ErrExpired   = errors.New("token expired")
-	ErrRevoked   = errors.New("token revoked")
+	ErrMalformed    = errors.New("malformed token")
+	ErrBadSignature = errors.New("token signature does not match")
+	ErrExpired      = errors.New("token expired")
+	ErrRevoked      = errors.New("token revoked")
+	// ErrRevocationUnreadable says the revocation list could not be read:
+	// the token may be fine, but is not let in on a guess.
+	ErrRevocationUnreadable = errors.New("revocation list unreadable")
 )
 
 // Claims is what a token asserts.
@@ -118,7 +121,7 @@ func Verify(key []byte, tok string, now time.Time) (Claims, error) {
 		return Claims{}, fmt.Errorf("%w: signature encoding: %v", ErrMalformed, err)
 	}
 	if !hmac.Equal(sig, sign(key, body)) {
-		return Claims{}, ErrSignature
+		return Claims{}, ErrBadSignature
 	}
 	payload, err := strictB64.DecodeString(body[len(prefix):])
 	if err != nil {
@@ -138,6 +141,38 @@ func Verify(key []byte, tok string, now time.Time) (Claims, error) {
 	}
 	if c.ExpiresAt != 0 && now.Unix() >= c.ExpiresAt {
 		return Claims{}, fmt.Errorf("%w at %s", ErrExpired, time.Unix(c.ExpiresAt, 0).UTC().Format(time.RFC3339))
+	}
+	return c, nil
+}
+
+// Verifier checks the tokens agents present: signature and expiry with
+// the relay's key, then revocation.
+type Verifier struct {
+	key     []byte
+	revoked *Revocations
+	now     func() time.Time
+}
+
+// NewVerifier returns a Verifier for key that also honours the revocation
+// file at revocationFile (none when empty; see Revocations).
+func NewVerifier(key []byte, revocationFile string) *Verifier {
+	return &Verifier{key: key, revoked: NewRevocations(revocationFile), now: time.Now}
+}
+
+// Verify returns the claims of tok if the relay should accept it. Its
+// errors wrap ErrMalformed, ErrBadSignature, ErrExpired, ErrRevoked or
+// ErrRevocationUnreadable.
+func (v *Verifier) Verify(tok string) (Claims, error) {
+	c, err := Verify(v.key, tok, v.now())
+	if err != nil {
+		return Claims{}, err
+	}
+	revoked, err := v.revoked.Revoked(c.ID)
+	if err != nil {
+		return Claims{}, fmt.Errorf("%w: %v", ErrRevocationUnreadable, err)
+	}
+	if revoked {
+		return Claims{}, fmt.Errorf("%w: token %s is revoked", ErrRevoked, c.ID)
 	}
 	return c, nil
 }

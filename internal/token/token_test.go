@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -49,11 +50,11 @@ func TestVerifyRejects(t *testing.T) {
 		want error
 	}{
 		{"expired", good, now.Add(2 * time.Hour), ErrExpired},
-		{"other key", otherKey, now, ErrSignature},
+		{"other key", otherKey, now, ErrBadSignature},
 		{"no prefix", "abc", now, ErrMalformed},
 		{"no signature", prefix + body, now, ErrMalformed},
 		{"bad signature encoding", prefix + body + ".!!", now, ErrMalformed},
-		{"payload swapped", prefix + "eyJ1aWQiOiJ4In0." + sig, now, ErrSignature},
+		{"payload swapped", prefix + "eyJ1aWQiOiJ4In0." + sig, now, ErrBadSignature},
 		{"empty", "", now, ErrMalformed},
 		{"non-canonical signature encoding", nonCanonical(good), now, ErrMalformed},
 	}
@@ -154,4 +155,49 @@ func TestReservedSubdomains(t *testing.T) {
 	_, c, err := Issue(key, "ok", "dashboard-team", time.Hour, now)
 	require.NoError(t, err)
 	assert.True(t, c.Allows("dashboard-team-dashboard"))
+}
+
+func TestVerifier(t *testing.T) {
+	key := []byte("0123456789abcdef0123456789abcdef")
+	now := time.Now()
+	good, claims, err := Issue(key, "abc", "", time.Hour, now)
+	require.NoError(t, err)
+	revoked, revClaims, err := Issue(key, "abc", "", time.Hour, now)
+	require.NoError(t, err)
+	expired, _, err := Issue(key, "abc", "", time.Minute, now.Add(-time.Hour))
+	require.NoError(t, err)
+	forged, _, err := Issue([]byte("fedcba9876543210fedcba9876543210"), "abc", "", time.Hour, now)
+	require.NoError(t, err)
+	file := filepath.Join(t.TempDir(), "revoked")
+	require.NoError(t, os.WriteFile(file, []byte(revClaims.ID+"\n"), 0o600))
+
+	tests := []struct {
+		name    string
+		file    string
+		tok     string
+		wantErr error
+	}{
+		{"good", file, good, nil},
+		{"revoked", file, revoked, ErrRevoked},
+		{"expired", file, expired, ErrExpired},
+		{"other key", file, forged, ErrBadSignature},
+		{"garbage", file, "nope", ErrMalformed},
+		{"no revocation file configured", "", revoked, nil},
+		{"revocation file unreadable", t.TempDir(), good, ErrRevocationUnreadable},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := NewVerifier(key, tc.file).Verify(tc.tok)
+			if tc.wantErr != nil {
+				require.ErrorIs(t, err, tc.wantErr)
+				assert.Equal(t, Claims{}, got)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, "abc", got.ClusterUID)
+		})
+	}
+	c, err := NewVerifier(key, file).Verify(good)
+	require.NoError(t, err)
+	assert.Equal(t, claims, c)
 }
