@@ -10,7 +10,8 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
-// Config is the relay's configuration. Zero durations take the defaults.
+// Config is the relay's configuration. Zero values take the defaults
+// (the Default constants).
 type Config struct {
 	// Listen is the address of the public TLS listener.
 	Listen string
@@ -69,65 +70,83 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-func (c *Config) setDefaults() {
+// Defaults, the one place each is written: Config.withDefaults applies
+// them, the relay's flags show them, and docs/design.md's flag table is
+// checked against the flags (docs/flags_test.go).
+const (
+	DefaultListen                    = ":8443"
+	DefaultHelloTimeout              = 5 * time.Second
+	DefaultMaxPendingHellos          = 4096
+	DefaultMaxPendingHellosPerSource = 256
+	DefaultRequestHeaderTimeout      = 10 * time.Second
+	DefaultMaxHeaderBytes            = 64 << 10
+	DefaultAuthFailuresPerSecond     = 0.2
+	DefaultAuthFailureBurst          = 10
+	DefaultStreamTimeout             = 10 * time.Second
+	DefaultMaxStreamsPerTunnel       = 1000
+	DefaultDrainTimeout              = 25 * time.Second
+	DefaultRegistrationsPerSecond    = 200
+	// StateSigningKey is the signing key's name in the state dir.
+	StateSigningKey = "signing.key"
+)
+
+// withDefaults returns c with every zero field set to its default, the
+// domain in canonical form, and the signing key in the state dir when no
+// other is named. New calls it; Validate does not.
+func (c Config) withDefaults() Config {
+	def := func(v *time.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = d
+		}
+	}
 	if c.Listen == "" {
-		c.Listen = ":8443"
+		c.Listen = DefaultListen
 	}
-	if c.HelloTimeout == 0 {
-		c.HelloTimeout = 5 * time.Second
-	}
+	def(&c.HelloTimeout, DefaultHelloTimeout)
+	def(&c.RequestHeaderTimeout, DefaultRequestHeaderTimeout)
+	def(&c.StreamTimeout, DefaultStreamTimeout)
+	def(&c.DrainTimeout, DefaultDrainTimeout)
 	if c.MaxPendingHellos == 0 {
-		c.MaxPendingHellos = 4096
+		c.MaxPendingHellos = DefaultMaxPendingHellos
 	}
 	if c.MaxPendingHellosPerSource == 0 {
-		c.MaxPendingHellosPerSource = 256
-	}
-	if c.RequestHeaderTimeout == 0 {
-		c.RequestHeaderTimeout = 10 * time.Second
+		c.MaxPendingHellosPerSource = DefaultMaxPendingHellosPerSource
 	}
 	if c.MaxHeaderBytes == 0 {
-		c.MaxHeaderBytes = 64 << 10
+		c.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	if c.AuthFailuresPerSecond == 0 {
-		c.AuthFailuresPerSecond = 0.2
+		c.AuthFailuresPerSecond = DefaultAuthFailuresPerSecond
 	}
 	if c.AuthFailureBurst == 0 {
-		c.AuthFailureBurst = 10
+		c.AuthFailureBurst = DefaultAuthFailureBurst
 	}
-	if c.Liveness.ReadIdle == 0 {
-		c.Liveness.ReadIdle = tunnel.DefaultLiveness.ReadIdle
-	}
-	if c.Liveness.Ping == 0 {
-		c.Liveness.Ping = tunnel.DefaultLiveness.Ping
-	}
-	if c.StreamTimeout == 0 {
-		c.StreamTimeout = 10 * time.Second
-	}
+	c.Liveness = c.Liveness.WithDefaults()
 	if c.MaxStreamsPerTunnel == 0 {
-		c.MaxStreamsPerTunnel = 1000
-	}
-	if c.DrainTimeout == 0 {
-		c.DrainTimeout = 25 * time.Second
+		c.MaxStreamsPerTunnel = DefaultMaxStreamsPerTunnel
 	}
 	if c.RegistrationsPerSecond == 0 {
-		c.RegistrationsPerSecond = 200
+		c.RegistrationsPerSecond = DefaultRegistrationsPerSecond
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 	c.Domain = hostname.Canonical(c.Domain)
 	if c.SigningKeyFile == "" && c.StateDir != "" {
-		c.SigningKeyFile = filepath.Join(c.StateDir, "signing.key")
+		c.SigningKeyFile = filepath.Join(c.StateDir, StateSigningKey)
 	}
+	return c
 }
 
-// Validate reports the first thing wrong with the configuration.
+// Validate reports the first thing wrong with the configuration. It only
+// looks: zero values stand for defaults (see withDefaults), and the domain
+// is checked in canonical form.
 func (c *Config) Validate() error {
-	c.setDefaults()
-	if c.Domain == "" {
+	domain := hostname.Canonical(c.Domain)
+	if domain == "" {
 		return errors.New("domain is required (the relay's own host name, e.g. proxy.example.com)")
 	}
-	if err := hostname.ValidateDomain(c.Domain); err != nil {
+	if err := hostname.ValidateDomain(domain); err != nil {
 		return err
 	}
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
@@ -136,7 +155,7 @@ func (c *Config) Validate() error {
 	if c.TLSCertFile == "" && c.StateDir == "" {
 		return errors.New("either tls-cert-file/tls-key-file or state-dir is required")
 	}
-	if c.SigningKeyFile == "" {
+	if c.SigningKeyFile == "" && c.StateDir == "" {
 		return errors.New("signing-key-file is required (or state-dir, which keeps one)")
 	}
 	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 || c.RequestHeaderTimeout < 0 {

@@ -66,6 +66,7 @@ type Server struct {
 
 // New checks cfg, creates the local state it asks for, and returns a relay.
 func New(cfg Config) (*Server, error) {
+	cfg = cfg.withDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid relay config: %w", err)
 	}

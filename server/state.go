@@ -38,12 +38,12 @@ func (c *Config) ensureState() error {
 			files["tls.crt"], files["tls.key"] = leaf.CertPEM, leaf.KeyPEM
 		}
 	}
-	if c.SigningKeyFile == filepath.Join(c.StateDir, "signing.key") && !exists(c.SigningKeyFile) {
+	if c.SigningKeyFile == filepath.Join(c.StateDir, StateSigningKey) && !exists(c.SigningKeyFile) {
 		k, err := token.NewKey()
 		if err != nil {
 			return err
 		}
-		files["signing.key"] = k
+		files[StateSigningKey] = k
 	}
 	if err := pki.WriteFiles(c.StateDir, files); err != nil {
 		return fmt.Errorf("writing state dir: %w", err)

@@ -22,6 +22,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
 
@@ -52,21 +53,21 @@ func run(args []string) error {
 func serve(args []string) error {
 	fs := flag.NewFlagSet("spectro-proxy-server", flag.ContinueOnError)
 	var cfg server.Config
-	fs.StringVar(&cfg.Listen, "listen", ":8443", "The address of the one public TLS listener, shared by agents and users.")
+	fs.StringVar(&cfg.Listen, "listen", server.DefaultListen, "The address of the one public TLS listener, shared by agents and users.")
 	fs.StringVar(&cfg.Domain, "domain", "", "The relay's own host name. Clusters are reached at <label>.<domain>.")
 	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "A PEM certificate valid for the domain and *.domain. Without it, --state-dir gets a local CA and certificate.")
 	fs.StringVar(&cfg.TLSKeyFile, "tls-key-file", "", "The private key of --tls-cert-file.")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "A directory for what the relay creates itself: a local CA and certificate (when no certificate is given) and the token signing key.")
 	fs.StringVar(&cfg.SigningKeyFile, "signing-key-file", "", "The key agent tokens are signed with (default <state-dir>/signing.key, created if missing).")
 	fs.StringVar(&cfg.RevocationFile, "revocation-file", "", "A file of revoked token ids, one per line; re-read when it changes.")
-	fs.DurationVar(&cfg.HelloTimeout, "hello-timeout", 5*time.Second, "How long a new connection may take to send its TLS ClientHello.")
-	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", 5*time.Second, "After this long without a frame from an agent, ping it.")
-	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", 5*time.Second, "Drop a tunnel whose agent does not answer a ping within this long.")
-	fs.DurationVar(&cfg.StreamTimeout, "stream-timeout", 10*time.Second, "How long an agent may take to answer a new stream.")
-	maxStreams := fs.Uint("max-streams-per-tunnel", 1000, "The most concurrent streams one agent is asked to carry.")
-	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long connections in flight may take to finish.")
+	fs.DurationVar(&cfg.HelloTimeout, "hello-timeout", server.DefaultHelloTimeout, "How long a new connection may take to send its TLS ClientHello.")
+	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", tunnel.DefaultReadIdle, "After this long without a frame from an agent, ping it.")
+	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", tunnel.DefaultPing, "Drop a tunnel whose agent does not answer a ping within this long.")
+	fs.DurationVar(&cfg.StreamTimeout, "stream-timeout", server.DefaultStreamTimeout, "How long an agent may take to answer a new stream.")
+	maxStreams := fs.Uint("max-streams-per-tunnel", server.DefaultMaxStreamsPerTunnel, "The most concurrent streams one agent is asked to carry.")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", server.DefaultDrainTimeout, "On SIGTERM, how long connections in flight may take to finish.")
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "On SIGTERM, keep accepting for this long with /readyz failing, so load balancers stop sending connections first; then drain.")
-	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", 200, "New tunnels accepted per second; the rest are told to retry later.")
+	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", server.DefaultRegistrationsPerSecond, "New tunnels accepted per second; the rest are told to retry later.")
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
@@ -107,7 +108,7 @@ func tokenIssue(args []string) error {
 		return err
 	}
 	if *keyFile == "" && *stateDir != "" {
-		*keyFile = filepath.Join(*stateDir, "signing.key")
+		*keyFile = filepath.Join(*stateDir, server.StateSigningKey)
 	}
 	if *keyFile == "" {
 		return errors.New("--signing-key-file or --state-dir is required")
