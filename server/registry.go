@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,7 +20,7 @@ type session struct {
 	routes     map[string]tunnel.Mode
 	remote     string
 	since      time.Time
-	cc         *tunnel.LazyClientConn
+	cc         tunnelClient
 	conn       net.Conn
 	// streams counts streams open on the tunnel, capped at maxStreams
 	// (MaxStreamsPerTunnel) so that one busy or abused host name cannot
@@ -29,6 +30,18 @@ type session struct {
 }
 
 func (s *session) close() { s.cc.Close(); s.conn.Close() }
+
+// tunnelClient is the relay's HTTP/2 client on one agent's tunnel: a
+// *tunnel.LazyClientConn (a fake in unit tests).
+type tunnelClient interface {
+	http.RoundTripper
+	// CanTakeNewRequest reports whether a new stream may go to the tunnel
+	// (not after GOAWAY, nor once it is closing).
+	CanTakeNewRequest() bool
+	Close() error
+}
+
+var _ tunnelClient = (*tunnel.LazyClientConn)(nil)
 
 // registry maps labels to the sessions serving them.
 //

@@ -1,0 +1,131 @@
+package server
+
+import (
+	"fmt"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestHelloGate(t *testing.T) {
+	type op struct {
+		enter bool // else leave
+		src   string
+		want  bool // enter's answer
+	}
+	in := func(src string, want bool) op { return op{enter: true, src: src, want: want} }
+	out := func(src string) op { return op{src: src} }
+	tests := []struct {
+		name            string
+		total, perSrc   int
+		ops             []op
+		wantPending     int
+		wantSourcesHeld int
+	}{
+		{name: "admits up to the per-source cap", total: 10, perSrc: 2,
+			ops:         []op{in("a", true), in("a", true), in("a", false), in("b", true)},
+			wantPending: 3, wantSourcesHeld: 2},
+		{name: "admits up to the total cap", total: 2, perSrc: 2,
+			ops:         []op{in("a", true), in("b", true), in("c", false)},
+			wantPending: 2, wantSourcesHeld: 2},
+		{name: "leaving frees a place", total: 1, perSrc: 1,
+			ops:         []op{in("a", true), in("b", false), out("a"), in("b", true)},
+			wantPending: 1, wantSourcesHeld: 1},
+		{name: "a source with nothing pending is forgotten", total: 4, perSrc: 2,
+			ops:         []op{in("a", true), in("a", true), out("a"), out("a")},
+			wantPending: 0, wantSourcesHeld: 0},
+		{name: "a refused source does not count", total: 1, perSrc: 1,
+			ops:         []op{in("a", true), in("b", false)},
+			wantPending: 1, wantSourcesHeld: 1},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			g := newHelloGate(tc.total, tc.perSrc)
+			for i, o := range tc.ops {
+				if o.enter {
+					assert.Equal(t, o.want, g.enter(o.src), "op %d: enter(%s)", i, o.src)
+				} else {
+					g.leave(o.src)
+				}
+			}
+			assert.Equal(t, tc.wantPending, g.total)
+			assert.Len(t, g.perSource, tc.wantSourcesHeld)
+		})
+	}
+}
+
+// The failure limiter's windows, on synctest's fake clock: a source may
+// fail burst times, then once per 1/perSecond.
+func TestFailLimiterWindows(t *testing.T) {
+	tests := []struct {
+		name      string
+		perSecond float64
+		burst     int
+		failures  int           // spent at once
+		wait      time.Duration // then this passes
+		blocked   bool          // and src is blocked or not
+		retryIn   time.Duration // with this wait when blocked
+	}{
+		{name: "within the burst", perSecond: 0.2, burst: 10, failures: 9, blocked: false},
+		{name: "burst spent", perSecond: 0.2, burst: 10, failures: 10, blocked: true, retryIn: 5 * time.Second},
+		{name: "part of a window passed", perSecond: 0.2, burst: 10, failures: 10, wait: 2 * time.Second, blocked: true, retryIn: 3 * time.Second},
+		{name: "one window passed", perSecond: 0.2, burst: 10, failures: 10, wait: 5 * time.Second, blocked: false},
+		{name: "past the burst, failures keep it blocked", perSecond: 1, burst: 2, failures: 5, blocked: true, retryIn: time.Second},
+		{name: "a faster rate", perSecond: 4, burst: 1, failures: 1, wait: 250 * time.Millisecond, blocked: false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				f := newFailLimiter(tc.perSecond, tc.burst)
+				blocked, _ := f.blocked("127.0.0.1")
+				require.False(t, blocked, "a new source is not blocked")
+				for range tc.failures {
+					f.fail("127.0.0.1")
+				}
+				time.Sleep(tc.wait)
+				blocked, retry := f.blocked("127.0.0.1")
+				assert.Equal(t, tc.blocked, blocked)
+				if tc.blocked {
+					assert.InDelta(t, tc.retryIn.Seconds(), retry.Seconds(), 0.01, "retry in")
+				}
+				other, _ := f.blocked("127.0.0.2")
+				assert.False(t, other, "another source is not affected")
+			})
+		})
+	}
+}
+
+// Past maxFailSources, new sources share one limiter (memory stays
+// bounded), and the sweep forgets sources whose budget has refilled.
+func TestFailLimiterBoundedSources(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFailLimiter(1, 1)
+		for i := range maxFailSources {
+			f.fail(fmt.Sprintf("src%d", i))
+		}
+		assert.Len(t, f.sources, maxFailSources)
+		f.fail("newcomer") // shares the overflow limiter
+		assert.Len(t, f.sources, maxFailSources)
+		blocked, _ := f.blocked("another newcomer")
+		assert.True(t, blocked, "unknown sources in a flood share the overflow limiter's fate")
+
+		time.Sleep(2 * time.Second) // every budget refills
+		f.fail("late")              // the map is full: sweep, then remember it
+		assert.Len(t, f.sources, 1, "refilled sources are forgotten")
+		blocked, _ = f.blocked("src0")
+		assert.False(t, blocked)
+	})
+}
+
+func TestSourceOf(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.1:443":  "127.0.0.1",
+		"[::1]:8443":     "::1",
+		"not-a-hostport": "not-a-hostport",
+	} {
+		assert.Equal(t, want, sourceOf(in), in)
+	}
+}
