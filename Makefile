@@ -22,9 +22,15 @@ test: kube-bins ## Run every test: unit, fuzz seeds, chart, and e2e against a re
 run: kube-bins ## Local API server + relay + agents; writes .run/kubeconfig-{passthrough,terminate}, prints "ready"
 	$(GO) build -o .run/devrun ./hack/devrun && exec .run/devrun
 
-lint: ## gofmt and go vet
-	@test -z "$$(gofmt -l . | tee /dev/stderr)"
+# staticcheck, pinned: `go run` of a module version builds it once into the
+# build cache, so it needs no install step and every machine runs the same.
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+lint: ## Fail when gofmt or go mod tidy would change anything, or go vet or staticcheck reports
+	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "lint: gofmt would reformat the files above (gofmt -w .)" >&2; exit 1; }
+	@$(GO) mod tidy -diff || { echo "lint: go.mod/go.sum are not tidy (go mod tidy)" >&2; exit 1; }
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 
 # Every fuzz target as package:Target. `make test` already runs each on its
 # seeds and its checked-in corpus (testdata/fuzz/); this target explores.
