@@ -20,6 +20,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
 
@@ -123,6 +124,11 @@ func startAgent(t testing.TB, r *relay, cfg client.Config) *agent {
 	}
 	if cfg.AgentID == "" {
 		cfg.AgentID = "agent-" + t.Name()
+	}
+	if cfg.Mode == "" {
+		// These tests predate mode auto and point some agents at API
+		// servers that never answer; auto mode is tested in agent_test.go.
+		cfg.Mode = tunnel.Passthrough
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)
