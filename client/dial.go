@@ -129,7 +129,7 @@ func (d *relayDialer) dialProxy(ctx context.Context) (net.Conn, error) {
 		conn.Close()
 		hint := ""
 		switch resp.StatusCode {
-		case http.StatusProxyAuthRequired:
+		case http.StatusProxyAuthRequired, http.StatusUnauthorized: // tinyproxy answers 401 to wrong credentials
 			if d.proxy.User == nil {
 				hint = " (the proxy wants credentials: put them in the proxy URL, http://user:password@host:port)"
 			} else {

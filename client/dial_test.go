@@ -223,6 +223,8 @@ func TestProxyRefusals(t *testing.T) {
 			"proxy http://%s refused CONNECT " + relay + ": 407 Proxy Authentication Required (the proxy wants credentials: put them in the proxy URL, http://user:password@host:port)", ""},
 		{"407 with credentials", http.StatusProxyAuthRequired, "agent:hunter2@",
 			"proxy http://agent:xxxxx@%s refused CONNECT " + relay + ": 407 Proxy Authentication Required (the proxy did not accept the credentials in the proxy URL)", ""},
+		{"401 with credentials (as tinyproxy answers)", http.StatusUnauthorized, "agent:hunter2@",
+			"proxy http://agent:xxxxx@%s refused CONNECT " + relay + ": 401 Unauthorized (the proxy did not accept the credentials in the proxy URL)", ""},
 		{"403", http.StatusForbidden, "",
 			"proxy http://%s refused CONNECT " + relay + ": 403 Forbidden (the proxy does not allow CONNECT to the relay's address and port)", ""},
 		{"502", http.StatusBadGateway, "", "proxy http://%s refused CONNECT " + relay + ": 502 Bad Gateway", ""},
