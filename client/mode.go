@@ -68,10 +68,13 @@ func (c *Client) decideMode(ctx context.Context) (tunnel.Mode, error) {
 		return tunnel.Terminate, nil
 	case tunnel.Passthrough:
 		cert, err := c.apiCert(ctx)
-		if err != nil {
+		switch {
+		case err != nil:
 			c.log.Warn("could not check the API server certificate", "error", err)
-		} else if cert.VerifyHostname(want) != nil {
+		case cert.VerifyHostname(want) != nil:
 			c.warnMissingSAN(cert, want)
+		default:
+			c.log.Info("API server certificate carries the proxy host name", "hostname", want)
 		}
 		return tunnel.Passthrough, nil
 	}
