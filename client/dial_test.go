@@ -178,8 +178,10 @@ func TestProxySelection(t *testing.T) {
 }
 
 func TestProxyFromEnvironment(t *testing.T) {
+	for _, k := range []string{"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"} {
+		t.Setenv(k, "")
+	}
 	t.Setenv("HTTPS_PROXY", "http://u:pw@10.0.0.1:3128")
-	t.Setenv("NO_PROXY", "")
 	logs := &syncWriter{}
 	cfg := Config{Server: "proxy.test", ClusterUID: "abc", Mode: "terminate", APIServer: "https://127.0.0.1:1",
 		APIServerCAFile: writeCA(t), AgentID: "a", Logger: newTextLogger(logs)}

@@ -96,7 +96,11 @@ func chartAgent(t *testing.T, cliBin string, c *testcluster.Cluster, r *relayBin
 	t.Helper()
 	health := freeAddr(t)
 	ns := "cluster-" + uid
-	p := startProc(t, append([]string{"POD_NAME=spectro-proxy-" + uid + "-0", "POD_NAMESPACE=" + ns}, env...), cliBin,
+	// No proxy from the test's environment unless env says so (later
+	// entries win).
+	base := []string{"POD_NAME=spectro-proxy-" + uid + "-0", "POD_NAMESPACE=" + ns,
+		"HTTPS_PROXY=", "https_proxy=", "HTTP_PROXY=", "http_proxy=", "NO_PROXY=", "no_proxy="}
+	p := startProc(t, append(base, env...), cliBin,
 		"--server="+domain, "--port="+r.port, "--cluster-uid="+uid, "--subdomain=cluster-"+uid, "--mode=auto",
 		"--token-file="+tokenFile, "--relay-ca-file="+r.caFile(),
 		"--health-addr="+health, "--agent-id=spectro-proxy-"+uid+"-0", "--log-level=info",
