@@ -91,7 +91,10 @@ func (c *Client) Ready() bool { return c.ready.Load() }
 // Connects returns how many tunnels have been established so far.
 func (c *Client) Connects() int64 { return c.connects.Load() }
 
-// Run keeps a tunnel up until ctx is done, then drains: the relay is told
+// Run first settles the API server route's mode (decideMode: in auto mode
+// it waits for the API server), starts publishing the kubeconfig skeleton
+// in the background when configured, then keeps a tunnel up until ctx is
+// done, and drains: the relay is told
 // (GOAWAY) to open no new streams here, and streams in flight get up to
 // DrainTimeout to finish.
 func (c *Client) Run(ctx context.Context) error {
