@@ -13,10 +13,12 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -24,11 +26,16 @@ import (
 
 // Client is the agent.
 type Client struct {
-	cfg    Config
-	log    *slog.Logger
-	routes map[string]*route
-	dialer *websocket.Dialer
-	ready  atomic.Bool
+	cfg     Config
+	log     *slog.Logger
+	routes  map[string]*route
+	relay   *relayDialer
+	dialer  *websocket.Dialer
+	metrics *metrics
+	ready   atomic.Bool
+	// mode is the API server route's mode once chosen (a tunnel.Mode), and
+	// modeErr why it is not chosen yet (an error), both for /readyz.
+	mode, modeErr atomic.Value
 	// connects counts tunnels established, for tests and logs.
 	connects atomic.Int64
 }
@@ -38,7 +45,7 @@ func New(cfg Config) (*Client, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid agent config: %w", err)
 	}
-	c := &Client{cfg: cfg, log: cfg.Logger}
+	c := &Client{cfg: cfg, log: cfg.Logger, metrics: newMetrics()}
 	routes, err := buildRoutes(&cfg)
 	if err != nil {
 		return nil, err
@@ -55,9 +62,15 @@ func New(cfg Config) (*Client, error) {
 		}
 	}
 	nd := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: 30 * time.Second}
+	if c.relay, err = newRelayDialer(&cfg, nd); err != nil {
+		return nil, err
+	}
+	if c.relay.proxy != nil {
+		c.log.Info("the relay connection goes through an HTTP proxy", "proxy", c.relay.proxyName(), "connect", c.relay.addr)
+	}
 	c.dialer = &websocket.Dialer{
-		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			c, err := nd.DialContext(ctx, network, cfg.relayAddr())
+		NetDialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			c, err := c.relay.DialContext(ctx)
 			if err != nil {
 				return nil, err
 			}
@@ -78,7 +91,10 @@ func (c *Client) Ready() bool { return c.ready.Load() }
 // Connects returns how many tunnels have been established so far.
 func (c *Client) Connects() int64 { return c.connects.Load() }
 
-// Run keeps a tunnel up until ctx is done, then drains: the relay is told
+// Run first settles the API server route's mode (decideMode: in auto mode
+// it waits for the API server), starts publishing the kubeconfig skeleton
+// in the background when configured, then keeps a tunnel up until ctx is
+// done, and drains: the relay is told
 // (GOAWAY) to open no new streams here, and streams in flight get up to
 // DrainTimeout to finish.
 func (c *Client) Run(ctx context.Context) error {
@@ -91,8 +107,17 @@ func (c *Client) Run(ctx context.Context) error {
 		go hs.Serve(ln)
 		defer hs.Close()
 	}
-	if c.cfg.Mode == tunnel.Passthrough {
-		c.checkSAN(ctx)
+	mode, err := c.decideMode(ctx)
+	if err != nil {
+		return nil // ctx ended before the API server answered
+	}
+	c.setMode(mode)
+	if c.cfg.KubeconfigConfigMap != "" {
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		pctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		wg.Go(func() { c.publish(pctx, mode) })
 	}
 	delay := c.cfg.BackoffMin
 	for {
@@ -140,9 +165,14 @@ func (c *Client) connectOnce(ctx context.Context) error {
 		return err
 	}
 	c.connects.Add(1)
+	c.metrics.connects.Inc()
+	c.metrics.tunnelUp.Set(1)
 	c.ready.Store(true)
-	defer c.ready.Store(false)
-	c.log.Info("tunnel up", "relay", c.cfg.relayAddr(), "hostnames", c.hostnames())
+	defer func() {
+		c.ready.Store(false)
+		c.metrics.tunnelUp.Set(0)
+	}()
+	c.log.Info("tunnel up", "relay", c.cfg.relayAddr(), "proxy", c.relay.proxyName(), "hostnames", c.hostnames())
 
 	srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), c.cfg.MaxStreams, c.cfg.Liveness)
 	hardStop, cancel := context.WithCancel(context.Background())
@@ -190,7 +220,7 @@ func (c *Client) dial(ctx context.Context) (net.Conn, error) {
 	ws, resp, err := c.dialer.DialContext(ctx, u, h)
 	if err != nil {
 		if resp == nil {
-			return nil, fmt.Errorf("dialing relay %s: %w", c.cfg.relayAddr(), err)
+			return nil, fmt.Errorf("dialing relay %s: %w", c.relay.addr, err)
 		}
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
 		resp.Body.Close()
@@ -215,11 +245,38 @@ func (c *Client) healthHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !c.Ready() {
-			http.Error(w, "tunnel to relay is not up", http.StatusServiceUnavailable)
-			return
+		mode := c.Mode()
+		switch {
+		case mode == "":
+			msg := "choosing a mode: waiting for the API server certificate"
+			if err, _ := c.modeErr.Load().(error); err != nil {
+				msg += ": " + err.Error()
+			}
+			http.Error(w, msg, http.StatusServiceUnavailable)
+		case !c.Ready():
+			http.Error(w, "tunnel to relay is not up mode="+string(mode), http.StatusServiceUnavailable)
+		default:
+			fmt.Fprintln(w, "ok mode="+string(mode))
 		}
-		fmt.Fprintln(w, "ok")
 	})
+	mux.Handle("/metrics", promhttp.HandlerFor(c.metrics.reg, promhttp.HandlerOpts{}))
 	return mux
 }
+
+// Mode returns the API server route's mode (passthrough or terminate), or
+// "" while the agent is still choosing it (mode auto).
+func (c *Client) Mode() tunnel.Mode {
+	m, _ := c.mode.Load().(tunnel.Mode)
+	return m
+}
+
+// setMode records the chosen mode before the first connect: the route
+// registers with it, and /readyz, /metrics and the ConfigMap report it.
+func (c *Client) setMode(m tunnel.Mode) {
+	c.routes[c.cfg.Subdomain].mode = m
+	c.mode.Store(m)
+	c.metrics.mode.WithLabelValues(string(m)).Set(1)
+	c.log.Info("API server route mode", "mode", m, "configured", c.cfg.Mode, "hostname", c.cfg.Subdomain+"."+c.cfg.Server)
+}
+
+func (c *Client) setModeErr(err error) { c.modeErr.Store(err) }

@@ -12,7 +12,11 @@ import (
 	"net/url"
 	"os"
 	"strconv"
+	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpproxy"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -22,6 +26,10 @@ import (
 const (
 	DefaultTokenFile = "/etc/spectro-proxy/token/token"
 	InClusterCAFile  = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+	// InClusterTokenFile and InClusterNamespaceFile are the pod's service
+	// account token and namespace (what rest.InClusterConfig reads).
+	InClusterTokenFile     = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+	InClusterNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 )
 
 // Config is the agent's configuration.
@@ -39,7 +47,15 @@ type Config struct {
 	TokenFile string
 	// RelayCAFile is a PEM CA to trust for the relay; system roots if empty.
 	RelayCAFile string
-	Mode        tunnel.Mode
+	// Proxy says which HTTP proxy, if any, carries the connection to the
+	// relay (HTTP CONNECT). Nil means the environment's HTTPS_PROXY,
+	// HTTP_PROXY and NO_PROXY (and their lowercase forms), read once by New.
+	// NO_PROXY is matched against Server. In-cluster connections never use
+	// a proxy.
+	Proxy *httpproxy.Config
+	// Mode is the API server route's mode: ModeAuto (when empty),
+	// tunnel.Passthrough or tunnel.Terminate.
+	Mode tunnel.Mode
 	// APIServer is the API server URL (in-cluster one when empty).
 	APIServer       string
 	APIServerCAFile string
@@ -50,7 +66,16 @@ type Config struct {
 	// DashboardInsecureSkipVerify accepts in-cluster dashboards' self-signed
 	// certificates.
 	DashboardInsecureSkipVerify bool
-	// HealthAddr serves /healthz and /readyz; empty disables it.
+	// KubeconfigConfigMap, when set, names an existing ConfigMap in
+	// Namespace that the agent fills with the kubeconfig skeleton for its
+	// cluster (see publish.go), using its service account: ServiceAccount-
+	// TokenFile against APIServer, verified with APIServerCAFile.
+	KubeconfigConfigMap string
+	// Namespace is the ConfigMap's namespace (default $POD_NAMESPACE, else
+	// the pod's service account namespace file).
+	Namespace               string
+	ServiceAccountTokenFile string
+	// HealthAddr serves /healthz, /readyz and /metrics; empty disables it.
 	HealthAddr string
 	// AgentID names this replica; a reconnect with the same id replaces its
 	// stale session at the relay.
@@ -77,7 +102,7 @@ func (c *Config) setDefaults() {
 		c.TokenFile = DefaultTokenFile
 	}
 	if c.Mode == "" {
-		c.Mode = tunnel.Passthrough
+		c.Mode = ModeAuto
 	}
 	if c.APIServer == "" {
 		if h, p := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT"); h != "" && p != "" {
@@ -86,6 +111,19 @@ func (c *Config) setDefaults() {
 	}
 	if c.APIServerCAFile == "" {
 		c.APIServerCAFile = InClusterCAFile
+	}
+	if c.KubeconfigConfigMap != "" {
+		if c.ServiceAccountTokenFile == "" {
+			c.ServiceAccountTokenFile = InClusterTokenFile
+		}
+		if c.Namespace == "" {
+			c.Namespace = os.Getenv("POD_NAMESPACE")
+		}
+		if c.Namespace == "" {
+			if b, err := os.ReadFile(InClusterNamespaceFile); err == nil {
+				c.Namespace = strings.TrimSpace(string(b))
+			}
+		}
 	}
 	if c.AgentID == "" {
 		c.AgentID = os.Getenv("POD_NAME")
@@ -148,8 +186,19 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
-	if _, err := tunnel.ParseMode(string(c.Mode)); err != nil {
+	if _, err := ParseMode(string(c.Mode)); err != nil {
 		errs = append(errs, fmt.Errorf("mode: %w", err))
+	}
+	if c.KubeconfigConfigMap != "" {
+		if c.Namespace == "" {
+			errs = append(errs, errors.New("namespace is required for kubeconfig-configmap outside a pod (POD_NAMESPACE is not set)"))
+		}
+		if bad := validation.IsDNS1123Subdomain(c.KubeconfigConfigMap); len(bad) > 0 {
+			errs = append(errs, fmt.Errorf("kubeconfig-configmap %q: %s", c.KubeconfigConfigMap, strings.Join(bad, "; ")))
+		}
+		if bad := validation.IsDNS1123Label(c.Namespace); c.Namespace != "" && len(bad) > 0 {
+			errs = append(errs, fmt.Errorf("namespace %q: %s", c.Namespace, strings.Join(bad, "; ")))
+		}
 	}
 	if c.APIServer == "" {
 		errs = append(errs, errors.New("api-server is required outside a pod (KUBERNETES_SERVICE_HOST is not set)"))

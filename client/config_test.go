@@ -19,7 +19,7 @@ func TestConfigValidate(t *testing.T) {
 	require.NoError(t, c.Validate())
 	assert.Equal(t, "cluster-abc", c.Subdomain, "subdomain defaults from the uid")
 	assert.Equal(t, 443, c.Port)
-	assert.Equal(t, "passthrough", string(c.Mode))
+	assert.Equal(t, "auto", string(c.Mode))
 
 	tests := []struct {
 		name   string
@@ -30,7 +30,7 @@ func TestConfigValidate(t *testing.T) {
 		{"no uid", func(c *Config) { c.ClusterUID = "" }, "cluster-uid is required"},
 		{"port", func(c *Config) { c.Port = 99999 }, "out of range"},
 		{"subdomain not a label", func(c *Config) { c.Subdomain = "cluster.abc" }, "subdomain"},
-		{"mode", func(c *Config) { c.Mode = "proxy" }, "unknown mode"},
+		{"mode", func(c *Config) { c.Mode = "proxy" }, `mode: unknown mode "proxy" (want "auto", "passthrough" or "terminate")`},
 		{"api server url", func(c *Config) { c.APIServer = "tcp://10.96.0.1:443" }, "want http:// or https://"},
 		{"dashboard label too long", func(c *Config) {
 			c.Subdomain = strings.Repeat("a", 60)

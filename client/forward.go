@@ -32,14 +32,15 @@ type route struct {
 func buildRoutes(cfg *Config) (map[string]*route, error) {
 	routes := map[string]*route{}
 	apiTLS := &tls.Config{MinVersion: tls.VersionTLS12}
-	// The API server's CA matters where the agent speaks TLS to it itself
-	// (terminate mode, and the certificate check in passthrough mode).
+	// The API server's CA matters where the agent speaks TLS to it itself:
+	// terminate mode, which auto mode may choose (and the kubeconfig
+	// skeleton of passthrough mode carries it).
 	if pemCerts, err := os.ReadFile(cfg.APIServerCAFile); err == nil {
 		if apiTLS.RootCAs, err = pki.Pool(pemCerts); err != nil {
 			return nil, fmt.Errorf("api server CA %s: %w", cfg.APIServerCAFile, err)
 		}
-	} else if cfg.Mode == tunnel.Terminate {
-		return nil, fmt.Errorf("reading api server CA (needed in terminate mode): %w", err)
+	} else if cfg.Mode != tunnel.Passthrough {
+		return nil, fmt.Errorf("reading api server CA (needed in %s mode): %w", cfg.Mode, err)
 	}
 	add := func(label string, mode tunnel.Mode, target string, tlsConf *tls.Config) error {
 		u, err := url.Parse(target)
@@ -62,6 +63,7 @@ func buildRoutes(cfg *Config) (map[string]*route, error) {
 		routes[label] = r
 		return nil
 	}
+	// In auto mode the route's mode is set by Run before the first connect.
 	if err := add(cfg.Subdomain, cfg.Mode, cfg.APIServer, apiTLS); err != nil {
 		return nil, fmt.Errorf("api server route: %w", err)
 	}

@@ -41,7 +41,7 @@ func FuzzServeStream(f *testing.F) {
 	})
 	f.Cleanup(func() { ln.Close(); wg.Wait() })
 	target := "http://" + ln.Addr().String()
-	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", APIServer: target, APIServerCAFile: "/nonexistent",
+	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", Mode: tunnel.Passthrough, APIServer: target, APIServerCAFile: "/nonexistent",
 		K8sDashboardURL: target, AgentID: "fuzz", DialTimeout: time.Second})
 	if err != nil {
 		f.Fatal(err)

@@ -17,9 +17,11 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http/httpproxy"
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
 
@@ -123,6 +125,14 @@ func startAgent(t testing.TB, r *relay, cfg client.Config) *agent {
 	}
 	if cfg.AgentID == "" {
 		cfg.AgentID = "agent-" + t.Name()
+	}
+	if cfg.Proxy == nil {
+		cfg.Proxy = &httpproxy.Config{} // the relay is on 127.0.0.1, whatever the environment's proxy
+	}
+	if cfg.Mode == "" {
+		// These tests predate mode auto and point some agents at API
+		// servers that never answer; auto mode is tested in agent_test.go.
+		cfg.Mode = tunnel.Passthrough
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)

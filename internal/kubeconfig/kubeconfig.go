@@ -82,12 +82,18 @@ func validateHostPort(hp string) error {
 	return nil
 }
 
+// ServerURL returns the API server URL kubectl uses through the relay,
+// https://<subdomain>.<server>:<port> (ignoring Connect).
+func (o Options) ServerURL() string {
+	return "https://" + net.JoinHostPort(o.Host(), strconv.Itoa(o.Port))
+}
+
 func (o Options) apply(cl *api.Cluster) {
 	if o.Connect != "" {
 		cl.Server = "https://" + o.Connect
 		cl.TLSServerName = o.Host()
 	} else {
-		cl.Server = "https://" + net.JoinHostPort(o.Host(), strconv.Itoa(o.Port))
+		cl.Server = o.ServerURL()
 		cl.TLSServerName = ""
 	}
 }
@@ -104,6 +110,28 @@ func New(o Options) ([]byte, error) {
 	if o.Mode == tunnel.Terminate && o.BearerToken == "" {
 		return nil, errors.New("terminate mode needs a bearer token (the chart's service account token)")
 	}
+	return write(build(o))
+}
+
+// Skeleton builds the kubeconfig the agent publishes for its cluster: one
+// cluster (the relay host name and the CA for the mode: the cluster's in
+// passthrough mode, the relay's or none in terminate mode), one context,
+// and a user entry with no credentials, which each user fills in
+// (`kubectl config set-credentials`, or `--token`).
+func Skeleton(o Options) ([]byte, error) {
+	if err := o.validate(); err != nil {
+		return nil, fmt.Errorf("kubeconfig options: %w", err)
+	}
+	if len(o.CAPEM) == 0 && o.Mode == tunnel.Passthrough {
+		return nil, errors.New("passthrough mode needs the cluster CA")
+	}
+	if o.BearerToken != "" {
+		return nil, errors.New("a kubeconfig skeleton carries no credentials")
+	}
+	return write(build(o))
+}
+
+func build(o Options) *api.Config {
 	name := o.Name
 	if name == "" {
 		name = o.Subdomain
@@ -118,7 +146,7 @@ func New(o Options) ([]byte, error) {
 	cfg.AuthInfos[name] = user
 	cfg.Contexts[name] = &api.Context{Cluster: name, AuthInfo: name}
 	cfg.CurrentContext = name
-	return write(cfg)
+	return cfg
 }
 
 // Rewrite points the current context of an existing kubeconfig at the
@@ -167,11 +195,37 @@ func Rewrite(from []byte, o Options) ([]byte, error) {
 		user.Token = o.BearerToken
 		cfg.AuthInfos[name] = user
 		newCtx.AuthInfo = name
+	} else if o.Mode == tunnel.Terminate {
+		if err := checkTerminateUser(cfg.AuthInfos[ctx.AuthInfo], ctx.AuthInfo); err != nil {
+			return nil, err
+		}
 	}
 	cfg.Clusters[name] = cl
 	cfg.Contexts[name] = newCtx
 	cfg.CurrentContext = name
 	return write(cfg)
+}
+
+// checkTerminateUser accepts a user whose credentials survive a relay that
+// ends TLS: anything that becomes an Authorization header (a token or
+// token file, an exec plugin such as `aws eks get-token`, an auth provider
+// such as OIDC), which the agent passes on to the API server. A client
+// certificate is refused: it authenticates the TLS connection, and that
+// connection ends at the relay.
+func checkTerminateUser(u *api.AuthInfo, name string) error {
+	if u == nil {
+		return fmt.Errorf("terminate mode: the current context's user %q is not in the kubeconfig; give a bearer token (--user-token-file)", name)
+	}
+	if u.Token != "" || u.TokenFile != "" || u.Exec != nil || u.AuthProvider != nil {
+		return nil
+	}
+	if u.ClientCertificate != "" || len(u.ClientCertificateData) > 0 {
+		return fmt.Errorf("terminate mode: user %q authenticates with a client certificate, which cannot pass a relay that terminates TLS "+
+			"(the relay, not the API server, ends the TLS connection the certificate belongs to); use passthrough mode "+
+			"(--mode passthrough, with the proxy host name in the API server certificate) or a token-based user (--user-token-file, "+
+			"an exec plugin, OIDC)", name)
+	}
+	return fmt.Errorf("terminate mode: user %q has no token-based credentials to send through the relay; give a bearer token (--user-token-file)", name)
 }
 
 func write(cfg *api.Config) ([]byte, error) {

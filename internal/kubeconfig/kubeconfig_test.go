@@ -8,7 +8,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/clientcmd"
+	api "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -127,4 +129,108 @@ func TestBadInput(t *testing.T) {
 			require.ErrorContains(t, err, tc.want)
 		})
 	}
+}
+
+// kubeconfigWithUser is a kubeconfig whose current context's user is user
+// (YAML of a user entry's body).
+func kubeconfigWithUser(user string) []byte {
+	return []byte(`apiVersion: v1
+kind: Config
+clusters:
+- name: eks
+  cluster:
+    server: https://ABC.gr7.us-west-2.eks.amazonaws.com
+    certificate-authority-data: ` + "Y2E=" + `
+users:
+- name: me
+  user:
+` + user + `
+contexts:
+- name: me@eks
+  context: {cluster: eks, user: me}
+current-context: me@eks
+`)
+}
+
+func TestRewriteTerminateKeepsTokenBasedUsers(t *testing.T) {
+	tests := []struct {
+		name  string
+		user  string
+		check func(t *testing.T, u *api.AuthInfo)
+	}{
+		{"bearer token", "    token: abc", func(t *testing.T, u *api.AuthInfo) { assert.Equal(t, "abc", u.Token) }},
+		{"token file", "    tokenFile: /var/run/token", func(t *testing.T, u *api.AuthInfo) { assert.Equal(t, "/var/run/token", u.TokenFile) }},
+		{"exec plugin (aws eks get-token)", `    exec:
+      apiVersion: client.authentication.k8s.io/v1beta1
+      command: aws
+      args: [eks, get-token, --cluster-name, prod]
+      interactiveMode: Never`, func(t *testing.T, u *api.AuthInfo) {
+			require.NotNil(t, u.Exec)
+			assert.Equal(t, "aws", u.Exec.Command)
+			assert.Equal(t, []string{"eks", "get-token", "--cluster-name", "prod"}, u.Exec.Args)
+		}},
+		{"auth provider (OIDC)", `    auth-provider:
+      name: oidc
+      config: {idp-issuer-url: "https://issuer.example.com", client-id: kubectl, id-token: x}`, func(t *testing.T, u *api.AuthInfo) {
+			require.NotNil(t, u.AuthProvider)
+			assert.Equal(t, "oidc", u.AuthProvider.Name)
+		}},
+		{"token next to a client certificate", "    token: abc\n    client-certificate-data: Y2VydA==\n    client-key-data: a2V5",
+			func(t *testing.T, u *api.AuthInfo) { assert.Equal(t, "abc", u.Token) }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := Rewrite(kubeconfigWithUser(tc.user), Options{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 443,
+				Subdomain: "cluster-abc", CAPEM: []byte("relay-ca")})
+			require.NoError(t, err)
+			cfg, err := clientcmd.Load(out)
+			require.NoError(t, err)
+			ctx := cfg.Contexts[cfg.CurrentContext]
+			assert.Equal(t, "me", ctx.AuthInfo, "the user's own credentials are kept")
+			assert.Equal(t, "relay-ca", string(cfg.Clusters[ctx.Cluster].CertificateAuthorityData))
+			tc.check(t, cfg.AuthInfos["me"])
+		})
+	}
+}
+
+func TestRewriteTerminateRefusesClientCertificates(t *testing.T) {
+	o := Options{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc"}
+	_, err := Rewrite(adminKubeconfig(t), o)
+	require.EqualError(t, err, `terminate mode: user "admin" authenticates with a client certificate, which cannot pass a relay that terminates TLS `+
+		`(the relay, not the API server, ends the TLS connection the certificate belongs to); use passthrough mode `+
+		`(--mode passthrough, with the proxy host name in the API server certificate) or a token-based user (--user-token-file, an exec plugin, OIDC)`)
+
+	_, err = Rewrite(kubeconfigWithUser("    {}"), o)
+	require.ErrorContains(t, err, `user "me" has no token-based credentials to send through the relay; give a bearer token (--user-token-file)`)
+
+	// A bearer token given for the new user replaces the certificate.
+	o.BearerToken = "sa-token"
+	_, err = Rewrite(adminKubeconfig(t), o)
+	require.NoError(t, err)
+}
+
+func TestSkeletonHasNoCredentials(t *testing.T) {
+	for _, o := range []Options{
+		{Mode: tunnel.Passthrough, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc", CAPEM: []byte("cluster-ca")},
+		{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc", CAPEM: []byte("relay-ca")},
+		{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 8443, Subdomain: "cluster-abc"},
+	} {
+		t.Run(string(o.Mode)+"/"+string(o.CAPEM), func(t *testing.T) {
+			out, err := Skeleton(o)
+			require.NoError(t, err)
+			cfg, err := clientcmd.Load(out)
+			require.NoError(t, err)
+			require.Len(t, cfg.Contexts, 1)
+			require.Len(t, cfg.AuthInfos, 1)
+			assert.Equal(t, api.AuthInfo{LocationOfOrigin: cfg.AuthInfos["cluster-abc"].LocationOfOrigin,
+				Extensions: map[string]runtime.Object{}}, *cfg.AuthInfos["cluster-abc"], "no credentials")
+			cl := cfg.Clusters["cluster-abc"]
+			assert.Equal(t, o.ServerURL(), cl.Server)
+			assert.Equal(t, string(o.CAPEM), string(cl.CertificateAuthorityData))
+		})
+	}
+	_, err := Skeleton(Options{Mode: tunnel.Terminate, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc", BearerToken: "t"})
+	require.ErrorContains(t, err, "carries no credentials")
+	_, err = Skeleton(Options{Mode: tunnel.Passthrough, Server: "proxy.example.com", Port: 443, Subdomain: "cluster-abc"})
+	require.ErrorContains(t, err, "needs the cluster CA")
 }

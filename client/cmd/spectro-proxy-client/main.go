@@ -43,7 +43,7 @@ func run(args []string) error {
 func agent(args []string) error {
 	fs := flag.NewFlagSet("spectro-proxy-client", flag.ContinueOnError)
 	var cfg client.Config
-	mode := fs.String("mode", "passthrough", "How the relay treats API server connections: passthrough (TLS ends at the API server) or terminate (TLS ends at the relay).")
+	mode := fs.String("mode", string(client.ModeAuto), "How the relay treats API server connections: passthrough (TLS ends at the API server), terminate (TLS ends at the relay), or auto: passthrough when the API server certificate is valid for <subdomain>.<server>, else terminate, checked at every start.")
 	fs.StringVar(&cfg.Server, "server", "", "The relay's domain. The agent dials wss://<server>:<port>.")
 	fs.IntVar(&cfg.Port, "port", 443, "The relay's port.")
 	fs.StringVar(&cfg.RelayAddress, "relay-address", "", "A host:port to dial instead of <server>:<port>, for runs without DNS. The TLS server name stays <server>.")
@@ -56,7 +56,10 @@ func agent(args []string) error {
 	fs.StringVar(&cfg.K8sDashboardURL, "k8s-dashboard-url", "", "When set, serve this in-cluster dashboard at <subdomain>-dashboard.<server>.")
 	fs.StringVar(&cfg.VMDashboardURL, "vm-dashboard-url", "", "When set, serve this in-cluster VM dashboard at <subdomain>-vmdashboard.<server>.")
 	fs.BoolVar(&cfg.DashboardInsecureSkipVerify, "dashboard-insecure-skip-verify", true, "Accept dashboards' self-signed in-cluster certificates.")
-	fs.StringVar(&cfg.HealthAddr, "health-addr", ":8081", "Serve /healthz and /readyz here; empty disables.")
+	fs.StringVar(&cfg.KubeconfigConfigMap, "kubeconfig-configmap", "", "When set, write the kubeconfig skeleton for this cluster (server, CA for the mode, no credentials) into this existing ConfigMap, as the pod's service account.")
+	fs.StringVar(&cfg.Namespace, "namespace", "", "The ConfigMap's namespace (default $POD_NAMESPACE, else the pod's service account namespace).")
+	fs.StringVar(&cfg.ServiceAccountTokenFile, "service-account-token-file", client.InClusterTokenFile, "The service account token the agent writes the ConfigMap with.")
+	fs.StringVar(&cfg.HealthAddr, "health-addr", ":8081", "Serve /healthz, /readyz and /metrics here; empty disables.")
 	fs.StringVar(&cfg.AgentID, "agent-id", "", "This replica's id (default $POD_NAME, else the host name).")
 	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", 5*time.Second, "After this long without a frame from the relay, ping it.")
 	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", 5*time.Second, "Reconnect when the relay does not answer a ping within this long.")
