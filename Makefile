@@ -22,9 +22,10 @@ test: kube-bins ## Run every test: unit, fuzz seeds, chart, and e2e against a re
 run: kube-bins ## Local API server + relay + agents; writes .run/kubeconfig-{passthrough,terminate}, prints "ready"
 	$(GO) build -o .run/devrun ./hack/devrun && exec .run/devrun
 
-lint: ## gofmt and go vet
+lint: ## gofmt, go vet, and the charts' READMEs are current (`make chart-docs`)
 	@test -z "$$(gofmt -l . | tee /dev/stderr)"
 	$(GO) vet ./...
+	$(GO) run ./hack/chartdoc -check $(CHARTS)
 
 # Every fuzz target as package:Target. `make test` already runs each on its
 # seeds and its checked-in corpus (testdata/fuzz/); this target explores.
