@@ -2,6 +2,7 @@ package chart_test
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -423,4 +424,35 @@ func (f fakeClients) GetClientFor(apiVersion, kind string) (dynamic.Namespaceabl
 		return f.c.Resource(schema.GroupVersionResource{Version: "v1", Resource: "namespaces"}), false, nil
 	}
 	return nil, false, fmt.Errorf("lookup of %s %s not expected", apiVersion, kind)
+}
+
+// Every key the relay's schema allows has a default in values.yaml (and so a
+// row in the README), and the other way round: no hidden or unvalidated values.
+func TestRelaySchemaMatchesValues(t *testing.T) {
+	ch := loadChart(t, relayChart)
+	var s map[string]any
+	require.NoError(t, json.Unmarshal(ch.Schema, &s))
+	// Keys the schema allows without a default: Kubernetes fields passed through.
+	optional := map[string]bool{"resources.claims": true}
+	var walk func(prefix string, schema, values map[string]any)
+	walk = func(prefix string, schema, values map[string]any) {
+		props, _ := schema["properties"].(map[string]any)
+		if schema["additionalProperties"] != false || props == nil {
+			return // a free-form map (labels, securityContext, ...)
+		}
+		for k, sub := range props {
+			v, ok := values[k]
+			if !ok {
+				assert.True(t, optional[prefix+k], "schema allows %s%s, values.yaml has no default", prefix, k)
+				continue
+			}
+			if vm, ok := v.(map[string]any); ok {
+				walk(prefix+k+".", sub.(map[string]any), vm)
+			}
+		}
+		for k := range values {
+			assert.Contains(t, props, k, "values.yaml has %s%s, the schema does not", prefix, k)
+		}
+	}
+	walk("", s, ch.Values)
 }
