@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"helm.sh/helm/v3/pkg/chart"
 	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/engine"
 	appsv1 "k8s.io/api/apps/v1"
@@ -455,4 +456,31 @@ func TestRelaySchemaMatchesValues(t *testing.T) {
 		}
 	}
 	walk("", s, ch.Values)
+}
+
+// As a subchart the relay gets the parent's `global` values, which its strict
+// schema must accept.
+func TestRelayAsSubchart(t *testing.T) {
+	parent := &chart.Chart{Metadata: &chart.Metadata{APIVersion: "v2", Name: "platform", Version: "0.1.0"}}
+	parent.AddDependency(loadChart(t, relayChart))
+	values := map[string]any{
+		"global":               map[string]any{"imageRegistry": "registry.example.com", "labels": map[string]any{"team": "a"}},
+		"spectro-proxy-server": vals(t, relayBase),
+	}
+	rv, err := chartutil.ToRenderValuesWithSchemaValidation(parent, values, chartutil.ReleaseOptions{
+		Name: releaseName, Namespace: releaseNamespace, Revision: 1, IsInstall: true,
+	}, chartutil.DefaultCapabilities, false)
+	require.NoError(t, err)
+	out, err := engine.Render(parent, rv)
+	require.NoError(t, err)
+	m := parse(t, out)
+	assert.Contains(t, m.kinds(), "Deployment/"+relayName)
+
+	// The subchart's own values are still checked.
+	values["spectro-proxy-server"] = merge(vals(t, relayBase), vals(t, "replica: 2"))
+	_, err = chartutil.ToRenderValuesWithSchemaValidation(parent, values, chartutil.ReleaseOptions{
+		Name: releaseName, Namespace: releaseNamespace, Revision: 1, IsInstall: true,
+	}, chartutil.DefaultCapabilities, false)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "additional properties 'replica' not allowed")
 }
