@@ -3,16 +3,19 @@ package chart_test
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/cli"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 )
@@ -34,7 +37,14 @@ func TestRelayHelmInstallSigningKey(t *testing.T) {
 	}
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Stop() })
-	restCfg, err := clientcmd.BuildConfigFromFlags("", c.AdminKubeconfig)
+	// Certificates embedded, not files: client-go watches certificate files
+	// with goroutines that outlive the test (goleak).
+	raw, err := clientcmd.LoadFromFile(c.AdminKubeconfig)
+	require.NoError(t, err)
+	require.NoError(t, clientcmdapi.FlattenConfig(raw))
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, clientcmd.WriteToFile(*raw, kubeconfig))
+	restCfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	require.NoError(t, err)
 	cs, err := kubernetes.NewForConfig(restCfg)
 	require.NoError(t, err)
@@ -43,7 +53,7 @@ func TestRelayHelmInstallSigningKey(t *testing.T) {
 	secretName := release + "-spectro-proxy-server-signing-key"
 	values := merge(vals(t, relayBase), vals(t, "signingKey: {value: ''}"))
 	settings := cli.New()
-	settings.KubeConfig = c.AdminKubeconfig
+	settings.KubeConfig = kubeconfig
 	cfg := new(action.Configuration)
 	require.NoError(t, cfg.Init(settings.RESTClientGetter(), ns, "secret", t.Logf))
 	key := func() string {
@@ -61,8 +71,12 @@ func TestRelayHelmInstallSigningKey(t *testing.T) {
 	}
 
 	// helm template: no cluster, no key.
-	dry := action.NewInstall(cfg)
+	// ClientOnly swaps the Configuration's clients for fakes: use another one.
+	dryCfg := new(action.Configuration)
+	require.NoError(t, dryCfg.Init(settings.RESTClientGetter(), ns, "secret", t.Logf))
+	dry := action.NewInstall(dryCfg)
 	dry.ReleaseName, dry.Namespace, dry.DryRun, dry.ClientOnly = release, ns, true, true
+	dry.KubeVersion = &chartutil.KubeVersion{Version: "v1.34.0", Major: "1", Minor: "34"} // as --kube-version
 	_, err = dry.RunWithContext(ctx, loadChart(t, relayChart), values)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "set signingKey.existingSecret=spectro-proxy-signing-key")
