@@ -85,6 +85,17 @@ func TestRelayHelmInstallSigningKey(t *testing.T) {
 	first := key()
 	assert.Len(t, first, 64)
 
+	// The relay pod, with the chart's default security contexts, passes Pod
+	// Security "restricted" admission.
+	nsObj, err := cs.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
+	require.NoError(t, err)
+	nsObj.Labels["pod-security.kubernetes.io/enforce"] = "restricted"
+	_, err = cs.CoreV1().Namespaces().Update(ctx, nsObj, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	d, err := cs.AppsV1().Deployments(ns).Get(ctx, release+"-spectro-proxy-server", metav1.GetOptions{})
+	require.NoError(t, err)
+	assertPodAdmitted(ctx, t, cs, *d)
+
 	up := action.NewUpgrade(cfg)
 	up.Namespace, up.Timeout = ns, time.Minute
 	for range 2 {
