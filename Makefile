@@ -26,11 +26,12 @@ run: kube-bins ## Local API server + relay + agents; writes .run/kubeconfig-{pas
 # build cache, so it needs no install step and every machine runs the same.
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-lint: ## Fail when gofmt or go mod tidy would change anything, or go vet or staticcheck reports
+lint: ## Fail when gofmt or go mod tidy would change anything, go vet or staticcheck reports, or a chart README is stale
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "lint: gofmt would reformat the files above (gofmt -w .)" >&2; exit 1; }
 	@$(GO) mod tidy -diff || { echo "lint: go.mod/go.sum are not tidy (go mod tidy)" >&2; exit 1; }
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
+	$(GO) run ./hack/chartdoc -check $(CHARTS) || { echo "lint: a chart README is stale (make chart-docs)" >&2; exit 1; }
 
 # Every fuzz target as package:Target. `make test` already runs each on its
 # seeds and its checked-in corpus (testdata/fuzz/); this target explores.

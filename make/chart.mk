@@ -1,6 +1,7 @@
 # Charts, packs and container images. Included by the top-level Makefile.
 
 CHART_DIR      := charts/spectro-proxy
+CHARTS         := charts/spectro-proxy charts/spectro-proxy-server
 # The images the chart's default values name: ghcr.io/spectroproxy/spectro-proxy-client
 # (charts/spectro-proxy) and ghcr.io/spectroproxy/spectro-proxy-server
 # (charts/spectro-proxy-server), tagged with the chart's appVersion.
@@ -9,7 +10,7 @@ IMAGE_TAG      ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1
 IMAGE_ARCH     ?= amd64
 IMAGE_DIR      ?= bin/images
 
-.PHONY: chart-test golden chart-lint chart-schema image
+.PHONY: chart-test golden chart-lint chart-schema chart-docs image
 
 chart-test: ## Chart tests: goldens, typed objects, schema, lint, helm install when a control plane is cached
 	go test ./templates-test/...
@@ -19,6 +20,9 @@ golden: ## Regenerate the chart golden files (review the diff like code)
 
 chart-lint: ## helm lint (Helm SDK) of both charts, with every pack version's values
 	go test ./templates-test/... -run 'Lint'
+
+chart-docs: ## Regenerate both charts' README.md from Chart.yaml, the `# --` comments of values.yaml and README.md.gotmpl
+	go run ./hack/chartdoc $(CHARTS)
 
 chart-schema: ## Copy values.schema.json into the chart (the test fails when they differ)
 	cp values.schema.json $(CHART_DIR)/values.schema.json

@@ -55,6 +55,9 @@ annotations:
 {{- if and .Values.certManager.enabled (not .Values.certManager.issuerRef.name) -}}
 {{- fail "spectro-proxy-server: certManager.enabled needs certManager.issuerRef.name (an issuer that can sign a wildcard, i.e. DNS-01)" -}}
 {{- end -}}
+{{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) -}}
+{{- fail "spectro-proxy-server: serviceMonitor.enabled needs metrics.enabled (the ServiceMonitor scrapes the metrics Service)" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "spectro-proxy-server.tlsSecretName" -}}
@@ -70,5 +73,37 @@ annotations:
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
 {{- else -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "spectro-proxy-server.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "spectro-proxy-server.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The signing key the chart renders into <fullname>-signing-key, when neither
+signingKey.value nor signingKey.existingSecret is set: the key already in that
+Secret (so upgrades keep every token valid), else a new one when the render
+runs against a cluster (helm install). Without a cluster (helm template,
+--dry-run=client) lookup finds nothing; a fresh random key there would change
+on every render and, applied by a GitOps tool, invalidate every token, so the
+render fails. The release namespace tells a cluster apart from none; with
+--create-namespace it does not exist yet at render time, so kube-system is
+asked next (whoever may create namespaces may normally read them).
+*/}}
+{{- define "spectro-proxy-server.generatedSigningKey" -}}
+{{- $name := include "spectro-proxy-server.signingKeySecretName" . -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace $name -}}
+{{- $data := (get ($existing | default dict) "data") | default dict -}}
+{{- if hasKey $data .Values.signingKey.key -}}
+{{- index $data .Values.signingKey.key | b64dec -}}
+{{- else if or (lookup "v1" "Namespace" "" .Release.Namespace) (lookup "v1" "Namespace" "" "kube-system") -}}
+{{- randAlphaNum 64 -}}
+{{- else -}}
+{{- fail (printf "spectro-proxy-server: no signing key: rendered without a cluster (helm template or a GitOps tool), the chart cannot generate a key that stays the same on the next render. Create a Secret once, for example `kubectl -n %s create secret generic spectro-proxy-signing-key --from-literal=signing.key=$(openssl rand -hex 32)`, and set signingKey.existingSecret=spectro-proxy-signing-key (or set signingKey.value)" .Release.Namespace) -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,112 @@
+package chart_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/chartutil"
+	"helm.sh/helm/v3/pkg/cli"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
+)
+
+// TestRelayHelmInstallSigningKey drives the signing key through Helm's real
+// lookup against a real kube-apiserver: generated on an install into a
+// namespace that --create-namespace makes after the render, kept by upgrades
+// and by uninstall plus reinstall, and refused by a client-only render (what
+// `helm template` and GitOps tools do).
+func TestRelayHelmInstallSigningKey(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a control plane")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	c, err := testcluster.Start(ctx, testcluster.Options{})
+	if errors.Is(err, testcluster.ErrBinariesMissing) {
+		t.Skipf("no control plane: %v (run hack/kube-bins.sh)", err)
+	}
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Stop() })
+	// Certificates embedded, not files: client-go watches certificate files
+	// with goroutines that outlive the test (goleak).
+	raw, err := clientcmd.LoadFromFile(c.AdminKubeconfig)
+	require.NoError(t, err)
+	require.NoError(t, clientcmdapi.FlattenConfig(raw))
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, clientcmd.WriteToFile(*raw, kubeconfig))
+	restCfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	require.NoError(t, err)
+	cs, err := kubernetes.NewForConfig(restCfg)
+	require.NoError(t, err)
+
+	const ns, release = "relay-new", "relay"
+	secretName := release + "-spectro-proxy-server-signing-key"
+	values := merge(vals(t, relayBase), vals(t, "signingKey: {value: ''}"))
+	settings := cli.New()
+	settings.KubeConfig = kubeconfig
+	cfg := new(action.Configuration)
+	require.NoError(t, cfg.Init(settings.RESTClientGetter(), ns, "secret", t.Logf))
+	key := func() string {
+		t.Helper()
+		s, err := cs.CoreV1().Secrets(ns).Get(ctx, secretName, metav1.GetOptions{})
+		require.NoError(t, err)
+		return string(s.Data["signing.key"])
+	}
+	install := func() {
+		t.Helper()
+		in := action.NewInstall(cfg)
+		in.ReleaseName, in.Namespace, in.CreateNamespace, in.Timeout = release, ns, true, time.Minute
+		_, err := in.RunWithContext(ctx, loadChart(t, relayChart), values)
+		require.NoError(t, err)
+	}
+
+	// helm template: no cluster, no key.
+	// ClientOnly swaps the Configuration's clients for fakes: use another one.
+	dryCfg := new(action.Configuration)
+	require.NoError(t, dryCfg.Init(settings.RESTClientGetter(), ns, "secret", t.Logf))
+	dry := action.NewInstall(dryCfg)
+	dry.ReleaseName, dry.Namespace, dry.DryRun, dry.ClientOnly = release, ns, true, true
+	dry.KubeVersion = &chartutil.KubeVersion{Version: "v1.34.0", Major: "1", Minor: "34"} // as --kube-version
+	_, err = dry.RunWithContext(ctx, loadChart(t, relayChart), values)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "set signingKey.existingSecret=spectro-proxy-signing-key")
+
+	install()
+	first := key()
+	assert.Len(t, first, 64)
+
+	// The relay pod, with the chart's default security contexts, passes Pod
+	// Security "restricted" admission.
+	nsObj, err := cs.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
+	require.NoError(t, err)
+	nsObj.Labels["pod-security.kubernetes.io/enforce"] = "restricted"
+	_, err = cs.CoreV1().Namespaces().Update(ctx, nsObj, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	d, err := cs.AppsV1().Deployments(ns).Get(ctx, release+"-spectro-proxy-server", metav1.GetOptions{})
+	require.NoError(t, err)
+	assertPodAdmitted(ctx, t, cs, *d)
+
+	up := action.NewUpgrade(cfg)
+	up.Namespace, up.Timeout = ns, time.Minute
+	for range 2 {
+		_, err = up.RunWithContext(ctx, release, loadChart(t, relayChart), values)
+		require.NoError(t, err)
+		assert.Equal(t, first, key(), "upgrade changed the signing key")
+	}
+
+	_, err = action.NewUninstall(cfg).Run(release)
+	require.NoError(t, err)
+	assert.Equal(t, first, key(), "uninstall keeps the key (helm.sh/resource-policy: keep)")
+	install()
+	assert.Equal(t, first, key(), "reinstall reuses the kept key")
+}
