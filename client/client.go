@@ -42,6 +42,7 @@ type Client struct {
 
 // New checks cfg and prepares the agent's routes.
 func New(cfg Config) (*Client, error) {
+	cfg = cfg.WithDefaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid agent config: %w", err)
 	}

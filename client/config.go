@@ -91,9 +91,29 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// Defaults, the one place each is written: WithDefaults applies them and the
+// agent's flags show them.
+const (
+	DefaultPort         = 443
+	DefaultMaxStreams   = 1000
+	DefaultDialTimeout  = 10 * time.Second
+	DefaultDrainTimeout = 25 * time.Second
+	DefaultBackoffMin   = 250 * time.Millisecond
+	DefaultBackoffMax   = 30 * time.Second
+	DefaultHealthAddr   = ":8081"
+)
+
+// WithDefaults returns c with every unset field filled in, from the
+// constants above and, inside a pod, from its environment. New applies it;
+// Validate only checks.
+func (c Config) WithDefaults() Config {
+	c.setDefaults()
+	return c
+}
+
 func (c *Config) setDefaults() {
 	if c.Port == 0 {
-		c.Port = 443
+		c.Port = DefaultPort
 	}
 	if c.Subdomain == "" && c.ClusterUID != "" {
 		c.Subdomain = hostname.DefaultSubdomain(c.ClusterUID)
@@ -131,35 +151,30 @@ func (c *Config) setDefaults() {
 	if c.AgentID == "" {
 		c.AgentID, _ = os.Hostname()
 	}
-	if c.Liveness.ReadIdle == 0 {
-		c.Liveness.ReadIdle = tunnel.DefaultLiveness.ReadIdle
-	}
-	if c.Liveness.Ping == 0 {
-		c.Liveness.Ping = tunnel.DefaultLiveness.Ping
-	}
+	c.Liveness = c.Liveness.WithDefaults()
 	if c.MaxStreams == 0 {
-		c.MaxStreams = 1000
+		c.MaxStreams = DefaultMaxStreams
 	}
 	if c.DialTimeout == 0 {
-		c.DialTimeout = 10 * time.Second
+		c.DialTimeout = DefaultDialTimeout
 	}
 	if c.DrainTimeout == 0 {
-		c.DrainTimeout = 25 * time.Second
+		c.DrainTimeout = DefaultDrainTimeout
 	}
 	if c.BackoffMin == 0 {
-		c.BackoffMin = 250 * time.Millisecond
+		c.BackoffMin = DefaultBackoffMin
 	}
 	if c.BackoffMax == 0 {
-		c.BackoffMax = 30 * time.Second
+		c.BackoffMax = DefaultBackoffMax
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 }
 
-// Validate reports the first thing wrong with the configuration.
+// Validate reports everything wrong with the configuration. It changes
+// nothing: call it on WithDefaults' result.
 func (c *Config) Validate() error {
-	c.setDefaults()
 	var errs []error
 	if c.Server == "" {
 		errs = append(errs, errors.New("server is required (the relay's domain, e.g. proxy.example.com)"))

@@ -15,7 +15,7 @@ func TestConfigValidate(t *testing.T) {
 	good := func() Config {
 		return Config{Server: "proxy.example.com", ClusterUID: "abc", APIServer: "https://10.96.0.1:443", AgentID: "pod-1"}
 	}
-	c := good()
+	c := good().WithDefaults()
 	require.NoError(t, c.Validate())
 	assert.Equal(t, "cluster-abc", c.Subdomain, "subdomain defaults from the uid")
 	assert.Equal(t, 443, c.Port)
@@ -40,18 +40,25 @@ func TestConfigValidate(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := good()
+			c := good().WithDefaults()
 			tc.mutate(&c)
 			require.ErrorContains(t, c.Validate(), tc.want)
 		})
 	}
 }
 
+func TestValidateChangesNothing(t *testing.T) {
+	c := Config{Server: "proxy.example.com", ClusterUID: "abc", APIServer: "https://10.96.0.1:443", AgentID: "pod-1"}
+	before := c
+	require.Error(t, c.Validate(), "a config without defaults lacks a port and backoff bounds")
+	assert.Equal(t, before, c, "Validate must not fill in defaults")
+}
+
 func TestConfigInCluster(t *testing.T) {
 	t.Setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
 	t.Setenv("KUBERNETES_SERVICE_PORT", "443")
 	t.Setenv("POD_NAME", "spectro-proxy-7d9-abc")
-	c := Config{Server: "proxy.example.com", ClusterUID: "abc"}
+	c := Config{Server: "proxy.example.com", ClusterUID: "abc"}.WithDefaults()
 	require.NoError(t, c.Validate())
 	assert.Equal(t, "https://[fd00::1]:443", c.APIServer)
 	assert.Equal(t, "spectro-proxy-7d9-abc", c.AgentID)

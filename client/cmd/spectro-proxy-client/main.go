@@ -13,7 +13,6 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
@@ -45,7 +44,7 @@ func agent(args []string) error {
 	var cfg client.Config
 	mode := fs.String("mode", string(client.ModeAuto), "How the relay treats API server connections: passthrough (TLS ends at the API server), terminate (TLS ends at the relay), or auto: passthrough when the API server certificate is valid for <subdomain>.<server>, else terminate, checked at every start.")
 	fs.StringVar(&cfg.Server, "server", "", "The relay's domain. The agent dials wss://<server>:<port>.")
-	fs.IntVar(&cfg.Port, "port", 443, "The relay's port.")
+	fs.IntVar(&cfg.Port, "port", client.DefaultPort, "The relay's port.")
 	fs.StringVar(&cfg.RelayAddress, "relay-address", "", "A host:port to dial instead of <server>:<port>, for runs without DNS. The TLS server name stays <server>.")
 	fs.StringVar(&cfg.ClusterUID, "cluster-uid", "", "This cluster's uid; the token must be issued for it.")
 	fs.StringVar(&cfg.Subdomain, "subdomain", "", "The API server's host name label (default cluster-<uid>).")
@@ -59,11 +58,11 @@ func agent(args []string) error {
 	fs.StringVar(&cfg.KubeconfigConfigMap, "kubeconfig-configmap", "", "When set, write the kubeconfig skeleton for this cluster (server, CA for the mode, no credentials) into this existing ConfigMap, as the pod's service account.")
 	fs.StringVar(&cfg.Namespace, "namespace", "", "The ConfigMap's namespace (default $POD_NAMESPACE, else the pod's service account namespace).")
 	fs.StringVar(&cfg.ServiceAccountTokenFile, "service-account-token-file", client.InClusterTokenFile, "The service account token the agent writes the ConfigMap with.")
-	fs.StringVar(&cfg.HealthAddr, "health-addr", ":8081", "Serve /healthz, /readyz and /metrics here; empty disables.")
+	fs.StringVar(&cfg.HealthAddr, "health-addr", client.DefaultHealthAddr, "Serve /healthz, /readyz and /metrics here; empty disables.")
 	fs.StringVar(&cfg.AgentID, "agent-id", "", "This replica's id (default $POD_NAME, else the host name).")
-	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", 5*time.Second, "After this long without a frame from the relay, ping it.")
-	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", 5*time.Second, "Reconnect when the relay does not answer a ping within this long.")
-	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", 25*time.Second, "On SIGTERM, how long streams in flight may take to finish.")
+	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", tunnel.DefaultReadIdle, "After this long without a frame from the relay, ping it.")
+	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", tunnel.DefaultPing, "Reconnect when the relay does not answer a ping within this long.")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", client.DefaultDrainTimeout, "On SIGTERM, how long streams in flight may take to finish.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
