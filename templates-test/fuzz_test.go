@@ -39,8 +39,10 @@ func FuzzMacroValue(f *testing.F) {
 		if !utf8.ValidString(value) {
 			t.Skip("values arrive as YAML, which is UTF-8")
 		}
-		cluster := sampleCluster(t)
-		tok := cluster["token"].(map[string]any)["value"].(string)
+		// The token as token.value, outside spectro.system: macros must
+		// not be able to read it.
+		cluster := merge(sampleCluster(t), vals(t, "{spectro: {system: {reverseproxy: {token: null}}}, token: {value: "+sampleToken+"}}"))
+		tok := sampleToken
 		out, err := render(t, agentChart, merge(packValues(t, "1.3.0"), cluster,
 			map[string]any{"extraArgs": []any{"--fuzz=" + value}})) // the schema wants a flag
 		if err != nil {
