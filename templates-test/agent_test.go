@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"helm.sh/helm/v3/pkg/chart"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -847,4 +848,18 @@ func TestLint(t *testing.T) {
 			lintClean(t, agentChart, readValues(t, f))
 		})
 	}
+}
+
+// As a subchart the agent chart receives the parent's `global` values; its
+// strict schema accepts them.
+func TestAsSubchart(t *testing.T) {
+	parent := &chart.Chart{Metadata: &chart.Metadata{APIVersion: chart.APIVersionV2, Name: "platform", Version: "0.1.0"}}
+	parent.AddDependency(loadChart(t, agentChart))
+	files, err := renderChart(t, parent, map[string]any{
+		"global":        map[string]any{"imageRegistry": "registry.local", "clusterDomain": "cluster.local"},
+		"spectro-proxy": merge(packValues(t, "1.3.0"), sampleCluster(t)),
+	}, renderOpts{})
+	require.NoError(t, err)
+	m := parse(t, files)
+	assert.Contains(t, m.kinds(), "Deployment/spectro-proxy")
 }
