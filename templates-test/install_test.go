@@ -275,6 +275,14 @@ func TestHelmInstall(t *testing.T) {
 		require.Len(t, deps.Items, 1)
 		assertPodAdmitted(ctx, t, cs, deps.Items[0])
 
+		// An upgrade that no longer asks for the namespace keeps it in the
+		// release: dropping it would make Helm delete it with all it holds.
+		upgrade := action.NewUpgrade(in.config(t, releaseNamespace))
+		upgrade.Namespace = releaseNamespace
+		rel, err = upgrade.RunWithContext(ctx, "agent-ns", loadChart(t, agentChart), agentValues(t, "{namespace: spectro-proxy-created, createNamespace: false}"))
+		require.NoError(t, err)
+		assert.Contains(t, in.objects(t, releaseNamespace, rel), "Namespace/spectro-proxy-created")
+
 		in.uninstall(t, releaseNamespace, "agent-ns")
 		in.gone(t, releaseNamespace, rel, "Namespace/spectro-proxy-created")
 		ns, err := cs.CoreV1().Namespaces().Get(ctx, "spectro-proxy-created", metav1.GetOptions{})

@@ -371,14 +371,21 @@ annotations:
 {{- end -}}
 
 {{/*
-Whether the chart renders the Namespace object: only when asked, never for
-the release namespace (Helm needs it to exist) or a namespace Kubernetes owns,
-and not for an existing namespace that this release did not create.
+Whether the chart renders the Namespace object: when createNamespace asks
+for a namespace that does not exist yet, and, whatever createNamespace says,
+when this release created it before (an upgrade must not drop, and so
+delete, a namespace the release owns). Never the release namespace (Helm
+needs it to exist) nor a namespace Kubernetes owns; an existing namespace
+that the release did not create is left alone.
 */}}
 {{- define "spectro-proxy.ownsNamespace" -}}
 {{- $ns := .Values.namespace -}}
-{{- if and .Values.createNamespace (ne $ns .Release.Namespace) (not (has $ns (list "kube-system" "kube-public" "kube-node-lease" "default"))) -}}
+{{- if and (ne $ns .Release.Namespace) (not (has $ns (list "kube-system" "kube-public" "kube-node-lease" "default"))) -}}
 {{- $live := lookup "v1" "Namespace" "" $ns -}}
-{{- if or (not $live) (eq (dig "metadata" "annotations" "meta.helm.sh/release-name" "" $live) .Release.Name) -}}true{{- end -}}
+{{- if $live -}}
+{{- $a := dig "metadata" "annotations" dict $live -}}
+{{- if and (eq (get $a "meta.helm.sh/release-name") .Release.Name) (eq (get $a "meta.helm.sh/release-namespace") .Release.Namespace) -}}true{{- end -}}
+{{- else if .Values.createNamespace -}}true
+{{- end -}}
 {{- end -}}
 {{- end -}}
