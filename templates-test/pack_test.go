@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"image/png"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -358,4 +359,25 @@ func toAny[V any](m map[string]V) map[string]any {
 		out[k] = v
 	}
 	return out
+}
+
+// The pack files are what `make packs` writes now: pack.json, values.yaml,
+// README.md and logo.png byte for byte, the tarball by content.
+func TestPacksUpToDate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds hack/mkpack")
+	}
+	out := t.TempDir()
+	cmd := exec.Command("go", "run", "../hack/mkpack", "-chart", agentChart, "-out", out)
+	b, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", b)
+	for _, v := range packVersions {
+		for _, f := range []string{"pack.json", "values.yaml", "README.md", "logo.png"} {
+			want, err := os.ReadFile(filepath.Join(out, v, f))
+			require.NoError(t, err)
+			got, err := os.ReadFile(filepath.Join(packDir(v), f))
+			require.NoError(t, err)
+			assert.Equal(t, string(want), string(got), "%s/%s is not what make packs writes: run `make packs`", v, f)
+		}
+	}
 }
