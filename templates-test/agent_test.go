@@ -355,6 +355,8 @@ func TestModes(t *testing.T) {
 		assert.Contains(t, m.notes, "TERMINATE MODE")
 		assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" create token spectro-proxy-kubeconfig --duration 8h > spectro-proxy.token\n")
 		assert.Contains(t, m.notes, "bound to ClusterRole view")
+		assert.Contains(t, m.notes, "  kubectl --kubeconfig kubeconfig config set-credentials cluster-"+sampleUID+` --token="$(cat spectro-proxy.token)"`+"\n"+
+			"  kubectl --kubeconfig kubeconfig config set-context --current --user=cluster-"+sampleUID+"\n")
 		assert.Contains(t, m.notes, "client certificates\ncannot")
 		assert.NotContains(t, m.notes, "certSANs")
 		assert.NotContains(t, m.notes, "tls-san")
