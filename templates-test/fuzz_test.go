@@ -9,7 +9,19 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+// TestMain checks that no test leaks goroutines, except client-go's
+// client-certificate rotation: client-go starts it, for the life of the
+// process, the first time a client uses a kubeconfig with certificate files
+// (TestHelmInstall's admin kubeconfig), and offers no way to stop it.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreAnyFunction("k8s.io/client-go/transport.(*dynamicClientCert).run"),
+		goleak.IgnoreAnyFunction("k8s.io/client-go/transport.(*dynamicClientCert).runWorker"),
+		goleak.IgnoreTopFunction("k8s.io/client-go/util/workqueue.(*delayingType[...]).waitingLoop"),
+		goleak.IgnoreAnyFunction("k8s.io/apimachinery/pkg/util/wait.PollImmediateUntil"),
+		goleak.IgnoreTopFunction("k8s.io/apimachinery/pkg/util/wait.PollImmediateUntilWithContext.poller.func1.1"),
+	)
+}
 
 // FuzzMacroValue puts an arbitrary string, macros and all, into a value the
 // chart resolves (an extra agent argument) and renders the agent chart as
