@@ -842,6 +842,12 @@ func TestLint(t *testing.T) {
 	t.Run("terminate", func(t *testing.T) {
 		lintClean(t, agentChart, merge(packValues(t, "1.3.0"), sampleCluster(t), vals(t, "mode: terminate")))
 	})
+	// helm lint --strict with the chart's defaults alone: the macros
+	// without spectro.system fail the render, which lint reports as
+	// information (it lints in LintMode), not as a warning or error.
+	t.Run("defaults", func(t *testing.T) {
+		lintClean(t, agentChart, nil)
+	})
 	files, err := filepath.Glob(filepath.Join(agentChart, "ci", "*-values.yaml"))
 	require.NoError(t, err)
 	require.NotEmpty(t, files)

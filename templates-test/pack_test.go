@@ -381,3 +381,16 @@ func TestPacksUpToDate(t *testing.T) {
 		}
 	}
 }
+
+// helm lint --strict of each pack's chart tarball with the values the
+// platform gives it.
+func TestPackLint(t *testing.T) {
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			p := preparePack(t, v, sampleSystem(t))
+			dir := t.TempDir()
+			require.NoError(t, chartutil.SaveDir(p.chart, dir))
+			lintClean(t, filepath.Join(dir, "spectro-proxy"), p.values)
+		})
+	}
+}
