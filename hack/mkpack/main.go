@@ -305,4 +305,18 @@ kubectl -n cluster-<uid> get configmap spectro-proxy-kubeconfig -o jsonpath='{.d
 
 If the pack is added to a running cluster (Day-2), download the kubeconfig
 again: one downloaded before points at the API server directly.
+
+## Without the platform
+
+The chart tarball installs with plain Helm; give it the pack's chart values
+and the cluster's system values (the chart resolves the macros itself):
+
+` + "```sh" + `
+yq '.charts."spectro-proxy"' values.yaml > spectro-proxy-values.yaml
+helm install spectro-proxy [[.ChartFile]] -n cluster-<uid> --create-namespace \
+  -f spectro-proxy-values.yaml \
+  --set spectro.system.cluster.uid=<uid> \
+  --set spectro.system.reverseproxy.server=<relay domain> \
+  --set spectro.system.reverseproxy.token=<tunnel token>
+` + "```" + `
 `))
