@@ -492,9 +492,18 @@ global: {imageRegistry: registry.local}
 	env := map[string]string{}
 	for _, e := range c.Env {
 		env[e.Name] = e.Value
+		if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+			env[e.Name] = "secret:" + e.ValueFrom.SecretKeyRef.Name + "/" + e.ValueFrom.SecretKeyRef.Key
+		}
 	}
-	assert.Equal(t, "http://user:secret@proxy.corp:3128", env["HTTPS_PROXY"])
-	assert.Equal(t, "http://proxy.corp:8080", env["HTTP_PROXY"])
+	// The proxy URLs may hold credentials: a Secret, not the Deployment.
+	assert.Equal(t, "secret:spectro-proxy-proxy/HTTPS_PROXY", env["HTTPS_PROXY"])
+	assert.Equal(t, "secret:spectro-proxy-proxy/HTTP_PROXY", env["HTTP_PROXY"])
+	assert.NotContains(t, m.objects["Deployment/spectro-proxy"], "secret@proxy")
+	proxy := decode[corev1.Secret](t, m, "Secret/spectro-proxy-proxy")
+	assert.Equal(t, "http://user:secret@proxy.corp:3128", string(proxy.Data["HTTPS_PROXY"]))
+	assert.Equal(t, "http://proxy.corp:8080", string(proxy.Data["HTTP_PROXY"]))
+	assert.NotEmpty(t, d.Spec.Template.Annotations["checksum/proxy"])
 	assert.Equal(t, "10.0.0.0/8,.svc", env["NO_PROXY"])
 	assert.Equal(t, "http2debug=1", env["GODEBUG"])
 	assert.Equal(t, "corp-ca", volumes(pod)["extra-ca"].ConfigMap.Name)

@@ -296,7 +296,9 @@ token: {value: spx1.override}
 			assert.Contains(t, c.Args, "--subdomain=edge-1")
 			assert.Contains(t, c.Args, "--mode=terminate")
 			assert.Equal(t, int32(1), *d.Spec.Replicas)
-			assert.Contains(t, c.Env, envVar("HTTPS_PROXY", "http://proxy.corp:3128"))
+			assert.Contains(t, m.objects["Secret/spectro-proxy-proxy"], "HTTPS_PROXY: \"aHR0cDovL3Byb3h5LmNvcnA6MzEyOA==\"")
+			assert.Contains(t, c.Env, corev1.EnvVar{Name: "HTTPS_PROXY", ValueFrom: &corev1.EnvVarSource{
+				SecretKeyRef: &corev1.SecretKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "spectro-proxy-proxy"}, Key: "HTTPS_PROXY"}}})
 			assert.Contains(t, m.objects["Secret/spectro-proxy-agent-token"], "c3B4MS5vdmVycmlkZQ==", "token.value wins over the system token")
 		})
 	}
@@ -319,8 +321,6 @@ func TestPackMacros(t *testing.T) {
 		assert.NotContains(t, y, "{{", v)
 	}
 }
-
-func envVar(name, value string) corev1.EnvVar { return corev1.EnvVar{Name: name, Value: value} }
 
 func stripComments(b []byte) []byte {
 	var out []string
