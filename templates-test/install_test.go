@@ -241,10 +241,17 @@ func TestHelmInstall(t *testing.T) {
 		assert.Contains(t, err.Error(), "spectro-proxy: no tunnel token: no token value is set and the Secret "+p.namespace+"/spectro-proxy-token does not exist: "+
 			"set spectro.system.reverseproxy.token (Palette sets it for each cluster) or token.value, or create the Secret spectro-proxy-token with the key token in namespace "+p.namespace)
 
-		_, err = cs.CoreV1().Secrets(p.namespace).Create(ctx, &corev1.Secret{
+		secret, err := cs.CoreV1().Secrets(p.namespace).Create(ctx, &corev1.Secret{
 			ObjectMeta: metav1.ObjectMeta{Name: "spectro-proxy-token"},
-			StringData: map[string]string{"token": sampleToken},
+			StringData: map[string]string{"tok": sampleToken},
 		}, metav1.CreateOptions{})
+		require.NoError(t, err)
+		_, err = in.install(t, p.namespace, "spectro-proxy", p.chart, p.values)
+		require.Error(t, err, "the Secret lacks the key")
+		assert.Contains(t, err.Error(), "spectro-proxy: no tunnel token: the Secret "+p.namespace+"/spectro-proxy-token has no key token (set token.key to the key that holds the token)")
+
+		secret.Data = map[string][]byte{"token": []byte(sampleToken)}
+		_, err = cs.CoreV1().Secrets(p.namespace).Update(ctx, secret, metav1.UpdateOptions{})
 		require.NoError(t, err)
 		rel, err := in.install(t, p.namespace, "spectro-proxy", p.chart, p.values)
 		require.NoError(t, err)

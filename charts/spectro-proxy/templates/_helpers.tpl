@@ -207,8 +207,11 @@ else the documented spectro-proxy-token, looked up when installing.
 {{- $name := include "spectro-proxy.tokenSecretName" . -}}
 {{- $how := printf "set spectro.system.reverseproxy.token (Palette sets it for each cluster) or token.value, or create the Secret %s with the key %s in namespace %s (kubectl -n %s create secret generic %s --from-literal=%s=spx1...)" $name .Values.token.key $ns $ns $name .Values.token.key -}}
 {{- if include "spectro-proxy.connected" . -}}
-{{- if not (lookup "v1" "Secret" $ns $name) -}}
+{{- $secret := lookup "v1" "Secret" $ns $name -}}
+{{- if not $secret -}}
 {{- fail (printf "spectro-proxy: no tunnel token: no token value is set and the Secret %s/%s does not exist: %s" $ns $name $how) -}}
+{{- else if not (hasKey ($secret.data | default dict) .Values.token.key) -}}
+{{- fail (printf "spectro-proxy: no tunnel token: the Secret %s/%s has no key %s (set token.key to the key that holds the token)" $ns $name .Values.token.key) -}}
 {{- end -}}
 {{- else if not .Values.token.existingSecret -}}
 {{- fail (printf "spectro-proxy: no tunnel token: %s, and then set token.existingSecret=%s (helm template cannot look the Secret up)" $how $name) -}}
