@@ -10,7 +10,7 @@ IMAGE_TAG      ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1
 IMAGE_ARCH     ?= amd64
 IMAGE_DIR      ?= bin/images
 
-.PHONY: chart-test golden chart-lint chart-schema chart-docs image
+.PHONY: chart-test golden chart-lint chart-schema chart-docs packs image
 
 chart-test: ## Chart tests: goldens, typed objects, schema, lint, helm install when a control plane is cached
 	go test ./templates-test/...
@@ -26,6 +26,9 @@ chart-docs: ## Regenerate both charts' README.md from Chart.yaml, the `# --` com
 
 chart-schema: ## Copy values.schema.json into the chart (the test fails when they differ)
 	cp values.schema.json $(CHART_DIR)/values.schema.json
+
+packs: ## Packs of every documented version: packs/spectro-proxy/<v>/ with the chart tarball built from the chart source (Helm SDK)
+	go run ./hack/mkpack -chart $(CHART_DIR) -out packs/spectro-proxy
 
 image: ## OCI images of both binaries, no Docker daemon: $(IMAGE_DIR)/spectro-proxy-{client,server}.tar
 	@mkdir -p $(IMAGE_DIR)/bin

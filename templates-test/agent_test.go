@@ -10,8 +10,10 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"helm.sh/helm/v3/pkg/chart"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 )
@@ -27,18 +29,28 @@ const (
 	sampleToken  = "spx1.eyJjbHVzdGVyIjoiNjU4MmM0YTVkMWUyYjNmNGE1YjZjN2Q4In0.c2lnbmF0dXJl"
 )
 
-// sampleCluster is what Palette fills in for a cluster, plus the tunnel token
-// every install needs.
+// sampleCluster is what the platform provides for a cluster: its
+// spectro.system values, the agent's tunnel token included.
 func sampleCluster(t *testing.T) map[string]any {
 	return readValues(t, "testdata/sample-cluster.yaml")
 }
 
+// packValues are the chart values of a pack version (charts.spectro-proxy of
+// its values.yaml) as written: the chart resolves their macros itself.
 func packValues(t *testing.T, version string) map[string]any {
-	return readValues(t, filepath.Join("..", "packs", "spectro-proxy", version, "values.yaml"))
+	t.Helper()
+	all := readValues(t, filepath.Join(packDir(version), "values.yaml"))
+	charts, ok := all["charts"].(map[string]any)
+	require.True(t, ok, "values.yaml of pack %s has no charts section", version)
+	v, ok := charts["spectro-proxy"].(map[string]any)
+	require.True(t, ok, "values.yaml of pack %s has no charts.spectro-proxy", version)
+	return v
 }
 
-// renderPack renders the agent chart with a pack version's values, the sample
-// cluster and the extra overrides.
+func packDir(version string) string { return filepath.Join("..", "packs", "spectro-proxy", version) }
+
+// renderPack renders the agent chart source with a pack version's values, the
+// sample cluster and the extra overrides.
 func renderPack(t *testing.T, version string, extra ...map[string]any) manifest {
 	t.Helper()
 	all := append([]map[string]any{packValues(t, version), sampleCluster(t)}, extra...)
@@ -49,15 +61,6 @@ func agentArgs(t *testing.T, m manifest) []string {
 	d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
 	require.Len(t, d.Spec.Template.Spec.Containers, 1)
 	return d.Spec.Template.Spec.Containers[0].Args
-}
-
-func TestPackVersionsGolden(t *testing.T) {
-	for _, v := range packVersions {
-		t.Run(v, func(t *testing.T) {
-			out := mustRender(t, agentChart, merge(packValues(t, v), sampleCluster(t)))
-			assertGolden(t, "pack-"+v, goldenText(out))
-		})
-	}
 }
 
 // Cases in testdata/values/<case>.yaml are layered over pack 1.3.0 and the
@@ -75,20 +78,24 @@ func TestValuesCasesGolden(t *testing.T) {
 	}
 }
 
-func TestPackVersionsTyped(t *testing.T) {
+// The chart source with each pack's values, installed with plain Helm into
+// the default namespace: the objects, their wiring and the restricted defaults.
+func TestAgentTyped(t *testing.T) {
+	kubeconfigSA := "ServiceAccount/spectro-proxy-kubeconfig"
 	for _, v := range packVersions {
 		t.Run(v, func(t *testing.T) {
 			m := renderPack(t, v)
 			assert.Equal(t, []string{
+				"ClusterRoleBinding/spectro-proxy-kubeconfig-" + sampleNS,
+				"ConfigMap/spectro-proxy-kubeconfig",
 				"Deployment/spectro-proxy",
-				"Namespace/" + sampleNS,
 				"PodDisruptionBudget/spectro-proxy",
-				"Secret/spectro-proxy-token",
+				"Role/spectro-proxy-kubeconfig-writer",
+				"RoleBinding/spectro-proxy-kubeconfig-writer",
+				"Secret/spectro-proxy-agent-token",
 				"ServiceAccount/spectro-proxy",
-			}, m.kinds())
-
-			ns := decode[corev1.Namespace](t, m, "Namespace/"+sampleNS)
-			assert.Equal(t, "restricted", ns.Labels["pod-security.kubernetes.io/enforce"])
+				kubeconfigSA,
+			}, m.kinds(), "no Namespace unless createNamespace")
 
 			d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
 			assert.Equal(t, sampleNS, d.Namespace)
@@ -102,41 +109,38 @@ func TestPackVersionsTyped(t *testing.T) {
 			}
 			assert.Equal(t, "spectro-proxy", pod.Spec.ServiceAccountName)
 			require.NotNil(t, pod.Spec.AutomountServiceAccountToken)
-			assert.False(t, *pod.Spec.AutomountServiceAccountToken, "passthrough needs no API token")
+			assert.True(t, *pod.Spec.AutomountServiceAccountToken, "the agent reads the cluster CA and writes its ConfigMap")
 
 			c := pod.Spec.Containers[0]
-			assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+pinnedVersion, c.Image)
+			assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+agentPinnedVersion, c.Image)
 			assert.Equal(t, []string{
 				"--server=" + sampleServer,
 				"--port=443",
 				"--cluster-uid=" + sampleUID,
 				"--subdomain=cluster-" + sampleUID,
-				"--mode=passthrough",
+				"--mode=auto",
 				"--token-file=/etc/spectro-proxy/token/token",
+				"--kubeconfig-configmap=spectro-proxy-kubeconfig",
 				"--health-addr=:8081",
 				"--agent-id=$(POD_NAME)",
 				"--log-level=info",
 			}, c.Args)
-			require.Len(t, c.Env, 1)
+			require.Len(t, c.Env, 2)
 			assert.Equal(t, "POD_NAME", c.Env[0].Name)
 			assert.Equal(t, "metadata.name", c.Env[0].ValueFrom.FieldRef.FieldPath)
+			assert.Equal(t, "POD_NAMESPACE", c.Env[1].Name)
+			assert.Equal(t, "metadata.namespace", c.Env[1].ValueFrom.FieldRef.FieldPath)
 			assertProbes(t, c)
 			assertRestricted(t, pod.Spec)
 
 			// The token Secret is mounted where --token-file points.
 			assert.Contains(t, c.VolumeMounts, corev1.VolumeMount{Name: "token", MountPath: "/etc/spectro-proxy/token", ReadOnly: true})
-			var tokenVol *corev1.Volume
-			for i := range pod.Spec.Volumes {
-				if pod.Spec.Volumes[i].Name == "token" {
-					tokenVol = &pod.Spec.Volumes[i]
-				}
-			}
-			require.NotNil(t, tokenVol)
-			assert.Equal(t, "spectro-proxy-token", tokenVol.Secret.SecretName)
-			assert.Equal(t, []corev1.KeyToPath{{Key: "token", Path: "token"}}, tokenVol.Secret.Items)
-			sec := decode[corev1.Secret](t, m, "Secret/spectro-proxy-token")
+			vols := volumes(pod.Spec)
+			assert.Equal(t, "spectro-proxy-agent-token", vols["token"].Secret.SecretName)
+			assert.Equal(t, []corev1.KeyToPath{{Key: "token", Path: "token"}}, vols["token"].Secret.Items)
+			sec := decode[corev1.Secret](t, m, "Secret/spectro-proxy-agent-token")
 			assert.Equal(t, sampleNS, sec.Namespace)
-			assert.Equal(t, sampleToken, string(sec.Data["token"]))
+			assert.Equal(t, sampleToken, string(sec.Data["token"]), "from spectro.system.reverseproxy.token")
 
 			// Replicas spread over nodes.
 			aa := pod.Spec.Affinity.PodAntiAffinity.PreferredDuringSchedulingIgnoredDuringExecution
@@ -151,14 +155,47 @@ func TestPackVersionsTyped(t *testing.T) {
 			sa := decode[corev1.ServiceAccount](t, m, "ServiceAccount/spectro-proxy")
 			assert.Equal(t, sampleNS, sa.Namespace)
 
-			// NOTES: the SAN snippets with the resolved host name and the Day-2 warning.
+			assertKubeconfigConfigMap(t, m, sampleNS, "spectro-proxy")
+
+			// auto mode: the NOTES explain both modes.
 			assert.Contains(t, m.notes, "https://"+sampleHost+"\n")
+			assert.Contains(t, m.notes, "MODE auto")
 			assert.Contains(t, m.notes, "kubeadmconfig:\n    apiServer:\n      certSANs:\n        - "+sampleHost+"\n")
 			assert.Contains(t, m.notes, "cluster:\n    config: |\n      tls-san:\n        - "+sampleHost+"\n")
+			assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" create token spectro-proxy-kubeconfig --duration 8h")
+			assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" get configmap spectro-proxy-kubeconfig -o jsonpath='{.data.mode}'\n")
+			assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" get configmap spectro-proxy-kubeconfig -o jsonpath='{.data.kubeconfig}' > kubeconfig\n")
 			assert.Contains(t, m.notes, "DAY-2")
 			assert.NotContains(t, m.notes, "dashboard.")
+			assert.NotContains(t, m.notes, "WARNING")
 		})
 	}
+}
+
+func volumes(spec corev1.PodSpec) map[string]corev1.Volume {
+	out := map[string]corev1.Volume{}
+	for _, v := range spec.Volumes {
+		out[v.Name] = v
+	}
+	return out
+}
+
+// assertKubeconfigConfigMap: the ConfigMap the agent writes exists without
+// data, and the agent's service account may get/update/patch it and nothing else.
+func assertKubeconfigConfigMap(t *testing.T, m manifest, ns, agentSA string) {
+	t.Helper()
+	cm := decode[corev1.ConfigMap](t, m, "ConfigMap/spectro-proxy-kubeconfig")
+	assert.Equal(t, ns, cm.Namespace)
+	assert.Nil(t, cm.Data, "no data: helm upgrade must leave the agent's data alone")
+	role := decode[rbacv1.Role](t, m, "Role/spectro-proxy-kubeconfig-writer")
+	assert.Equal(t, ns, role.Namespace)
+	assert.Equal(t, []rbacv1.PolicyRule{{
+		APIGroups: []string{""}, Resources: []string{"configmaps"},
+		ResourceNames: []string{"spectro-proxy-kubeconfig"}, Verbs: []string{"get", "update", "patch"},
+	}}, role.Rules)
+	rb := decode[rbacv1.RoleBinding](t, m, "RoleBinding/spectro-proxy-kubeconfig-writer")
+	assert.Equal(t, rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: role.Name}, rb.RoleRef)
+	assert.Equal(t, []rbacv1.Subject{{Kind: "ServiceAccount", Name: agentSA, Namespace: ns}}, rb.Subjects)
 }
 
 func assertLabels(t *testing.T, l map[string]string) {
@@ -166,7 +203,7 @@ func assertLabels(t *testing.T, l map[string]string) {
 	assert.Equal(t, "spectro-proxy", l["app.kubernetes.io/name"])
 	assert.Equal(t, releaseName, l["app.kubernetes.io/instance"])
 	assert.Equal(t, "agent", l["app.kubernetes.io/component"])
-	assert.Equal(t, pinnedVersion, l["app.kubernetes.io/version"])
+	assert.Equal(t, agentPinnedVersion, l["app.kubernetes.io/version"])
 	assert.Equal(t, "Helm", l["app.kubernetes.io/managed-by"])
 	assert.Equal(t, "spectro-proxy", l["app.kubernetes.io/part-of"])
 	assert.Equal(t, "proxy", l["spectrocloud.com/connection"])
@@ -214,56 +251,6 @@ func assertRestricted(t *testing.T, spec corev1.PodSpec) {
 	}
 }
 
-// The documented values of each pack version: 1.0.x has no dashboard keys,
-// 1.1.x and later have k8sDashboardIntegration, only 1.3.x has the VM dashboard.
-func TestPackValuesDocumented(t *testing.T) {
-	base := map[string]any{
-		"namespace":  "cluster-<< .spectro.system.cluster.uid >>",
-		"server":     "<< .spectro.system.reverseproxy.server >>",
-		"clusterUid": "<< .spectro.system.cluster.uid >>",
-		"subdomain":  "cluster-<< .spectro.system.cluster.uid >>",
-	}
-	k8s := map[string]any{"enabled": false, "useInsecurePort": false}
-	for _, v := range packVersions {
-		t.Run(v, func(t *testing.T) {
-			want := merge(base)
-			if v != "1.0.0" {
-				want["k8sDashboardIntegration"] = k8s
-			}
-			if v == "1.3.0" {
-				want["vmDashboardIntegration"] = map[string]any{"enabled": false}
-			}
-			assert.Equal(t, want, packValues(t, v))
-
-			raw, err := os.ReadFile(filepath.Join("..", "packs", "spectro-proxy", v, "pack.json"))
-			require.NoError(t, err)
-			var pack struct {
-				Name      string   `json:"name"`
-				Version   string   `json:"version"`
-				Layer     string   `json:"layer"`
-				AddonType string   `json:"addonType"`
-				Cloud     []string `json:"cloudTypes"`
-				Display   string   `json:"displayName"`
-				Charts    []struct {
-					Name, Version, Path string
-				} `json:"charts"`
-			}
-			dec := json.NewDecoder(strings.NewReader(string(raw)))
-			dec.DisallowUnknownFields()
-			require.NoError(t, dec.Decode(&pack))
-			assert.Equal(t, "spectro-proxy", pack.Name)
-			assert.Equal(t, v, pack.Version)
-			assert.Equal(t, "addon", pack.Layer)
-			assert.NotEmpty(t, pack.AddonType)
-			require.Len(t, pack.Charts, 1)
-			ch, err := os.ReadFile(filepath.Join("..", pack.Charts[0].Path, "Chart.yaml"))
-			require.NoError(t, err, "pack.json chart path")
-			assert.Contains(t, string(ch), "\nname: "+pack.Charts[0].Name+"\n")
-			assert.Contains(t, string(ch), "\nversion: "+pack.Charts[0].Version+"\n")
-		})
-	}
-}
-
 // No golden or pack render leaves a macro half-resolved.
 func TestNoUnresolvedMacros(t *testing.T) {
 	for _, v := range packVersions {
@@ -279,7 +266,9 @@ func TestNoUnresolvedMacros(t *testing.T) {
 // chart's defaults plus a cluster, in both modes and with every integration.
 func TestStrictRender(t *testing.T) {
 	for _, extra := range []string{
+		"{}",
 		"mode: passthrough",
+		"{createNamespace: true, namespace: other, networkPolicy: {enabled: true}, proxy: {httpsProxy: 'http://proxy:3128'}, terminate: {legacyTokenSecret: true, clusterRole: cluster-admin}}",
 		"{mode: terminate, relayCA: {pem: x}, k8sDashboardIntegration: {enabled: true}, vmwareDashboard: {enabled: true}}",
 	} {
 		_, err := render(t, agentChart, merge(sampleCluster(t), vals(t, extra)), renderOpts{strict: true})
@@ -334,85 +323,234 @@ func TestDashboards(t *testing.T) {
 			assert.Equal(t, hasK8s, strings.Contains(m.notes, "https://"+dashHost+"\n"), "dashboard host in NOTES")
 			assert.Equal(t, hasVM, strings.Contains(m.notes, "https://"+vmHost+"\n"), "VM dashboard host in NOTES")
 			// The agent dials the Services itself: no RBAC for dashboards.
-			for _, k := range m.kinds() {
-				assert.NotRegexp(t, "^(Cluster)?Role(Binding)?/", k)
-			}
+			assert.Equal(t, rbacKinds(renderPack(t, tc.version)), rbacKinds(m))
 		})
 	}
 }
 
+func rbacKinds(m manifest) []string {
+	var out []string
+	for _, k := range m.kinds() {
+		if strings.Contains(k, "Role") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
 func TestModes(t *testing.T) {
+	crbName := "ClusterRoleBinding/spectro-proxy-kubeconfig-" + sampleNS
 	t.Run("terminate", func(t *testing.T) {
 		m := renderPack(t, "1.3.0", vals(t, "mode: terminate"))
-		assert.Equal(t, []string{
-			"ClusterRoleBinding/spectro-proxy-kubeconfig-" + sampleNS,
-			"Deployment/spectro-proxy",
-			"Namespace/" + sampleNS,
-			"PodDisruptionBudget/spectro-proxy",
-			"Secret/spectro-proxy-kubeconfig-token",
-			"Secret/spectro-proxy-token",
-			"ServiceAccount/spectro-proxy",
-			"ServiceAccount/spectro-proxy-kubeconfig",
-		}, m.kinds())
 		assert.Contains(t, agentArgs(t, m), "--mode=terminate")
-		d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
-		assert.True(t, *d.Spec.Template.Spec.AutomountServiceAccountToken, "terminate mode reads the cluster CA from the service account volume")
-
 		sa := decode[corev1.ServiceAccount](t, m, "ServiceAccount/spectro-proxy-kubeconfig")
 		assert.Equal(t, sampleNS, sa.Namespace)
+		crb := decode[rbacv1.ClusterRoleBinding](t, m, crbName)
+		assert.Equal(t, rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "view"}, crb.RoleRef, "least privilege by default")
+		assert.Equal(t, []rbacv1.Subject{{Kind: "ServiceAccount", Name: "spectro-proxy-kubeconfig", Namespace: sampleNS}}, crb.Subjects)
+		for k, doc := range m.objects {
+			assert.NotContains(t, doc, "kubernetes.io/service-account-token", "%s: no long-lived token by default", k)
+		}
+
+		assert.Contains(t, m.notes, "TERMINATE MODE")
+		assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" create token spectro-proxy-kubeconfig --duration 8h > spectro-proxy.token\n")
+		assert.Contains(t, m.notes, "bound to ClusterRole view")
+		assert.Contains(t, m.notes, "  kubectl --kubeconfig kubeconfig config set-credentials cluster-"+sampleUID+` --token="$(cat spectro-proxy.token)"`+"\n"+
+			"  kubectl --kubeconfig kubeconfig config set-context --current --user=cluster-"+sampleUID+"\n")
+		assert.Contains(t, m.notes, "client certificates\ncannot")
+		assert.NotContains(t, m.notes, "certSANs")
+		assert.NotContains(t, m.notes, "tls-san")
+		assert.NotContains(t, m.notes, "WARNING")
+		assert.Contains(t, m.notes, "DAY-2")
+	})
+	t.Run("passthrough", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "mode: passthrough"))
+		assert.Contains(t, agentArgs(t, m), "--mode=passthrough")
+		assert.NotContains(t, m.kinds(), "ServiceAccount/spectro-proxy-kubeconfig")
+		assert.NotContains(t, m.kinds(), crbName)
+		assertKubeconfigConfigMap(t, m, sampleNS, "spectro-proxy")
+		assert.Contains(t, m.notes, "PASSTHROUGH MODE")
+		assert.Contains(t, m.notes, "certSANs:\n        - "+sampleHost+"\n")
+		assert.NotContains(t, m.notes, "create token")
+		assert.NotContains(t, m.notes, "MODE auto")
+	})
+	t.Run("cluster-admin is an opt-in with a warning", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "terminate: {clusterRole: cluster-admin}"))
+		crb := decode[rbacv1.ClusterRoleBinding](t, m, crbName)
+		assert.Equal(t, "cluster-admin", crb.RoleRef.Name)
+		assert.Contains(t, m.notes, "WARNING: terminate.clusterRole is cluster-admin.")
+	})
+	t.Run("legacy token Secret is an opt-in with a warning", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "{mode: terminate, terminate: {legacyTokenSecret: true}}"))
 		sec := decode[corev1.Secret](t, m, "Secret/spectro-proxy-kubeconfig-token")
 		assert.Equal(t, corev1.SecretTypeServiceAccountToken, sec.Type)
 		assert.Equal(t, "spectro-proxy-kubeconfig", sec.Annotations[corev1.ServiceAccountNameKey])
-		assert.Equal(t, sampleNS, sec.Namespace)
-		crb := decode[rbacv1.ClusterRoleBinding](t, m, "ClusterRoleBinding/spectro-proxy-kubeconfig-"+sampleNS)
-		assert.Equal(t, rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "cluster-admin"}, crb.RoleRef)
-		assert.Equal(t, []rbacv1.Subject{{Kind: "ServiceAccount", Name: "spectro-proxy-kubeconfig", Namespace: sampleNS}}, crb.Subjects)
-
-		assert.Contains(t, m.notes, "kubectl -n "+sampleNS+" get secret spectro-proxy-kubeconfig-token -o jsonpath='{.data.token}' | base64 -d > spectro-proxy.token\n")
-		// The relay has a publicly trusted certificate: plain kubectl builds the kubeconfig.
-		assert.Contains(t, m.notes, "  kubectl config set-cluster cluster-"+sampleUID+" --server=https://"+sampleHost+"\n")
-		assert.Contains(t, m.notes, "  kubectl config set-credentials cluster-"+sampleUID+` --token="$(cat spectro-proxy.token)"`+"\n")
-		assert.NotContains(t, m.notes, "certSANs")
-		assert.Contains(t, m.notes, "DAY-2")
+		assert.Contains(t, m.notes, "WARNING: terminate.legacyTokenSecret is true")
 	})
-	t.Run("terminate with relay CA", func(t *testing.T) {
-		m := renderPack(t, "1.3.0", vals(t, "{mode: terminate, relayCA: {pem: \"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\"}}"))
+	t.Run("relay CA from spectro.system", func(t *testing.T) {
+		pem := "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+		m := renderPack(t, "1.3.0", map[string]any{"spectro": map[string]any{"system": map[string]any{"reverseproxy": map[string]any{"caCert": pem}}}})
 		assert.Contains(t, agentArgs(t, m), "--relay-ca-file=/etc/spectro-proxy/relay-ca/ca.crt")
 		cm := decode[corev1.ConfigMap](t, m, "ConfigMap/spectro-proxy-relay-ca")
-		assert.Equal(t, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----", cm.Data["ca.crt"])
-		assert.Contains(t, m.notes, `get configmap spectro-proxy-relay-ca -o jsonpath='{.data.ca\.crt}' > spectro-proxy-relay-ca.crt`)
-		assert.Contains(t, m.notes, "spectro-proxy-client kubeconfig --mode terminate --server "+sampleServer+" --port 443 --subdomain cluster-"+sampleUID+" --user-token-file spectro-proxy.token --relay-ca-file spectro-proxy-relay-ca.crt > kubeconfig\n")
+		assert.Equal(t, strings.TrimSpace(pem), cm.Data["ca.crt"])
+		// relayCA.pem wins over the system value.
+		m = renderPack(t, "1.3.0", map[string]any{"spectro": map[string]any{"system": map[string]any{"reverseproxy": map[string]any{"caCert": pem}}}},
+			vals(t, "relayCA: {pem: \"-----BEGIN CERTIFICATE-----\\nMIIC\\n-----END CERTIFICATE-----\"}"))
+		cm = decode[corev1.ConfigMap](t, m, "ConfigMap/spectro-proxy-relay-ca")
+		assert.Contains(t, cm.Data["ca.crt"], "MIIC")
 	})
-	t.Run("passthrough has no kubeconfig account", func(t *testing.T) {
-		m := renderPack(t, "1.3.0", vals(t, "mode: passthrough"))
-		assert.NotContains(t, m.kinds(), "ServiceAccount/spectro-proxy-kubeconfig")
-		assert.NotContains(t, m.notes, "spectro-proxy-client kubeconfig")
+	t.Run("kubeconfig ConfigMap off", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "kubeconfigConfigMap: {enabled: false}"))
+		assert.NotContains(t, m.kinds(), "ConfigMap/spectro-proxy-kubeconfig")
+		assert.NotContains(t, m.kinds(), "Role/spectro-proxy-kubeconfig-writer")
+		for _, a := range agentArgs(t, m) {
+			assert.NotContains(t, a, "--kubeconfig-configmap")
+		}
+		assert.NotContains(t, m.notes, "get configmap spectro-proxy-kubeconfig")
 	})
 }
 
-func TestNamespaceOwnership(t *testing.T) {
-	// Installed into the target namespace itself (helm -n cluster-<uid>):
-	// Helm requires it to exist, so the chart does not render it.
-	files, err := render(t, agentChart, merge(packValues(t, "1.3.0"), sampleCluster(t)), renderOpts{namespace: sampleNS})
-	require.NoError(t, err)
-	assert.NotContains(t, parse(t, files).kinds(), "Namespace/"+sampleNS)
+func TestNamespace(t *testing.T) {
+	t.Run("not created by default", func(t *testing.T) {
+		m := renderPack(t, "1.3.0")
+		for _, k := range m.kinds() {
+			assert.NotRegexp(t, "^Namespace/", k)
+		}
+		d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
+		assert.Equal(t, sampleNS, d.Namespace)
+	})
+	t.Run("createNamespace creates and keeps it", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "{createNamespace: true, namespace: spectro-proxy-system}"))
+		ns := decode[corev1.Namespace](t, m, "Namespace/spectro-proxy-system")
+		assert.Equal(t, "keep", ns.Annotations["helm.sh/resource-policy"])
+		assert.Equal(t, "restricted", ns.Labels["pod-security.kubernetes.io/enforce"])
+		for _, k := range m.kinds() {
+			if !strings.HasPrefix(k, "Namespace/") && !strings.HasPrefix(k, "ClusterRoleBinding/") {
+				assert.Contains(t, m.objects[k], "namespace: spectro-proxy-system\n", k)
+			}
+		}
+	})
+	t.Run("release namespace is never rendered", func(t *testing.T) {
+		files, err := render(t, agentChart, merge(packValues(t, "1.3.0"), sampleCluster(t), vals(t, "createNamespace: true")), renderOpts{namespace: sampleNS})
+		require.NoError(t, err)
+		assert.NotContains(t, parse(t, files).kinds(), "Namespace/"+sampleNS)
+	})
+	for _, ns := range []string{"kube-system", "kube-public", "default"} {
+		t.Run(ns+" is never rendered", func(t *testing.T) {
+			m := renderPack(t, "1.3.0", vals(t, "{createNamespace: true, namespace: "+ns+"}"))
+			assert.NotContains(t, m.kinds(), "Namespace/"+ns)
+			d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
+			assert.Equal(t, ns, d.Namespace)
+		})
+	}
+}
 
-	m := renderPack(t, "1.3.0", vals(t, "createNamespace: false"))
-	assert.NotContains(t, m.kinds(), "Namespace/"+sampleNS)
+// The tunnel token: token.value, else spectro.system.reverseproxy.token, else
+// an existing Secret (token.existingSecret, default spectro-proxy-token).
+func TestToken(t *testing.T) {
+	noSystemToken := vals(t, "spectro: {system: {reverseproxy: {token: null}}}")
+	t.Run("token.value wins", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "token: {value: spx1.other}"))
+		sec := decode[corev1.Secret](t, m, "Secret/spectro-proxy-agent-token")
+		assert.Equal(t, "spx1.other", string(sec.Data["token"]))
+	})
+	t.Run("existing Secret", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", noSystemToken, vals(t, "token: {existingSecret: my-token, key: tok}"))
+		assert.NotContains(t, m.kinds(), "Secret/spectro-proxy-agent-token")
+		d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
+		vols := volumes(d.Spec.Template.Spec)
+		assert.Equal(t, "my-token", vols["token"].Secret.SecretName)
+		assert.Equal(t, []corev1.KeyToPath{{Key: "tok", Path: "token"}}, vols["token"].Secret.Items)
+	})
+	t.Run("neither", func(t *testing.T) {
+		_, err := render(t, agentChart, merge(packValues(t, "1.3.0"), sampleCluster(t), noSystemToken))
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "spectro-proxy: no tunnel token: set spectro.system.reverseproxy.token (Palette sets it for each cluster) or token.value, "+
+			"or create the Secret spectro-proxy-token with the key token in namespace "+sampleNS+
+			" (kubectl -n "+sampleNS+" create secret generic spectro-proxy-token --from-literal=token=spx1...), and then set token.existingSecret=spectro-proxy-token (helm template cannot look the Secret up)")
+	})
+}
+
+// Values users expect of a chart.
+func TestChartOptions(t *testing.T) {
+	m := renderPack(t, "1.3.0", vals(t, `
+proxy: {httpsProxy: "http://user:secret@proxy.corp:3128", httpProxy: "http://proxy.corp:8080", noProxy: "10.0.0.0/8,.svc"}
+extraEnv: [{name: GODEBUG, value: "http2debug=1"}]
+extraVolumes: [{name: extra-ca, configMap: {name: corp-ca}}]
+extraVolumeMounts: [{name: extra-ca, mountPath: /etc/corp-ca, readOnly: true}]
+serviceAccount: {create: true, name: agent, annotations: {eks.amazonaws.com/role-arn: "arn:aws:iam::1:role/x"}}
+podSecurityContext: {runAsNonRoot: true, runAsUser: 1000, seccompProfile: {type: RuntimeDefault}}
+securityContext: {allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, runAsNonRoot: true, capabilities: {drop: [ALL]}, seccompProfile: {type: Localhost, localhostProfile: agent.json}}
+topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway, labelSelector: {matchLabels: {app.kubernetes.io/component: agent}}}]
+networkPolicy: {enabled: true}
+k8sDashboardIntegration: {enabled: true}
+global: {imageRegistry: registry.local}
+`))
 	d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
-	assert.Equal(t, sampleNS, d.Namespace)
-
-	m = renderPack(t, "1.3.0", vals(t, "namespace: spectro-proxy-system"))
-	assert.Contains(t, m.kinds(), "Namespace/spectro-proxy-system")
-	for _, k := range m.kinds() {
-		if !strings.HasPrefix(k, "Namespace/") {
-			assert.Contains(t, m.objects[k], "namespace: spectro-proxy-system\n", k)
+	pod := d.Spec.Template.Spec
+	c := pod.Containers[0]
+	env := map[string]string{}
+	for _, e := range c.Env {
+		env[e.Name] = e.Value
+		if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+			env[e.Name] = "secret:" + e.ValueFrom.SecretKeyRef.Name + "/" + e.ValueFrom.SecretKeyRef.Key
 		}
 	}
+	// The proxy URLs may hold credentials: a Secret, not the Deployment.
+	assert.Equal(t, "secret:spectro-proxy-proxy/HTTPS_PROXY", env["HTTPS_PROXY"])
+	assert.Equal(t, "secret:spectro-proxy-proxy/HTTP_PROXY", env["HTTP_PROXY"])
+	assert.NotContains(t, m.objects["Deployment/spectro-proxy"], "secret@proxy")
+	proxy := decode[corev1.Secret](t, m, "Secret/spectro-proxy-proxy")
+	assert.Equal(t, "http://user:secret@proxy.corp:3128", string(proxy.Data["HTTPS_PROXY"]))
+	assert.Equal(t, "http://proxy.corp:8080", string(proxy.Data["HTTP_PROXY"]))
+	assert.NotEmpty(t, d.Spec.Template.Annotations["checksum/proxy"])
+	assert.Equal(t, "10.0.0.0/8,.svc", env["NO_PROXY"])
+	assert.Equal(t, "http2debug=1", env["GODEBUG"])
+	assert.Equal(t, "corp-ca", volumes(pod)["extra-ca"].ConfigMap.Name)
+	assert.Contains(t, c.VolumeMounts, corev1.VolumeMount{Name: "extra-ca", MountPath: "/etc/corp-ca", ReadOnly: true})
+	assert.Equal(t, "agent", pod.ServiceAccountName)
+	sa := decode[corev1.ServiceAccount](t, m, "ServiceAccount/agent")
+	assert.Equal(t, "arn:aws:iam::1:role/x", sa.Annotations["eks.amazonaws.com/role-arn"])
+	rb := decode[rbacv1.RoleBinding](t, m, "RoleBinding/spectro-proxy-kubeconfig-writer")
+	assert.Equal(t, "agent", rb.Subjects[0].Name)
+	assert.Equal(t, int64(1000), *pod.SecurityContext.RunAsUser)
+	assert.Equal(t, "agent.json", *c.SecurityContext.SeccompProfile.LocalhostProfile)
+	require.Len(t, pod.TopologySpreadConstraints, 1)
+	assert.Equal(t, "topology.kubernetes.io/zone", pod.TopologySpreadConstraints[0].TopologyKey)
+
+	np := decode[networkingv1.NetworkPolicy](t, m, "NetworkPolicy/spectro-proxy")
+	assert.Equal(t, d.Spec.Selector.MatchLabels, np.Spec.PodSelector.MatchLabels)
+	assert.Equal(t, []networkingv1.PolicyType{"Ingress", "Egress"}, np.Spec.PolicyTypes)
+	require.Len(t, np.Spec.Ingress, 1)
+	assert.Empty(t, np.Spec.Ingress[0].From)
+	require.Len(t, np.Spec.Ingress[0].Ports, 1)
+	assert.Equal(t, "health", np.Spec.Ingress[0].Ports[0].Port.String())
+	var egress [][]string
+	for _, r := range np.Spec.Egress {
+		var ports []string
+		for _, p := range r.Ports {
+			ports = append(ports, string(*p.Protocol)+"/"+p.Port.String())
+		}
+		egress = append(egress, ports)
+	}
+	assert.Equal(t, [][]string{
+		{"UDP/53", "TCP/53"},                // DNS
+		{"TCP/443", "TCP/3128", "TCP/8080"}, // relay and proxies
+		{"TCP/443", "TCP/6443"},             // API server
+		{"TCP/443"},                         // dashboard
+	}, egress)
+
+	t.Run("service account not created", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", vals(t, "serviceAccount: {create: false}"))
+		assert.NotContains(t, m.kinds(), "ServiceAccount/spectro-proxy")
+		d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
+		assert.Equal(t, "default", d.Spec.Template.Spec.ServiceAccountName)
+	})
 }
 
 func TestTokenAndOptions(t *testing.T) {
 	m := renderPack(t, "1.3.0", vals(t, `
+spectro: {system: {reverseproxy: {token: null}}}
 token: {value: "", existingSecret: my-token, key: tok}
 relayCA: {existingConfigMap: relay-ca, key: root.pem}
 image: {repository: registry.local/agent, digest: "sha256:`+strings.Repeat("a", 64)+`"}
@@ -429,7 +567,7 @@ extraArgs: ["--relay-address=relay.internal:8443"]
 logLevel: debug
 priorityClassName: system-cluster-critical
 `))
-	assert.NotContains(t, m.kinds(), "Secret/spectro-proxy-token")
+	assert.NotContains(t, m.kinds(), "Secret/spectro-proxy-agent-token")
 	assert.NotContains(t, m.kinds(), "ConfigMap/spectro-proxy-relay-ca")
 	assert.NotContains(t, m.kinds(), "PodDisruptionBudget/spectro-proxy")
 	d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
@@ -475,7 +613,7 @@ func TestImageDefaultsToAppVersion(t *testing.T) {
 	m := renderPack(t, "1.3.0")
 	d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
 	// loadChart pins appVersion; the template must use it for the tag.
-	assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+pinnedVersion, d.Spec.Template.Spec.Containers[0].Image)
+	assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+agentPinnedVersion, d.Spec.Template.Spec.Containers[0].Image)
 	mk, err := os.ReadFile("../make/chart.mk")
 	require.NoError(t, err)
 	assert.Contains(t, string(mk), "ghcr.io/spectroproxy/spectro-proxy-client", "make image builds the chart's default image")
@@ -495,7 +633,14 @@ subdomain: "cluster-{{ .spectro.system.cluster.uid }}"
 			args := agentArgs(t, m)
 			assert.Contains(t, args, "--server="+sampleServer)
 			assert.Contains(t, args, "--subdomain=cluster-"+sampleUID)
-			assert.Contains(t, m.kinds(), "Namespace/"+sampleNS)
+			assert.Equal(t, sampleNS, decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy").Namespace)
+		}},
+		{"both spellings", `
+namespace: "cluster-<< .spectro.system.cluster.uid >>"
+subdomain: "{{ .spectro.system.cluster.name }}-<< .spectro.system.cluster.uid >>"
+`, func(t *testing.T, m manifest) {
+			assert.Contains(t, agentArgs(t, m), "--subdomain=edge-lab-1-"+sampleUID)
+			assert.Equal(t, sampleNS, decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy").Namespace)
 		}},
 		{"palette form with trim markers", `subdomain: "{{- .spectro.system.cluster.name -}}"`, func(t *testing.T, m manifest) {
 			assert.Contains(t, agentArgs(t, m), "--subdomain=edge-lab-1")
@@ -550,11 +695,11 @@ func TestMacroMissingValues(t *testing.T) {
 		want         string
 	}{
 		{"no spectro.system at all", `spectro: null`,
-			`value "clusterUid" uses the macro "<< .spectro.system.cluster.uid >>", which resolves to an empty value: set spectro.system.cluster.uid`},
+			`value "clusterUid" uses the macro "{{ .spectro.system.cluster.uid }}", which resolves to an empty value: set spectro.system.cluster.uid`},
 		{"missing server", `spectro: {system: {reverseproxy: {server: null}}}`,
-			`value "server" uses the macro "<< .spectro.system.reverseproxy.server >>", which resolves to an empty value: set spectro.system.reverseproxy.server`},
+			`value "server" uses the macro "{{ .spectro.system.reverseproxy.server }}", which resolves to an empty value: set spectro.system.reverseproxy.server`},
 		{"empty server", `spectro: {system: {reverseproxy: {server: ""}}}`,
-			`value "server" uses the macro "<< .spectro.system.reverseproxy.server >>", which resolves to an empty value: set spectro.system.reverseproxy.server (for example --set spectro.system.reverseproxy.server=...)`},
+			`value "server" uses the macro "{{ .spectro.system.reverseproxy.server }}", which resolves to an empty value: set spectro.system.reverseproxy.server (for example --set spectro.system.reverseproxy.server=...)`},
 		{"palette form missing", `subdomain: "{{ .spectro.system.cluster.nickname }}"`,
 			`value "subdomain" uses the macro "{{ .spectro.system.cluster.nickname }}", which resolves to an empty value: set spectro.system.cluster.nickname`},
 		{"nested and listed values", `extraArgs: ["--relay-address=<< .spectro.system.relay.address >>"]`,
@@ -581,7 +726,12 @@ func TestRejections(t *testing.T) {
 		// values.schema.json
 		{"unknown key", "foo: bar", "additional properties 'foo' not allowed"},
 		{"unknown nested key", "k8sDashboardIntegration: {enable: true}", "at '/k8sDashboardIntegration': additional properties 'enable' not allowed"},
-		{"unknown mode", "mode: tunnel", "at '/mode': value must be one of 'passthrough', 'terminate'"},
+		{"unknown mode", "mode: tunnel", "at '/mode': value must be one of 'auto', 'passthrough', 'terminate'"},
+		{"proxy without scheme", "proxy: {httpsProxy: 'proxy.corp:3128'}", "at '/proxy/httpsProxy': 'proxy.corp:3128' does not match pattern"},
+		{"extraEnv without name", "extraEnv: [{value: x}]", "at '/extraEnv/0': missing property 'name'"},
+		{"unknown serviceAccount key", "serviceAccount: {automount: true}", "at '/serviceAccount': additional properties 'automount' not allowed"},
+		{"networkPolicy port", "networkPolicy: {apiServerPorts: [0]}", "at '/networkPolicy/apiServerPorts/0': minimum: got 0, want 1"},
+		{"legacy token type", "terminate: {legacyTokenSecret: 'yes'}", "at '/terminate/legacyTokenSecret': got string, want boolean"},
 		{"subdomain with a dot", "subdomain: api.cluster-1", "at '/subdomain': 'api.cluster-1' does not match pattern"},
 		{"empty server", `server: ""`, "at '/server': minLength: got 0, want 1"},
 		{"server with scheme", "server: https://proxy.example.com", "at '/server': 'https://proxy.example.com' does not match pattern"},
@@ -616,7 +766,7 @@ func TestRejections(t *testing.T) {
 		{"port string out of range", `port: "99999"`, "port 99999 is out of range (1-65535)"},
 		{"port resolves to text", "spectro: {system: {reverseproxy: {port: https}}}", `port "https" is not a number`},
 		{"namespace resolves badly", "{namespace: 'ns-<< .spectro.system.cluster.name >>', spectro: {system: {cluster: {name: edge_lab}}}}", `namespace "ns-edge_lab" is not a valid namespace name`},
-		{"no token", `token: {value: ""}`, "no tunnel token: set token.value"},
+		{"no token", `{token: {value: ""}, spectro: {system: {reverseproxy: {token: ""}}}}`, "no tunnel token: set spectro.system.reverseproxy.token"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -689,7 +839,9 @@ func sortedKeys(m map[string]any) []string {
 	return out
 }
 
-// Lint the way `helm lint` does, with each pack version's values.
+// Lint the way `helm lint --strict` does: with each pack version's values,
+// and with each charts/spectro-proxy/ci/*-values.yaml (what chart-testing
+// lints: the chart's defaults plus what the platform provides, and options).
 func TestLint(t *testing.T) {
 	for _, v := range packVersions {
 		t.Run(v, func(t *testing.T) {
@@ -699,4 +851,32 @@ func TestLint(t *testing.T) {
 	t.Run("terminate", func(t *testing.T) {
 		lintClean(t, agentChart, merge(packValues(t, "1.3.0"), sampleCluster(t), vals(t, "mode: terminate")))
 	})
+	// helm lint --strict with the chart's defaults alone: the macros
+	// without spectro.system fail the render, which lint reports as
+	// information (it lints in LintMode), not as a warning or error.
+	t.Run("defaults", func(t *testing.T) {
+		lintClean(t, agentChart, nil)
+	})
+	files, err := filepath.Glob(filepath.Join(agentChart, "ci", "*-values.yaml"))
+	require.NoError(t, err)
+	require.NotEmpty(t, files)
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			lintClean(t, agentChart, readValues(t, f))
+		})
+	}
+}
+
+// As a subchart the agent chart receives the parent's `global` values; its
+// strict schema accepts them.
+func TestAsSubchart(t *testing.T) {
+	parent := &chart.Chart{Metadata: &chart.Metadata{APIVersion: chart.APIVersionV2, Name: "platform", Version: "0.1.0"}}
+	parent.AddDependency(loadChart(t, agentChart))
+	files, err := renderChart(t, parent, map[string]any{
+		"global":        map[string]any{"imageRegistry": "registry.local", "clusterDomain": "cluster.local"},
+		"spectro-proxy": merge(packValues(t, "1.3.0"), sampleCluster(t)),
+	}, renderOpts{})
+	require.NoError(t, err)
+	m := parse(t, files)
+	assert.Contains(t, m.kinds(), "Deployment/spectro-proxy")
 }

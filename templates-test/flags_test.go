@@ -47,7 +47,7 @@ func TestArgsAreRealFlags(t *testing.T) {
 			assert.Regexp(t, `(?m)^  -`+regexp.QuoteMeta(flag)+`(\s|$)`, help, "%s: chart sets %s", bin, e.Name)
 		}
 	}
-	for _, mode := range []string{"passthrough", "terminate"} {
+	for _, mode := range []string{"auto", "passthrough", "terminate"} {
 		t.Run("agent "+mode, func(t *testing.T) {
 			m := renderPack(t, "1.3.0", vals(t, "{mode: "+mode+", k8sDashboardIntegration: {enabled: true}, vmDashboardIntegration: {enabled: true}}"))
 			check(t, "spectro-proxy-client", decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy"))

@@ -37,6 +37,11 @@ const (
 	// pinnedVersion replaces the chart version and appVersion while testing,
 	// so that a version bump does not churn every golden file.
 	pinnedVersion = "0.0.0-test"
+	// agentPinnedVersion is pinnedVersion for the agent chart source. The
+	// agent chart gates parameters on its version (the pack version), so
+	// its pin must be a version that has them all; the packs' own tarballs
+	// carry the real versions.
+	agentPinnedVersion = "1.3.99-test"
 )
 
 // loadChart loads a chart from disk, with its metadata pinned.
@@ -44,8 +49,12 @@ func loadChart(t *testing.T, dir string) *chart.Chart {
 	t.Helper()
 	ch, err := loader.Load(dir)
 	require.NoError(t, err)
-	ch.Metadata.Version = pinnedVersion
-	ch.Metadata.AppVersion = pinnedVersion
+	v := pinnedVersion
+	if dir == agentChart {
+		v = agentPinnedVersion
+	}
+	ch.Metadata.Version = v
+	ch.Metadata.AppVersion = v
 	return ch
 }
 
@@ -67,7 +76,15 @@ func render(t *testing.T, dir string, vals map[string]any, opts ...renderOpts) (
 	if o.namespace == "" {
 		o.namespace = releaseNamespace
 	}
-	ch := loadChart(t, dir)
+	return renderChart(t, loadChart(t, dir), vals, o)
+}
+
+// renderChart is render for a loaded chart.
+func renderChart(t *testing.T, ch *chart.Chart, vals map[string]any, o renderOpts) (map[string]string, error) {
+	t.Helper()
+	if o.namespace == "" {
+		o.namespace = releaseNamespace
+	}
 	rv, err := chartutil.ToRenderValuesWithSchemaValidation(ch, vals, chartutil.ReleaseOptions{
 		Name:      releaseName,
 		Namespace: o.namespace,

@@ -160,8 +160,75 @@ the values before their macros are resolved.
 {{- if gt (len $longest) 63 -}}
 {{- fail (printf "spectro-proxy: subdomain %q is too long: the label %q must fit in 63 characters" $sub $longest) -}}
 {{- end -}}
-{{- if and (not $v.token.existingSecret) (not $v.token.value) -}}
-{{- fail "spectro-proxy: no tunnel token: set token.value to a token from `spectro-proxy-server token issue --cluster-uid <uid>`, or token.existingSecret to a Secret holding one" -}}
+{{- include "spectro-proxy.checkVersion" . -}}
+{{- include "spectro-proxy.checkToken" . -}}
+{{- include "spectro-proxy.checkNamespace" . -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.checkVersion refuses the parameters that the chart's version
+(the pack version) does not have: one chart source serves every pack version,
+and a parameter is gated on the version that introduced it. Only a value that
+turns a feature on counts as set: `false` is every version's behaviour.
+*/}}
+{{- define "spectro-proxy.checkVersion" -}}
+{{- $v := .Values -}}
+{{- $gates := list
+  (list "k8sDashboardIntegration.enabled" "1.1.0" $v.k8sDashboardIntegration.enabled)
+  (list "k8sDashboardIntegration.useInsecurePort" "1.1.0" $v.k8sDashboardIntegration.useInsecurePort)
+  (list "vmDashboardIntegration.enabled" "1.3.0" $v.vmDashboardIntegration.enabled)
+  (list "vmwareDashboard.enabled" "1.3.0" ($v.vmwareDashboard | default dict).enabled) -}}
+{{- range $gates -}}
+{{- $name := index . 0 -}}
+{{- $since := index . 1 -}}
+{{- if and (index . 2) (semverCompare (printf "<%s-0" $since) $.Chart.Version) -}}
+{{- fail (printf "spectro-proxy %s: %s is a parameter of pack %s and later, not of %s: use pack %s or later, or remove it" $.Chart.Version $name $since $.Chart.Version $since) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.connected is "true" when the render can see the cluster (helm
+install/upgrade), "" for helm template and helm lint, where lookup returns
+nothing. The release namespace always exists when Helm installs.
+*/}}
+{{- define "spectro-proxy.connected" -}}
+{{- if lookup "v1" "Namespace" "" .Release.Namespace -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.checkToken: the tunnel token comes from token.value, else
+spectro.system.reverseproxy.token, else an existing Secret: token.existingSecret,
+else the documented spectro-proxy-token, looked up when installing.
+*/}}
+{{- define "spectro-proxy.checkToken" -}}
+{{- if not (include "spectro-proxy.tokenValue" .) -}}
+{{- $ns := .Values.namespace -}}
+{{- $name := include "spectro-proxy.tokenSecretName" . -}}
+{{- $how := printf "set spectro.system.reverseproxy.token (Palette sets it for each cluster) or token.value, or create the Secret %s with the key %s in namespace %s (kubectl -n %s create secret generic %s --from-literal=%s=spx1...)" $name .Values.token.key $ns $ns $name .Values.token.key -}}
+{{- if include "spectro-proxy.connected" . -}}
+{{- $secret := lookup "v1" "Secret" $ns $name -}}
+{{- if not $secret -}}
+{{- fail (printf "spectro-proxy: no tunnel token: no token value is set and the Secret %s/%s does not exist: %s" $ns $name $how) -}}
+{{- else if not (hasKey ($secret.data | default dict) .Values.token.key) -}}
+{{- fail (printf "spectro-proxy: no tunnel token: the Secret %s/%s has no key %s (set token.key to the key that holds the token)" $ns $name .Values.token.key) -}}
+{{- end -}}
+{{- else if not .Values.token.existingSecret -}}
+{{- fail (printf "spectro-proxy: no tunnel token: %s, and then set token.existingSecret=%s (helm template cannot look the Secret up)" $how $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.checkNamespace: `namespace` must exist when the chart does not
+create it. Checked only when installing against a cluster.
+*/}}
+{{- define "spectro-proxy.checkNamespace" -}}
+{{- $ns := .Values.namespace -}}
+{{- if and (ne $ns .Release.Namespace) (not (include "spectro-proxy.ownsNamespace" .)) (include "spectro-proxy.connected" .) -}}
+{{- if not (lookup "v1" "Namespace" "" $ns) -}}
+{{- fail (printf "spectro-proxy: namespace %s does not exist: install into it (helm install --namespace %s --create-namespace), create it first (kubectl create namespace %s), or set createNamespace=true" $ns $ns $ns) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -211,8 +278,39 @@ annotations:
 {{- end }}
 {{- end -}}
 
+{{/* A value of spectro.system (a dotted path), or "". */}}
+{{- define "spectro-proxy.system" -}}
+{{- $cur := (.root.Values.spectro | default dict).system -}}
+{{- range splitList "." .path -}}
+{{- if kindIs "map" $cur -}}
+{{- $cur = get $cur . -}}
+{{- else -}}
+{{- $cur = "" -}}
+{{- end -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $cur) }}{{ $cur }}{{ end -}}
+{{- end -}}
+
+{{/* The tunnel token given as a value (token.value, else spectro.system.reverseproxy.token), or "". */}}
+{{- define "spectro-proxy.tokenValue" -}}
+{{- .Values.token.value | default (include "spectro-proxy.system" (dict "root" . "path" "reverseproxy.token")) | trim -}}
+{{- end -}}
+
+{{/* The documented name of the existing token Secret. */}}
+{{- define "spectro-proxy.defaultTokenSecret" -}}spectro-proxy-token{{- end -}}
+
+{{/* Secret the agent reads its token from: the chart's own when a token value is given. */}}
 {{- define "spectro-proxy.tokenSecretName" -}}
-{{- .Values.token.existingSecret | default (include "spectro-proxy.name" (dict "root" . "suffix" "token")) -}}
+{{- if include "spectro-proxy.tokenValue" . -}}
+{{- include "spectro-proxy.name" (dict "root" . "suffix" "agent-token") -}}
+{{- else -}}
+{{- .Values.token.existingSecret | default (include "spectro-proxy.defaultTokenSecret" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* PEM of the relay CA given as a value (relayCA.pem, else spectro.system.reverseproxy.caCert), or "". */}}
+{{- define "spectro-proxy.relayCAPEM" -}}
+{{- .Values.relayCA.pem | default (include "spectro-proxy.system" (dict "root" . "path" "reverseproxy.caCert")) | trim -}}
 {{- end -}}
 
 {{- define "spectro-proxy.relayCAConfigMapName" -}}
@@ -220,7 +318,26 @@ annotations:
 {{- end -}}
 
 {{- define "spectro-proxy.hasRelayCA" -}}
-{{- if or .Values.relayCA.existingConfigMap .Values.relayCA.pem -}}true{{- end -}}
+{{- if or .Values.relayCA.existingConfigMap (include "spectro-proxy.relayCAPEM" .) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Service account of the agent pods. */}}
+{{- define "spectro-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "spectro-proxy.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the kubeconfig ConfigMap, and of the service account whose tokens the terminate-mode kubeconfig uses. */}}
+{{- define "spectro-proxy.kubeconfigName" -}}
+{{- include "spectro-proxy.name" (dict "root" . "suffix" "kubeconfig") -}}
+{{- end -}}
+
+{{/* "true" when the relay may terminate TLS (modes auto and terminate): the kubeconfig service account is rendered. */}}
+{{- define "spectro-proxy.mayTerminate" -}}
+{{- if ne .Values.mode "passthrough" -}}true{{- end -}}
 {{- end -}}
 
 {{/* "true" when the VM dashboard is enabled (vmDashboardIntegration or its alias vmwareDashboard), else "". */}}
@@ -256,7 +373,22 @@ annotations:
 {{- atoi (trim (toString .Values.port)) -}}
 {{- end -}}
 
-{{/* Whether the chart renders the Namespace object. */}}
+{{/*
+Whether the chart renders the Namespace object: when createNamespace asks
+for a namespace that does not exist yet, and, whatever createNamespace says,
+when this release created it before (an upgrade must not drop, and so
+delete, a namespace the release owns). Never the release namespace (Helm
+needs it to exist) nor a namespace Kubernetes owns; an existing namespace
+that the release did not create is left alone.
+*/}}
 {{- define "spectro-proxy.ownsNamespace" -}}
-{{- if and .Values.createNamespace (ne .Values.namespace .Release.Namespace) -}}true{{- end -}}
+{{- $ns := .Values.namespace -}}
+{{- if and (ne $ns .Release.Namespace) (not (has $ns (list "kube-system" "kube-public" "kube-node-lease" "default"))) -}}
+{{- $live := lookup "v1" "Namespace" "" $ns -}}
+{{- if $live -}}
+{{- $a := dig "metadata" "annotations" dict $live -}}
+{{- if and (eq (get $a "meta.helm.sh/release-name") .Release.Name) (eq (get $a "meta.helm.sh/release-namespace") .Release.Namespace) -}}true{{- end -}}
+{{- else if .Values.createNamespace -}}true
+{{- end -}}
+{{- end -}}
 {{- end -}}

@@ -1,0 +1,396 @@
+package chart_test
+
+import (
+	"bytes"
+	"fmt"
+	"image/png"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"helm.sh/helm/v3/pkg/chart"
+	"helm.sh/helm/v3/pkg/chartutil"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/spectroproxy/spectro-proxy/internal/pack"
+)
+
+// The tests here do with a pack what the platform does for a cluster: read
+// the pack directory, resolve the {{ .spectro.system.* }} macros of its
+// values.yaml as text from the cluster's system values, take
+// charts.spectro-proxy as the chart's values (the cluster's spectro.system
+// values alongside, where the chart reads the token and relay CA), apply the
+// cluster's overrides, and render the chart tarball that pack.json names,
+// into the namespace of pack.namespace.
+
+// packInstall is one pack version prepared for one cluster.
+type packInstall struct {
+	version   string
+	namespace string       // pack.namespace, resolved: the release namespace
+	chart     *chart.Chart // the tarball named in pack.json
+	values    map[string]any
+}
+
+// macro is the platform's macro syntax in values.yaml.
+var macro = regexp.MustCompile(`\{\{-?\s*(.*?)\s*-?\}\}`)
+
+var systemPath = regexp.MustCompile(`^\.spectro\.system((\.[A-Za-z0-9_]+)+)$`)
+
+// resolveMacros substitutes each {{ .spectro.system.a.b }} in text with the
+// value at a.b of system, as the platform does before Helm runs. Any other
+// macro, or a path system lacks, is an error naming it.
+func resolveMacros(text string, system map[string]any) (string, error) {
+	var errs []string
+	out := macro.ReplaceAllStringFunc(text, func(m string) string {
+		expr := macro.FindStringSubmatch(m)[1]
+		sm := systemPath.FindStringSubmatch(expr)
+		if sm == nil {
+			errs = append(errs, fmt.Sprintf("unknown macro %s", m))
+			return m
+		}
+		var cur any = system
+		for _, seg := range strings.Split(strings.TrimPrefix(sm[1], "."), ".") {
+			mm, ok := cur.(map[string]any)
+			if !ok {
+				cur = nil
+				break
+			}
+			cur = mm[seg]
+		}
+		if cur == nil {
+			errs = append(errs, fmt.Sprintf("macro %s: no value", m))
+			return m
+		}
+		return fmt.Sprint(cur)
+	})
+	if errs != nil {
+		return "", fmt.Errorf("%s", strings.Join(errs, "; "))
+	}
+	return out, nil
+}
+
+// sampleSystem is the sample cluster's spectro.system.
+func sampleSystem(t *testing.T) map[string]any {
+	return sampleCluster(t)["spectro"].(map[string]any)["system"].(map[string]any)
+}
+
+// preparePack does what the platform does with pack version for a cluster
+// whose system values are system, with the cluster's overrides.
+func preparePack(t *testing.T, version string, system map[string]any, overrides ...map[string]any) packInstall {
+	t.Helper()
+	p, err := pack.Load(packDir(version))
+	require.NoError(t, err)
+	resolved, err := resolveMacros(string(p.Values), system)
+	require.NoError(t, err)
+	pv, err := pack.ParseValues([]byte(resolved))
+	require.NoError(t, err)
+	all, err := chartutil.ReadValues([]byte(resolved))
+	require.NoError(t, err)
+	chartVals, err := all.Table("charts.spectro-proxy")
+	require.NoError(t, err)
+	ch, err := p.LoadChart()
+	require.NoError(t, err, "the tarball pack.json names")
+	layers := append([]map[string]any{chartVals.AsMap(), {"spectro": map[string]any{"system": system}}}, overrides...)
+	return packInstall{version: version, namespace: pv.Pack.Namespace, chart: ch, values: merge(layers...)}
+}
+
+func (p packInstall) render(t *testing.T) (map[string]string, error) {
+	t.Helper()
+	return renderChart(t, p.chart, p.values, renderOpts{namespace: p.namespace})
+}
+
+func (p packInstall) mustRender(t *testing.T) manifest {
+	t.Helper()
+	out, err := p.render(t)
+	require.NoError(t, err)
+	return parse(t, out)
+}
+
+// Each pack directory is what a pack registry takes.
+func TestPackLayout(t *testing.T) {
+	documented := map[string][]string{
+		"1.0.0": {"clusterUid", "namespace", "server", "subdomain"},
+	}
+	documented["1.1.0"] = append(documented["1.0.0"][:4:4], "k8sDashboardIntegration.enabled", "k8sDashboardIntegration.useInsecurePort")
+	documented["1.2.0"] = documented["1.1.0"]
+	documented["1.3.0"] = append(documented["1.1.0"][:6:6], "vmDashboardIntegration.enabled")
+	for _, d := range documented {
+		sort.Strings(d)
+	}
+	later := []string{"k8sDashboardIntegration", "vmDashboardIntegration", "vmwareDashboard"}
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			p, err := pack.Load(packDir(v))
+			require.NoError(t, err)
+			assert.Equal(t, "spectro-proxy", p.Meta.Name)
+			assert.Equal(t, v, p.Meta.Version)
+			assert.Equal(t, "addon", p.Meta.Layer)
+			assert.Equal(t, []string{"all"}, p.Meta.CloudTypes)
+			assert.Equal(t, []string{"charts/spectro-proxy-" + v + ".tgz"}, p.Meta.Charts)
+			ch, err := p.LoadChart()
+			require.NoError(t, err)
+			assert.Equal(t, "spectro-proxy", ch.Metadata.Name)
+			assert.Equal(t, v, ch.Metadata.Version)
+			assert.Equal(t, v, ch.Metadata.AppVersion)
+
+			// values.yaml: the pack section, then exactly the documented
+			// parameters with the documented defaults.
+			assert.True(t, bytes.HasPrefix(bytes.TrimLeft(stripComments(p.Values), "\n"), []byte("pack:\n")), "values.yaml starts with pack:")
+			pv, err := pack.ParseValues(p.Values)
+			require.NoError(t, err)
+			assert.Equal(t, "cluster-{{ .spectro.system.cluster.uid }}", pv.Pack.Namespace)
+			require.Len(t, pv.Pack.Content.Images, 1)
+			assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+v, pv.Pack.Content.Images[0].Image)
+			assert.Equal(t, []string{"spectro-proxy"}, sortedKeys(toAny(pv.Charts)))
+			vals := packValues(t, v)
+			assert.Equal(t, documented[v], leafPaths(vals, ""))
+			assert.Equal(t, "cluster-{{ .spectro.system.cluster.uid }}", vals["namespace"])
+			assert.Equal(t, "{{ .spectro.system.reverseproxy.server }}", vals["server"])
+			assert.Equal(t, "{{ .spectro.system.cluster.uid }}", vals["clusterUid"])
+			assert.Equal(t, "cluster-{{ .spectro.system.cluster.uid }}", vals["subdomain"])
+			for _, path := range documented[v] {
+				if strings.Contains(path, ".") {
+					assert.Equal(t, false, dig(vals, path), path)
+				}
+			}
+
+			// README: the version's parameters, none of later versions'.
+			readme, err := os.ReadFile(filepath.Join(packDir(v), "README.md"))
+			require.NoError(t, err)
+			assert.Contains(t, string(readme), "# Spectro Proxy "+v+"\n")
+			for _, path := range documented[v] {
+				assert.Contains(t, string(readme), "| `"+path+"`", "README documents %s", path)
+			}
+			for _, k := range later {
+				if !strings.Contains(strings.Join(documented[v], " "), k) {
+					assert.NotContains(t, string(readme), "| `"+k, "README of %s documents %s", v, k)
+				}
+			}
+			assert.Contains(t, string(readme), "use it as is")
+
+			logo, err := os.ReadFile(filepath.Join(packDir(v), "logo.png"))
+			require.NoError(t, err)
+			img, err := png.Decode(bytes.NewReader(logo))
+			require.NoError(t, err)
+			assert.Equal(t, img.Bounds().Dx(), img.Bounds().Dy(), "square logo")
+		})
+	}
+}
+
+// Each tarball is the chart source packaged as its version (`make packs`),
+// compared file by file: they cannot drift.
+func TestPackTarballsAreTheChartSource(t *testing.T) {
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			p, err := pack.Load(packDir(v))
+			require.NoError(t, err)
+			got, err := p.LoadChart()
+			require.NoError(t, err)
+			want, err := pack.Build(agentChart, v)
+			require.NoError(t, err)
+			assert.Empty(t, pack.Diff(want, got), "%s differs from %s as %s: run `make packs`", p.ChartPath(), agentChart, v)
+			assert.Contains(t, got.Metadata.Annotations["artifacthub.io/images"], "spectro-proxy-client:"+v+"\n")
+		})
+	}
+	// The comparison can fail.
+	want, err := pack.Build(agentChart, "1.3.0")
+	require.NoError(t, err)
+	other, err := pack.Build(agentChart, "1.2.0")
+	require.NoError(t, err)
+	other.Templates[0].Data = append(other.Templates[0].Data, '\n')
+	diff := pack.Diff(want, other)
+	require.Len(t, diff, 2)
+	assert.Contains(t, diff[0], "Chart.yaml differs")
+	assert.Equal(t, other.Templates[0].Name+": content differs", diff[1])
+}
+
+// The unedited pack of each version, as the platform renders it for the
+// sample cluster: golden files (`go test ./templates-test/ -update`).
+func TestPackGolden(t *testing.T) {
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			out, err := preparePack(t, v, sampleSystem(t)).render(t)
+			require.NoError(t, err)
+			assertGolden(t, "pack-"+v, goldenText(out))
+		})
+	}
+}
+
+func TestPackUnedited(t *testing.T) {
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			p := preparePack(t, v, sampleSystem(t))
+			assert.Equal(t, sampleNS, p.namespace)
+			m := p.mustRender(t)
+			d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
+			assert.Equal(t, sampleNS, d.Namespace)
+			c := d.Spec.Template.Spec.Containers[0]
+			assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+v, c.Image, "the image pack.content.images lists")
+			assert.Contains(t, c.Args, "--mode=auto")
+			assert.Contains(t, c.Args, "--server="+sampleServer)
+			assert.Contains(t, c.Args, "--subdomain=cluster-"+sampleUID)
+			assert.Contains(t, c.Args, "--kubeconfig-configmap=spectro-proxy-kubeconfig")
+			for _, k := range m.kinds() {
+				assert.NotRegexp(t, "^Namespace/", k, "the platform creates the pack namespace")
+			}
+			assert.Contains(t, m.notes, "Spectro Proxy agent "+v+" installed")
+		})
+	}
+}
+
+// A parameter of a later version is refused, naming the version that
+// introduced it; in that version and later it works.
+func TestPackLaterParametersRefused(t *testing.T) {
+	params := []struct{ values, since, arg string }{
+		{"k8sDashboardIntegration: {enabled: true}", "1.1.0", "--k8s-dashboard-url=https://"},
+		{"k8sDashboardIntegration: {enabled: true, useInsecurePort: true}", "1.1.0", "--k8s-dashboard-url=http://"},
+		{"k8sDashboardIntegration: {useInsecurePort: true}", "1.1.0", ""},
+		{"vmDashboardIntegration: {enabled: true}", "1.3.0", "--vm-dashboard-url="},
+		{"vmwareDashboard: {enabled: true}", "1.3.0", "--vm-dashboard-url="},
+	}
+	for _, p := range params {
+		name := regexp.MustCompile(`^(\w+): \{(\w+)`).FindStringSubmatch(p.values)
+		param := name[1] + "." + name[2]
+		for _, v := range packVersions {
+			t.Run(v+" "+p.values, func(t *testing.T) {
+				out, err := preparePack(t, v, sampleSystem(t), vals(t, p.values)).render(t)
+				if v < p.since {
+					require.Error(t, err)
+					assert.Contains(t, err.Error(), fmt.Sprintf(
+						"spectro-proxy %s: %s is a parameter of pack %s and later, not of %s: use pack %s or later, or remove it",
+						v, param, p.since, v, p.since))
+					return
+				}
+				require.NoError(t, err)
+				if p.arg != "" {
+					args := strings.Join(agentArgs(t, parse(t, out)), " ")
+					assert.Contains(t, args, p.arg)
+				}
+			})
+		}
+	}
+}
+
+// Per-cluster overrides win over the pack's values and the chart's defaults.
+func TestPackOverridesWin(t *testing.T) {
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			m := preparePack(t, v, sampleSystem(t), vals(t, `
+server: relay.internal.example
+subdomain: edge-1
+mode: terminate
+replicas: 1
+proxy: {httpsProxy: "http://proxy.corp:3128"}
+token: {value: spx1.override}
+`)).mustRender(t)
+			d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
+			c := d.Spec.Template.Spec.Containers[0]
+			assert.Contains(t, c.Args, "--server=relay.internal.example")
+			assert.Contains(t, c.Args, "--subdomain=edge-1")
+			assert.Contains(t, c.Args, "--mode=terminate")
+			assert.Equal(t, int32(1), *d.Spec.Replicas)
+			assert.Contains(t, m.objects["Secret/spectro-proxy-proxy"], "HTTPS_PROXY: \"aHR0cDovL3Byb3h5LmNvcnA6MzEyOA==\"")
+			assert.Contains(t, c.Env, corev1.EnvVar{Name: "HTTPS_PROXY", ValueFrom: &corev1.EnvVarSource{
+				SecretKeyRef: &corev1.SecretKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "spectro-proxy-proxy"}, Key: "HTTPS_PROXY"}}})
+			assert.Contains(t, m.objects["Secret/spectro-proxy-agent-token"], "c3B4MS5vdmVycmlkZQ==", "token.value wins over the system token")
+		})
+	}
+}
+
+// The platform's own macro resolution: the pack's values resolve fully, and
+// a macro the cluster lacks is an error naming it.
+func TestPackMacros(t *testing.T) {
+	out, err := resolveMacros(`a: "{{ .spectro.system.cluster.uid }}-{{.spectro.system.reverseproxy.port}}"`, sampleSystem(t))
+	require.NoError(t, err)
+	assert.Equal(t, `a: "`+sampleUID+`-443"`, out)
+	_, err = resolveMacros(`a: "{{ .spectro.system.cluster.nickname }}"`, sampleSystem(t))
+	assert.EqualError(t, err, "macro {{ .spectro.system.cluster.nickname }}: no value")
+	_, err = resolveMacros(`a: "{{ .Values.token }}"`, sampleSystem(t))
+	assert.EqualError(t, err, "unknown macro {{ .Values.token }}")
+	for _, v := range packVersions {
+		p := preparePack(t, v, sampleSystem(t))
+		y, err := chartutil.Values(p.values).YAML()
+		require.NoError(t, err)
+		assert.NotContains(t, y, "{{", v)
+	}
+}
+
+func stripComments(b []byte) []byte {
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "#") {
+			out = append(out, l)
+		}
+	}
+	return []byte(strings.Join(out, "\n"))
+}
+
+// leafPaths lists the dotted paths of the leaves of m, sorted.
+func leafPaths(m map[string]any, prefix string) []string {
+	var out []string
+	for _, k := range sortedKeys(m) {
+		if sub, ok := m[k].(map[string]any); ok {
+			out = append(out, leafPaths(sub, prefix+k+".")...)
+			continue
+		}
+		out = append(out, prefix+k)
+	}
+	return out
+}
+
+func dig(m map[string]any, path string) any {
+	var cur any = m
+	for _, seg := range strings.Split(path, ".") {
+		cur = cur.(map[string]any)[seg]
+	}
+	return cur
+}
+
+func toAny[V any](m map[string]V) map[string]any {
+	out := make(map[string]any, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// The pack files are what `make packs` writes now: pack.json, values.yaml,
+// README.md and logo.png byte for byte, the tarball by content.
+func TestPacksUpToDate(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds hack/mkpack")
+	}
+	out := t.TempDir()
+	cmd := exec.Command("go", "run", "../hack/mkpack", "-chart", agentChart, "-out", out)
+	b, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", b)
+	for _, v := range packVersions {
+		for _, f := range []string{"pack.json", "values.yaml", "README.md", "logo.png"} {
+			want, err := os.ReadFile(filepath.Join(out, v, f))
+			require.NoError(t, err)
+			got, err := os.ReadFile(filepath.Join(packDir(v), f))
+			require.NoError(t, err)
+			assert.Equal(t, string(want), string(got), "%s/%s is not what make packs writes: run `make packs`", v, f)
+		}
+	}
+}
+
+// helm lint --strict of each pack's chart tarball with the values the
+// platform gives it.
+func TestPackLint(t *testing.T) {
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			p := preparePack(t, v, sampleSystem(t))
+			dir := t.TempDir()
+			require.NoError(t, chartutil.SaveDir(p.chart, dir))
+			lintClean(t, filepath.Join(dir, "spectro-proxy"), p.values)
+		})
+	}
+}
