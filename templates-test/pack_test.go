@@ -2,8 +2,15 @@ package chart_test
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
 	"image/png"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +18,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -25,8 +33,8 @@ import (
 // The tests here do with a pack what the platform does for a cluster: read
 // the pack directory, resolve the {{ .spectro.system.* }} macros of its
 // values.yaml as text from the cluster's system values, take
-// charts.spectro-proxy as the chart's values (the cluster's spectro.system
-// values alongside, where the chart reads the token and relay CA), apply the
+// charts.spectro-proxy as the chart's values (its spectro.system block
+// carries the token, port and relay CA the platform resolved), apply the
 // cluster's overrides, and render the chart tarball that pack.json names,
 // into the namespace of pack.namespace.
 
@@ -44,8 +52,9 @@ var macro = regexp.MustCompile(`\{\{-?\s*(.*?)\s*-?\}\}`)
 var systemPath = regexp.MustCompile(`^\.spectro\.system((\.[A-Za-z0-9_]+)+)$`)
 
 // resolveMacros substitutes each {{ .spectro.system.a.b }} in text with the
-// value at a.b of system, as the platform does before Helm runs. Any other
-// macro, or a path system lacks, is an error naming it.
+// value at a.b of system, as the platform does before Helm runs (a path
+// system lacks gives "<no value>", as Go templates do). Any other macro is an
+// error naming it.
 func resolveMacros(text string, system map[string]any) (string, error) {
 	var errs []string
 	out := macro.ReplaceAllStringFunc(text, func(m string) string {
@@ -65,8 +74,8 @@ func resolveMacros(text string, system map[string]any) (string, error) {
 			cur = mm[seg]
 		}
 		if cur == nil {
-			errs = append(errs, fmt.Sprintf("macro %s: no value", m))
-			return m
+			// What Go's text/template prints for a key a map lacks.
+			return "<no value>"
 		}
 		return fmt.Sprint(cur)
 	})
@@ -97,7 +106,9 @@ func preparePack(t *testing.T, version string, system map[string]any, overrides 
 	require.NoError(t, err)
 	ch, err := p.LoadChart()
 	require.NoError(t, err, "the tarball pack.json names")
-	layers := append([]map[string]any{chartVals.AsMap(), {"spectro": map[string]any{"system": system}}}, overrides...)
+	// Only what values.yaml passes on reaches the chart: the platform gives
+	// Helm the resolved file, not its system values.
+	layers := append([]map[string]any{chartVals.AsMap()}, overrides...)
 	return packInstall{version: version, namespace: pv.Pack.Namespace, chart: ch, values: merge(layers...)}
 }
 
@@ -150,7 +161,14 @@ func TestPackLayout(t *testing.T) {
 			assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:"+v, pv.Pack.Content.Images[0].Image)
 			assert.Equal(t, []string{"spectro-proxy"}, sortedKeys(toAny(pv.Charts)))
 			vals := packValues(t, v)
-			assert.Equal(t, documented[v], leafPaths(vals, ""))
+			assert.Equal(t, map[string]any{"system": map[string]any{"reverseproxy": map[string]any{
+				"token":  "{{ .spectro.system.reverseproxy.token }}",
+				"port":   "{{ .spectro.system.reverseproxy.port }}",
+				"caCert": "{{ .spectro.system.reverseproxy.caCert }}",
+			}}}, vals["spectro"], "values.yaml passes the platform's per-cluster settings on, and nothing else of spectro")
+			params := cloneMap(vals)
+			delete(params, "spectro")
+			assert.Equal(t, documented[v], leafPaths(params, ""))
 			assert.Equal(t, "cluster-{{ .spectro.system.cluster.uid }}", vals["namespace"])
 			assert.Equal(t, "{{ .spectro.system.reverseproxy.server }}", vals["server"])
 			assert.Equal(t, "{{ .spectro.system.cluster.uid }}", vals["clusterUid"])
@@ -304,14 +322,15 @@ token: {value: spx1.override}
 	}
 }
 
-// The platform's own macro resolution: the pack's values resolve fully, and
-// a macro the cluster lacks is an error naming it.
+// The platform's own macro resolution: the pack's values resolve fully; a
+// key the cluster lacks becomes "<no value>"; any other macro is an error.
 func TestPackMacros(t *testing.T) {
 	out, err := resolveMacros(`a: "{{ .spectro.system.cluster.uid }}-{{.spectro.system.reverseproxy.port}}"`, sampleSystem(t))
 	require.NoError(t, err)
 	assert.Equal(t, `a: "`+sampleUID+`-443"`, out)
-	_, err = resolveMacros(`a: "{{ .spectro.system.cluster.nickname }}"`, sampleSystem(t))
-	assert.EqualError(t, err, "macro {{ .spectro.system.cluster.nickname }}: no value")
+	out, err = resolveMacros(`a: "{{ .spectro.system.cluster.nickname }}"`, sampleSystem(t))
+	require.NoError(t, err)
+	assert.Equal(t, `a: "<no value>"`, out, "a key the cluster lacks prints as Go templates print it")
 	_, err = resolveMacros(`a: "{{ .Values.token }}"`, sampleSystem(t))
 	assert.EqualError(t, err, "unknown macro {{ .Values.token }}")
 	for _, v := range packVersions {
@@ -320,6 +339,82 @@ func TestPackMacros(t *testing.T) {
 		require.NoError(t, err)
 		assert.NotContains(t, y, "{{", v)
 	}
+}
+
+// What the platform provides per cluster reaches the agent through the
+// pack's values.yaml alone: the token, the port and a private relay CA, the
+// PEM even when its line breaks were folded by the one-line substitution.
+// Without a token the install fails naming both ways to give one.
+func TestPackSystemValues(t *testing.T) {
+	caPEM := testCAPEM(t)
+	withSystem := func(edit func(rp map[string]any)) map[string]any {
+		sys := cloneMap(sampleSystem(t))
+		rp := cloneMap(sys["reverseproxy"].(map[string]any))
+		edit(rp)
+		sys["reverseproxy"] = rp
+		return sys
+	}
+	for _, v := range packVersions {
+		t.Run(v, func(t *testing.T) {
+			m := preparePack(t, v, withSystem(func(rp map[string]any) {
+				rp["port"] = 8443
+				rp["caCert"] = caPEM
+			})).mustRender(t)
+			args := agentArgs(t, m)
+			assert.Contains(t, args, "--port=8443")
+			assert.Contains(t, args, "--relay-ca-file=/etc/spectro-proxy/relay-ca/ca.crt")
+			sec := decode[corev1.Secret](t, m, "Secret/spectro-proxy-agent-token")
+			assert.Equal(t, sampleToken, string(sec.Data["token"]), "the system token")
+			cm := decode[corev1.ConfigMap](t, m, "ConfigMap/spectro-proxy-relay-ca")
+			assertOneCert(t, cm.Data["ca.crt"])
+
+			// Without a caCert the platform prints <no value>: no CA, system roots.
+			m = preparePack(t, v, withSystem(func(rp map[string]any) {})).mustRender(t)
+			assert.NotContains(t, agentArgs(t, m), "--relay-ca-file=/etc/spectro-proxy/relay-ca/ca.crt")
+			assert.Contains(t, agentArgs(t, m), "--port=443")
+
+			_, err := preparePack(t, v, withSystem(func(rp map[string]any) { delete(rp, "token") })).render(t)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), "no tunnel token: set spectro.system.reverseproxy.token")
+			assert.Contains(t, err.Error(), "create the Secret spectro-proxy-token")
+		})
+	}
+	t.Run("folded PEM", func(t *testing.T) {
+		folded := strings.Join(strings.Fields(caPEM), " ")
+		m := renderPack(t, "1.3.0", map[string]any{"spectro": map[string]any{"system": map[string]any{"reverseproxy": map[string]any{"caCert": folded}}}})
+		assertOneCert(t, decode[corev1.ConfigMap](t, m, "ConfigMap/spectro-proxy-relay-ca").Data["ca.crt"])
+	})
+	// Plain Helm with the pack's values.yaml as it is: the macros in its
+	// spectro.system block stay text, count as unset, and --set wins.
+	t.Run("plain helm with the unresolved pack values", func(t *testing.T) {
+		m := renderPack(t, "1.3.0", sampleCluster(t))
+		assert.Contains(t, agentArgs(t, m), "--port=443")
+		sec := decode[corev1.Secret](t, m, "Secret/spectro-proxy-agent-token")
+		assert.Equal(t, sampleToken, string(sec.Data["token"]))
+		_, err := render(t, agentChart, merge(packValues(t, "1.3.0"), vals(t, `spectro: {system: {cluster: {uid: abc}, reverseproxy: {server: proxy.example.com}}}`)), renderOpts{namespace: "cluster-abc"})
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "no tunnel token", "an unresolved token macro is not a token")
+	})
+}
+
+func testCAPEM(t *testing.T) string {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "relay CA"}, IsCA: true,
+		BasicConstraintsValid: true, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	require.NoError(t, err)
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+}
+
+func assertOneCert(t *testing.T, s string) {
+	t.Helper()
+	block, rest := pem.Decode([]byte(s))
+	require.NotNil(t, block, "a PEM block in %q", s)
+	_, err := x509.ParseCertificate(block.Bytes)
+	require.NoError(t, err)
+	assert.Empty(t, strings.TrimSpace(string(rest)))
 }
 
 func stripComments(b []byte) []byte {

@@ -197,6 +197,17 @@ charts:
     clusterUid: "{{ .spectro.system.cluster.uid }}"
     # The DNS label of this cluster's API server under the relay domain.
     subdomain: "cluster-{{ .spectro.system.cluster.uid }}"
+
+    # Not parameters: what the platform provides for each cluster, passed on
+    # to the chart. The tunnel token, the relay's port and, for a relay whose
+    # certificate is not publicly trusted, its CA (PEM). Left empty, the token
+    # comes from the Secret spectro-proxy-token in the namespace.
+    spectro:
+      system:
+        reverseproxy:
+          token: "{{ .spectro.system.reverseproxy.token }}"
+          port: "{{ .spectro.system.reverseproxy.port }}"
+          caCert: "{{ .spectro.system.reverseproxy.caCert }}"
 [[- if .K8sDash]]
 
     k8sDashboardIntegration:

@@ -16,12 +16,38 @@ arrives here as plain text, and `tpl` is what evaluates it.
 {{- if not (hasKey . "SpectroProxyResolved") -}}
 {{- $vals := deepCopy .Values -}}
 {{- $spectro := get $vals "spectro" -}}
-{{- $_ := unset $vals "spectro" -}}
-{{- $_ := include "spectro-proxy.walk" (dict "root" . "map" $vals "path" "") -}}
-{{- $_ := set $vals "spectro" $spectro -}}
+{{- if kindIs "map" $spectro -}}
+{{- if kindIs "map" $spectro.system -}}
+{{- $_ := include "spectro-proxy.dropUnresolved" $spectro.system -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set . "Values" $vals -}}
+{{- $walk := omit $vals "spectro" -}}
+{{- $_ := include "spectro-proxy.walk" (dict "root" . "map" $walk "path" "") -}}
+{{- $_ := set $walk "spectro" $spectro -}}
+{{- $_ := set . "Values" $walk -}}
 {{- $_ := set . "SpectroProxyResolved" true -}}
 {{- include "spectro-proxy.validate" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+spectro-proxy.dropUnresolved removes, in place, the strings of a
+spectro.system map that carry no value: a macro left unresolved (a pack's
+values.yaml installed with plain Helm passes `{{ .spectro.system.X }}` on
+as text) and Go templates' `<no value>` for a key the platform lacks. Such
+a value then counts as unset, so the chart's own fallbacks apply.
+*/}}
+{{- define "spectro-proxy.dropUnresolved" -}}
+{{- $m := . -}}
+{{- range $k, $v := $m -}}
+{{- if kindIs "string" $v -}}
+{{- if or (contains "{{" $v) (contains "<<" $v) (eq (trim $v) "<no value>") -}}
+{{- $_ := unset $m $k -}}
+{{- end -}}
+{{- else if kindIs "map" $v -}}
+{{- $_ := include "spectro-proxy.dropUnresolved" $v -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
@@ -309,8 +335,17 @@ annotations:
 {{- end -}}
 
 {{/* PEM of the relay CA given as a value (relayCA.pem, else spectro.system.reverseproxy.caCert), or "". */}}
+{{/*
+A PEM substituted into a one-line YAML string by the platform arrives with
+its line breaks folded into spaces; Go's PEM reader needs the BEGIN and END
+lines on lines of their own, so such a PEM is unfolded.
+*/}}
 {{- define "spectro-proxy.relayCAPEM" -}}
-{{- .Values.relayCA.pem | default (include "spectro-proxy.system" (dict "root" . "path" "reverseproxy.caCert")) | trim -}}
+{{- $pem := .Values.relayCA.pem | default (include "spectro-proxy.system" (dict "root" . "path" "reverseproxy.caCert")) | trim -}}
+{{- if and $pem (not (contains "\n" $pem)) -}}
+{{- $pem = regexReplaceAll "\\s+" $pem "\n" | replace "BEGIN\nCERTIFICATE" "BEGIN CERTIFICATE" | replace "END\nCERTIFICATE" "END CERTIFICATE" -}}
+{{- end -}}
+{{- $pem -}}
 {{- end -}}
 
 {{- define "spectro-proxy.relayCAConfigMapName" -}}
