@@ -454,8 +454,8 @@ func (c *Cluster) startNode(ctx context.Context) error {
 	if err := c.WaitServiceAccount(ctx, "default"); err != nil {
 		return err
 	}
-	res := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return c.DialContext(ctx, "udp", net.JoinHostPort(c.NodeIP, "53"))
+	res := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return c.DialContext(ctx, network, net.JoinHostPort(c.NodeIP, "53"))
 	}}
 	name := "kubernetes.default.svc." + clusterDomain
 	return poll(ctx, 200*time.Millisecond, "cluster DNS ("+name+")", func(ctx context.Context) (bool, error) {

@@ -98,6 +98,11 @@ func (p *process) stop(timeout time.Duration) error {
 	p.mu.Lock()
 	p.stopped = true
 	p.mu.Unlock()
+	select {
+	case <-p.done:
+		return nil // already reaped: its PID may belong to another process by now
+	default:
+	}
 	killGroup(p.cmd.Process.Pid)
 	select {
 	case <-p.done:
