@@ -71,6 +71,19 @@ var kernelSettings = []string{
 var globalDirs = []string{"/run", "/run/containerd", shimSocketDir, netnsRunDir, "/var/lib", "/var/lib/cni",
 	cniCacheDir, "/var/log", containerLinks, "/etc", "/etc/cni", "/opt", "/usr/libexec"}
 
+// createdOutside are the paths outside Dir that the node's parts create
+// whatever their configuration says, innermost first: ip's /run/netns
+// mount, containerd's shim socket directory, libcni's cache, kubelet's
+// /var/log/containers links and device-plugin socket (both hard-coded),
+// libmount's utab, iptables' lock, the controller-manager's flex volume
+// directory. Stop removes those that did not exist before Start (files, and
+// directories once empty).
+var createdOutside = []string{
+	netnsRunDir, shimSocketDir, "/run/containerd/fifo", "/run/containerd/runc", "/run/containerd",
+	cniCacheDir, "/var/lib/cni", containerLinks, "/run/xtables.lock", "/run/mount/utab", "/run/mount",
+	"/var/lib/kubelet/device-plugins/kubelet.sock", "/var/lib/kubelet/device-plugins", "/var/lib/kubelet",
+}
+
 // nodeState is what a real node's teardown needs.
 type nodeState struct {
 	netns       string // name under /run/netns
@@ -79,6 +92,7 @@ type nodeState struct {
 	sock        string // containerd's grpc socket
 	sysctls     map[string]string
 	dirsBefore  map[string]map[string]bool
+	existed     map[string]bool // createdOutside paths that existed before Start
 	netnsCreate bool // the namespace exists (delete it)
 	readyAt     time.Duration
 	startedAt   time.Time
@@ -336,6 +350,7 @@ func (c *Cluster) startNode(ctx context.Context) error {
 		"--cluster-signing-cert-file=" + c.pki.caCert, "--cluster-signing-key-file=" + c.pki.caKey,
 		"--leader-elect=false", "--allocate-node-cidrs=false",
 		"--cert-dir=" + filepath.Join(c.Dir, "pki", "controller-manager"),
+		"--flex-volume-plugin-dir=" + filepath.Join(c.Dir, "kube-controller-manager", "volume-plugins"),
 		"--profiling=false",
 	}); err != nil {
 		return err
@@ -722,6 +737,11 @@ func (c *Cluster) initNode() {
 		sock:       filepath.Join(c.Dir, "containerd", "containerd.sock"),
 		startedAt:  time.Now(),
 		dirsBefore: map[string]map[string]bool{},
+		existed:    map[string]bool{},
+	}
+	for _, p := range createdOutside {
+		_, err := os.Lstat(p)
+		c.node.existed[p] = err == nil
 	}
 	c.Netns = id
 	for _, d := range globalDirs {
@@ -801,14 +821,8 @@ func (c *Cluster) stopNode() error {
 			errs = append(errs, err)
 		}
 	}
-	// Directories (and files) the node's parts created outside Dir, when
-	// they did not exist before and are empty now: ip's /run/netns mount,
-	// containerd's /run/containerd/s, libcni's /var/lib/cni, kubelet's
-	// /var/log/containers, iptables' /run/xtables.lock.
-	for _, d := range []string{netnsRunDir, shimSocketDir, "/run/containerd/fifo", "/run/containerd/runc",
-		"/run/containerd", cniCacheDir, "/var/lib/cni", containerLinks, "/run/xtables.lock"} {
-		parent, base := filepath.Dir(d), filepath.Base(d)
-		if n.dirsBefore[parent] == nil || n.dirsBefore[parent][base] {
+	for _, d := range createdOutside {
+		if n.existed[d] {
 			continue
 		}
 		if d == netnsRunDir {
