@@ -93,7 +93,7 @@ type nodeState struct {
 	sysctls     map[string]string
 	dirsBefore  map[string]map[string]bool
 	existed     map[string]bool // createdOutside paths that existed before Start
-	netnsCreate bool // the namespace exists (delete it)
+	netnsCreate bool            // the namespace exists (delete it)
 	readyAt     time.Duration
 	startedAt   time.Time
 }
