@@ -213,8 +213,8 @@ func TestRealNode(t *testing.T) {
 			cmd.Env = append(cmd.Env, "KUBECTL_PORT_FORWARD_WEBSOCKETS="+ws)
 			stdout, err := cmd.StdoutPipe()
 			require.NoError(t, err)
-			var stderr bytes.Buffer
-			cmd.Stderr = &stderr
+			stderr := &syncBuffer{} // read below while kubectl writes
+			cmd.Stderr = stderr
 			require.NoError(t, cmd.Start())
 			lines := bufio.NewScanner(stdout)
 			re := regexp.MustCompile(`Forwarding from 127\.0\.0\.1:(\d+) -> 8080`)
