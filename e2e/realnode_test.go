@@ -168,6 +168,10 @@ func TestRealNode(t *testing.T) {
 
 	applyJSON(t, c, busyboxPod("bb"))
 	fig.busyboxReady = waitReady(t, c, "default", "pod/bb")
+	// The pod's address came from CNI host-local, whose allocations Stop
+	// checks are released (CNI DEL) before it stops kubelet.
+	ips, _ := filepath.Glob(filepath.Join(c.Dir, "cni", "ipam", "*", "10.244.*"))
+	require.NotEmpty(t, ips, "host-local allocations under %s", c.Dir)
 
 	t.Run("exec exit code", func(t *testing.T) {
 		cmd := c.KubectlCmd(ctx, "", "exec", "bb", "--", "sh", "-c", "exit 3")

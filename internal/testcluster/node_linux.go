@@ -904,7 +904,7 @@ func (c *Cluster) deleteAllPods(ctx context.Context) error {
 			return err
 		}
 	}
-	return poll(ctx, 200*time.Millisecond, "pods stopped by kubelet", func(ctx context.Context) (bool, error) {
+	err := poll(ctx, 200*time.Millisecond, "pods stopped by kubelet", func(ctx context.Context) (bool, error) {
 		var pods podList
 		if err := c.do(ctx, http.MethodGet, "/api/v1/pods", nil, &pods); err != nil {
 			return false, err
@@ -912,6 +912,19 @@ func (c *Cluster) deleteAllPods(ctx context.Context) error {
 		if len(pods.Items) > 0 {
 			return false, fmt.Errorf("%d pods left, e.g. %s/%s", len(pods.Items), pods.Items[0].Metadata.Namespace,
 				pods.Items[0].Metadata.Name)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	// CNI DEL ran for every sandbox: host-local has released every address
+	// (it keeps one file per allocated IP in its data directory).
+	ipam := filepath.Join(c.Dir, "cni", "ipam", c.node.cniNetwork)
+	return poll(ctx, 100*time.Millisecond, "CNI DEL of every pod", func(context.Context) (bool, error) {
+		ips, _ := filepath.Glob(filepath.Join(ipam, "10.*"))
+		if len(ips) > 0 {
+			return false, fmt.Errorf("addresses still allocated in %s: %d", ipam, len(ips))
 		}
 		return true, nil
 	})
