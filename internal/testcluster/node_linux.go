@@ -96,6 +96,37 @@ type nodeState struct {
 	netnsCreate bool            // the namespace exists (delete it)
 	readyAt     time.Duration
 	startedAt   time.Time
+	lock        *os.File // held from Start to the end of Stop
+}
+
+// lockNode waits (within ctx) for the machine-wide real-node lock: two
+// nodes at once would share kubelet's hard-coded paths and the kernel
+// settings each one saves and restores, so they take turns.
+func (c *Cluster) lockNode(ctx context.Context) error {
+	path := filepath.Join(filepath.Dir(c.opts.BinDir), "realnode.lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		path = filepath.Join(os.TempDir(), "spectro-proxy-realnode.lock")
+		if f, err = os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600); err != nil {
+			return err
+		}
+	}
+	waiting := false
+	err = poll(ctx, 200*time.Millisecond, "the real-node lock "+path+" (another real node is running)",
+		func(context.Context) (bool, error) {
+			err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+			if err != nil && !waiting {
+				waiting = true
+				c.log.Info("waiting for another real node to stop", "lock", path)
+			}
+			return err == nil, err
+		})
+	if err != nil {
+		f.Close()
+		return err
+	}
+	c.node.lock = f
+	return nil
 }
 
 // NodeFigures are a real node's start and stop times.
@@ -304,6 +335,10 @@ func ip(ctx context.Context, args ...string) error {
 
 // createNetns makes the node's network namespace.
 func (c *Cluster) createNetns(ctx context.Context) error {
+	if err := c.lockNode(ctx); err != nil {
+		return err
+	}
+	c.node.startedAt = time.Now() // the node's own times start with the lock
 	if err := ip(ctx, "netns", "add", c.node.netns); err != nil {
 		return err
 	}
@@ -833,6 +868,9 @@ func (c *Cluster) stopNode() error {
 		_ = os.Remove(d) // only when empty
 	}
 	errs = append(errs, c.leftovers())
+	if n.lock != nil {
+		n.lock.Close() // releases the flock
+	}
 	return errors.Join(errs...)
 }
 
