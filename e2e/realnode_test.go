@@ -187,6 +187,23 @@ func TestRealNode(t *testing.T) {
 		assert.Equal(t, "from stdin\n", out)
 	})
 
+	t.Run("cluster DNS", func(t *testing.T) {
+		// The pod's resolv.conf names CoreDNS on the node IP, with the
+		// cluster's search path; the kubernetes Service's name resolves.
+		out, err := kubectlIn(ctx, c, "", nil, "exec", "bb", "--", "cat", "/etc/resolv.conf")
+		require.NoError(t, err)
+		assert.Contains(t, out, "nameserver "+c.NodeIP)
+		assert.Contains(t, out, "search default.svc.cluster.local svc.cluster.local cluster.local")
+		// (busybox's nslookup does not apply the search path: a full name.)
+		out, err = kubectlIn(ctx, c, "", nil, "exec", "bb", "--", "nslookup", "-type=a", "kubernetes.default.svc.cluster.local")
+		require.NoError(t, err)
+		assert.Contains(t, out, "Address: 10.96.0.1")
+		// Nothing outside the cluster resolves: no upstream, no way out.
+		out, err = kubectlIn(ctx, c, "", nil, "exec", "bb", "--", "nslookup", "-type=a", "example.com.")
+		assert.Error(t, err)
+		assert.Contains(t, out, "NXDOMAIN")
+	})
+
 	t.Run("logs", func(t *testing.T) {
 		out, err := kubectlIn(ctx, c, "", nil, "logs", "bb")
 		require.NoError(t, err)
@@ -470,7 +487,8 @@ kubelet (so CNI cleans up), kills the processes and containerd's shims by PID, r
 files outside its directory, restores the kernel settings kubelet changes and deletes the namespace, then fails
 if anything is left.
 
-The test: node Ready; a busybox pod; the real kubectl against the API server: `+"`exec`"+` (exit code 3 from
+The test: node Ready; a busybox pod (cluster DNS: its resolv.conf, the `+"`kubernetes`"+` Service by name, NXDOMAIN for
+anything else); the real kubectl against the API server: `+"`exec`"+` (exit code 3 from
 `+"`sh -c 'exit 3'`"+`), `+"`exec -i`"+`, `+"`logs`"+`, `+"`cp`"+` both ways, `+"`port-forward`"+` over WebSocket and SPDY to busybox httpd; the agent
 image in a Deployment mirroring the chart (restricted Pod Security, read-only root, RuntimeDefault seccomp),
 Ready through kubelet's probes, tunnelled to a relay on the node IP; kubectl `+"`auth whoami`"+` and `+"`exec`"+` through the

@@ -145,9 +145,7 @@ func CheckRealNode(binDir string) error {
 	if binDir == "" {
 		binDir = DefaultBinDir()
 	}
-	if err := CheckBinaries(binDir, false); err != nil {
-		return err
-	}
+	// What the machine lacks first: no build fixes that.
 	var missing []string
 	if os.Geteuid() != 0 {
 		missing = append(missing, "root (running as uid "+strconv.Itoa(os.Geteuid())+")")
@@ -176,6 +174,9 @@ func CheckRealNode(binDir string) error {
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("%w: missing %s", ErrRealNodeUnsupported, strings.Join(missing, "; "))
+	}
+	if err := CheckBinaries(binDir, false); err != nil {
+		return err
 	}
 	var bins []string
 	for _, b := range []string{"kubelet", "kube-proxy", "kube-controller-manager", "kube-scheduler", "coredns"} {
