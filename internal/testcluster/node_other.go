@@ -22,7 +22,10 @@ const (
 	nodeAPIServerPort   = 6443
 )
 
-type nodeState struct{ readyAt time.Duration }
+type nodeState struct {
+	readyAt   time.Duration
+	startedAt time.Time
+}
 
 // NodeFigures are a real node's start and stop times.
 type NodeFigures struct{ Start, NodeReady, Stop time.Duration }
