@@ -166,17 +166,23 @@ build_kwok() {
 # kwok ships no default stages and does not install its own CRDs (kwokctl
 # does). Copy both from kwok's module source into version-keyed directories
 # next to the binaries; internal/testcluster reads them through the
-# $BIN/kwok-stages and $BIN/kwok-crds links. Runs every time (it is cheap and
-# repairs a partial copy); fails loudly when something is missing.
+# $BIN/kwok-stages and $BIN/kwok-crds links. Written once per version (into
+# temporary directories, then renamed) and left alone when present: tests of
+# another run may be reading them. Fails loudly when something is missing.
 copy_kwok_files() {
+  local final_stages=$CACHE/kwok-stages-$KWOK_VERSION final_crds=$CACHE/kwok-crds-$KWOK_VERSION
+  if [ -d "$final_stages" ] && [ -d "$final_crds" ]; then
+    ln -sfn "../kwok-stages-$KWOK_VERSION" "$BIN/kwok-stages"
+    ln -sfn "../kwok-crds-$KWOK_VERSION" "$BIN/kwok-crds"
+    return
+  fi
   local src tmp; tmp=$(mktemp -d)
   src=$(cd "$tmp" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" |
     sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
   rmdir "$tmp"
   [ -d "$src/kustomize/stage" ] || { log "kwok module source not found (got '$src')"; exit 1; }
-  local stages=$CACHE/kwok-stages-$KWOK_VERSION crds=$CACHE/kwok-crds-$KWOK_VERSION
-  rm -rf "$stages" "$crds"
-  mkdir -p "$stages" "$crds"
+  local stages crds
+  stages=$(mktemp -d "$CACHE/.kwok-stages.XXXXXX") crds=$(mktemp -d "$CACHE/.kwok-crds.XXXXXX")
   # The "fast" set as kwok's kustomize/stage/fast/kustomization.yaml lists it.
   # Only the Stage documents: each directory also has a kustomization.yaml
   # (same name in every directory), which is not kwok configuration.
@@ -196,6 +202,10 @@ copy_kwok_files() {
     [ -f "$crds/kwok.x-k8s.io_$f.yaml" ] || { log "kwok CRD $f missing in $src/kustomize/crd/bases"; exit 1; }
   done
   chmod -R u+w "$stages" "$crds"
+  chmod 755 "$stages" "$crds"
+  [ -d "$final_stages" ] && rm -rf "$stages" || mv "$stages" "$final_stages"
+  [ -d "$final_crds" ] && rm -rf "$crds" || mv "$crds" "$final_crds"
+  stages=$final_stages crds=$final_crds
   ln -sfn "../kwok-stages-$KWOK_VERSION" "$BIN/kwok-stages"
   ln -sfn "../kwok-crds-$KWOK_VERSION" "$BIN/kwok-crds"
   log "kwok: $n stage files in $stages, CRDs in $crds"
