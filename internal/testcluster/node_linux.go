@@ -97,6 +97,7 @@ type nodeState struct {
 	readyAt     time.Duration
 	startedAt   time.Time
 	lock        *os.File // held from Start to the end of Stop
+	sysctlFile  string   // the saved kernel settings, beside the lock
 }
 
 // lockNode waits (within ctx) for the machine-wide real-node lock: two
@@ -340,6 +341,7 @@ func (c *Cluster) createNetns(ctx context.Context) error {
 		return err
 	}
 	c.node.startedAt = time.Now() // the node's own times start with the lock
+	c.sweepStale()
 	if err := ip(ctx, "netns", "add", c.node.netns); err != nil {
 		return err
 	}
@@ -749,14 +751,30 @@ func writeJSON(path string, v any) error {
 	return os.WriteFile(path, b, 0o600)
 }
 
+// saveKernelSettings records the settings kubelet changes, in memory and
+// in a file beside the node lock: a node whose test process died without
+// Stop leaves that file, and the next node restores the true originals
+// from it instead of saving kubelet's values.
 func (c *Cluster) saveKernelSettings() error {
 	c.node.sysctls = map[string]string{}
+	if c.node.lock != nil {
+		c.node.sysctlFile = c.node.lock.Name() + ".sysctls"
+		if b, err := os.ReadFile(c.node.sysctlFile); err == nil && json.Unmarshal(b, &c.node.sysctls) == nil &&
+			len(c.node.sysctls) > 0 {
+			c.log.Warn("restoring the kernel settings a stale real node saved", "file", c.node.sysctlFile)
+			return nil
+		}
+	}
 	for _, k := range kernelSettings {
 		b, err := os.ReadFile("/proc/sys/" + k)
 		if err != nil {
 			continue // not on this kernel
 		}
 		c.node.sysctls[k] = strings.TrimSpace(string(b))
+	}
+	if c.node.sysctlFile != "" {
+		b, _ := json.Marshal(c.node.sysctls)
+		return os.WriteFile(c.node.sysctlFile, b, 0o600)
 	}
 	return nil
 }
@@ -869,6 +887,9 @@ func (c *Cluster) stopNode() error {
 		_ = os.Remove(d) // only when empty
 	}
 	errs = append(errs, c.leftovers())
+	if n.sysctlFile != "" {
+		_ = os.Remove(n.sysctlFile)
+	}
 	if n.lock != nil {
 		n.lock.Close() // releases the flock
 	}
@@ -1233,4 +1254,76 @@ func (c *Cluster) PodsRSS(uids []string) int64 {
 		})
 	}
 	return total
+}
+
+// sweepStale removes what a real node left behind when its test process
+// died without Stop (Pdeathsig kills the cluster's processes, not
+// containerd's shims, the containers, the namespace, mounts or cgroups).
+// Called with the real-node lock held, so every spx-node-* namespace
+// left is stale.
+func (c *Cluster) sweepStale() {
+	ents, _ := os.ReadDir(netnsRunDir)
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasPrefix(name, "spx-node-") || name == c.node.netns {
+			continue
+		}
+		var st syscall.Stat_t
+		if err := syscall.Stat(filepath.Join(netnsRunDir, name), &st); err != nil {
+			continue
+		}
+		c.log.Warn("removing a stale real node", "netns", name)
+		// Its processes (shims, a surviving part) are in the namespace;
+		// the shims name the old directory in their command line.
+		want := fmt.Sprintf("net:[%d]", st.Ino)
+		dirs := map[string]bool{}
+		procs, _ := os.ReadDir("/proc")
+		for _, p := range procs {
+			pid, err := strconv.Atoi(p.Name())
+			if err != nil {
+				continue
+			}
+			if l, err := os.Readlink("/proc/" + p.Name() + "/ns/net"); err != nil || l != want {
+				continue
+			}
+			if b, err := os.ReadFile("/proc/" + p.Name() + "/cmdline"); err == nil {
+				args := strings.Split(string(b), "\x00")
+				var sh shim
+				for i := 0; i+1 < len(args); i++ {
+					switch args[i] {
+					case "-address":
+						sh.address = args[i+1]
+					case "-namespace":
+						sh.namespace = args[i+1]
+					case "-id":
+						sh.id = args[i+1]
+					}
+				}
+				if strings.HasSuffix(sh.address, "/containerd/containerd.sock") && sh.id != "" {
+					dirs[filepath.Dir(filepath.Dir(sh.address))] = true
+					sum := sha256.Sum256([]byte(filepath.Join(sh.address, sh.namespace, sh.id)))
+					defer os.Remove(filepath.Join(shimSocketDir, hex.EncodeToString(sum[:])))
+				}
+			}
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		_ = killCgroups("/" + name)
+		for d := range dirs {
+			_ = unmountUnder(d)
+			if ents, err := os.ReadDir(containerLinks); err == nil {
+				for _, e := range ents {
+					p := filepath.Join(containerLinks, e.Name())
+					if t, err := os.Readlink(p); err == nil && strings.HasPrefix(t, d+"/") {
+						_ = os.Remove(p)
+					}
+				}
+			}
+		}
+		if files, _ := filepath.Glob(filepath.Join(cniCacheDir, name+"-*")); len(files) > 0 {
+			for _, f := range files {
+				_ = os.Remove(f)
+			}
+		}
+		_ = ip(context.Background(), "netns", "del", name)
+	}
 }
