@@ -576,7 +576,6 @@ func (c *Cluster) startContainerd(ctx context.Context) error {
 					"dataDir": filepath.Join(c.Dir, "cni", "ipam"),
 				},
 			},
-			map[string]any{"type": "loopback"},
 		},
 	}); err != nil {
 		return err
@@ -1303,6 +1302,9 @@ func (c *Cluster) sweepStale() {
 					dirs[filepath.Dir(filepath.Dir(sh.address))] = true
 					sum := sha256.Sum256([]byte(filepath.Join(sh.address, sh.namespace, sh.id)))
 					defer os.Remove(filepath.Join(shimSocketDir, hex.EncodeToString(sum[:])))
+					// libcni's cache of the sandbox's two networks (the shim's id is the sandbox's).
+					defer os.Remove(filepath.Join(cniCacheDir, "cni-loopback-"+sh.id+"-lo"))
+					defer os.Remove(filepath.Join(cniCacheDir, name+"-"+sh.id+"-eth0"))
 				}
 			}
 			_ = syscall.Kill(pid, syscall.SIGKILL)
