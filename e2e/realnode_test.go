@@ -497,7 +497,7 @@ relay (the agents reach the API server through the `+"`kubernetes`"+` Service); 
 Run it: `+"`go test -count=1 -run TestRealNode ./e2e`"+` (root; after `+"`make kube-bins`"+`). It skips, naming what is
 missing, where the machine cannot run a node.
 
-## Figures (%d cores, %s)
+## Figures (%d cores, %s, load average %s at the end)
 
 | what | time |
 | --- | --- |
@@ -515,7 +515,7 @@ Resident memory with the busybox pod, 2 agent pods and the relay:
 
 | process | RSS |
 | --- | --- |
-`, testcluster.DefaultNodeIP, runtime.NumCPU(), time.Now().UTC().Format("2006-01-02"), ms(f.start), ms(f.ready),
+`, testcluster.DefaultNodeIP, runtime.NumCPU(), time.Now().UTC().Format("2006-01-02"), loadAvg(), ms(f.start), ms(f.ready),
 		ms(f.busyboxReady), ms(f.agentImport), ms(f.agentReady), f.agentRestarts, ms(f.stop), ms(f.secondStart),
 		ms(f.secondStop))
 	names := make([]string, 0, len(f.rss))
@@ -530,4 +530,14 @@ Resident memory with the busybox pod, 2 agent pods and the relay:
 	}
 	fmt.Fprintf(&b, "| total | %d MiB |\n", total>>20)
 	return os.WriteFile("../docs/realnode.md", []byte(b.String()), 0o644)
+}
+
+// loadAvg is the 1-minute load average: the figures depend on what else
+// the machine runs.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.Fields(string(b))[0]
 }
