@@ -30,7 +30,7 @@ type process struct {
 
 // startProcess starts bin with args. Output is appended to logPath (and
 // copied to out with a "[name] " prefix when out is not nil).
-func startProcess(name, bin string, args []string, dir, logPath string, out io.Writer, log *slog.Logger) (*process, error) {
+func startProcess(name, bin string, args []string, dir, logPath string, out io.Writer, log *slog.Logger, env []string) (*process, error) {
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
@@ -38,7 +38,7 @@ func startProcess(name, bin string, args []string, dir, logPath string, out io.W
 	fmt.Fprintf(f, "\n=== %s %s %s\n", time.Now().Format(time.RFC3339Nano), bin, strings.Join(args, " "))
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = dir
-	cmd.Env = childEnv()
+	cmd.Env = env
 	var w io.Writer = f
 	if out != nil {
 		w = io.MultiWriter(f, &prefixWriter{w: out, prefix: "[" + name + "] "})
@@ -98,6 +98,11 @@ func (p *process) stop(timeout time.Duration) error {
 	p.mu.Lock()
 	p.stopped = true
 	p.mu.Unlock()
+	select {
+	case <-p.done:
+		return nil // already reaped: its PID may belong to another process by now
+	default:
+	}
 	killGroup(p.cmd.Process.Pid)
 	select {
 	case <-p.done:
