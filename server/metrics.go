@@ -29,6 +29,12 @@ const (
 	reasonHeadersTooLarge  = "headers_too_large"
 	reasonNoRequest        = "no_request"
 	reasonMessageTooLarge  = "message_too_large"
+	// reasonMethodNotAllowed: CONNECT (the tunnel's own stream protocol)
+	// or another method no terminate-mode route serves.
+	reasonMethodNotAllowed = "method_not_allowed"
+	// reasonUpstreamHeadersTooLarge: a target's answer had a header
+	// section over the relay's bound; that stream was closed.
+	reasonUpstreamHeadersTooLarge = "upstream_headers_too_large"
 )
 
 // metrics lives in a registry of its own (no global state), so several

@@ -19,6 +19,15 @@ import (
 // serveTerminated forwards a request whose TLS the relay terminated to the
 // agent serving label.
 func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label string) {
+	// CONNECT is the tunnel's own stream protocol (and a user's CONNECT
+	// would carry the user's :authority down it); nothing behind a
+	// terminate-mode route serves it, nor methods outside HTTP's usual set.
+	if !servedMethods[r.Method] {
+		s.refuse(reasonMethodNotAllowed, "host", label, "method", r.Method, "remote", r.RemoteAddr)
+		w.Header().Set("Allow", allowedMethods)
+		kubestatus.Write(w, http.StatusMethodNotAllowed, "MethodNotAllowed", "spectro-proxy: method "+r.Method+" is not served here")
+		return
+	}
 	if isUpgrade(r) {
 		s.conns.Add(1) // hijacked connections are ours to drain
 		defer s.conns.Done()
@@ -41,6 +50,10 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			pr.Out.URL.Host = label
 			pr.Out.Host = r.Host
 			pr.SetXForwarded()
+			// The relay alone speaks the tunnel's protocol: whatever
+			// Spectro-Proxy-* fields a user sent are dropped.
+			tunnel.StripInternal(pr.Out.Header)
+			tunnel.StripInternal(pr.Out.Trailer)
 			pr.Out.Header.Set(tunnel.HeaderRoute, label)
 		},
 		Transport:  routeTransport{s: s, label: label},
@@ -54,6 +67,15 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 	}
 	rp.ServeHTTP(w, r)
 }
+
+// servedMethods are the methods terminate-mode routes (the API server,
+// dashboards) serve.
+var servedMethods = map[string]bool{
+	http.MethodGet: true, http.MethodHead: true, http.MethodPost: true, http.MethodPut: true,
+	http.MethodPatch: true, http.MethodDelete: true, http.MethodOptions: true,
+}
+
+const allowedMethods = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
@@ -81,6 +103,8 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		code, reason = http.StatusServiceUnavailable, "ServiceUnavailable"
 		w.Header().Set("Retry-After", "1")
 		s.refuse(reasonTooManyStreams, "host", r.Host, "remote", r.RemoteAddr)
+	} else if tunnel.IsHeaderTooLarge(err) {
+		s.refuse(reasonUpstreamHeadersTooLarge, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	} else if errors.Is(err, context.Canceled) {
 		return // the client went away; nobody to answer
 	} else {
@@ -144,12 +168,19 @@ func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Resp
 		st.Close()
 		return nil, fmt.Errorf("writing upgrade request to tunnel: %w", err)
 	}
-	br := bufio.NewReader(st)
+	// The answer comes from the target (a tenant's dashboard, say):
+	// its header section is bounded before the relay holds it.
+	lim := &tunnel.HeaderLimitReader{R: st, N: tunnel.MaxUpgradeResponseHeaderBytes}
+	br := bufio.NewReader(lim)
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
 		st.Close()
+		if tunnel.IsHeaderTooLarge(err) {
+			return nil, fmt.Errorf("reading upgrade response from tunnel: %w (limit %d bytes)", tunnel.ErrHeaderTooLarge, tunnel.MaxUpgradeResponseHeaderBytes)
+		}
 		return nil, fmt.Errorf("reading upgrade response from tunnel: %w", err)
 	}
+	lim.Lift()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		resp.Body = &upgradedStream{Reader: br, st: st, s: t.s}
 		return resp, nil

@@ -40,7 +40,12 @@ func NewRelayTransport(live Liveness) (*RelayTransport, error) {
 	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
 		MaxReceiveBufferPerStream:     streamWindow,
 		MaxReceiveBufferPerConnection: relayConnWindow,
-	}}
+	},
+		// Responses come from targets through the agent: bounded, as
+		// every header section a stranger writes (x/net's default is
+		// 10 MiB).
+		MaxResponseHeaderBytes: MaxResponseHeaderBytes,
+	}
 	t, err := http2.ConfigureTransports(t1)
 	if err != nil {
 		return nil, fmt.Errorf("configuring http2 transport: %w", err)

@@ -1,0 +1,388 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http2"
+
+	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+	"github.com/spectroproxy/spectro-proxy/server"
+)
+
+// The attacks of issue 11, each against a relay and two clusters: the
+// victim (whose hosts the attacker uses) and a bystander. While the attack
+// runs, a legitimate client of each cluster, from another source address,
+// keeps making requests; the tests check that the bystander sees no
+// failure, that the victim's requests succeed within 2 s of the attacker
+// being cut, and how far the memory of this process (relay, agents and
+// backends all run in it) grew.
+
+// scene is a relay with a victim and a bystander cluster.
+type scene struct {
+	r                   *relay
+	victim, bystander   string // API host names
+	victimDash          string // the victim's dashboard host name
+	be                  *backend
+	victimC, bystanderC *http.Client // legitimate clients, from otherSource
+}
+
+// newScene starts the relay (tweaked), the victim's agent (API route in
+// terminate mode to a backend, dashboard route to dashURL when set) and the
+// bystander's.
+func newScene(t *testing.T, tweak func(*server.Config), dashURL string) *scene {
+	t.Helper()
+	sc := &scene{victim: "cluster-victim." + domain, bystander: "cluster-bystander." + domain, victimDash: "cluster-victim-dashboard." + domain}
+	sc.be = newBackend(t, sc.victim, sc.bystander)
+	sc.r = startRelay(t, "127.0.0.1:0", "", tweak)
+	for _, uid := range []string{"victim", "bystander"} {
+		tok, _ := sc.r.issue(t, uid, "", time.Hour)
+		cfg := client.Config{ClusterUID: uid, TokenFile: tok, Mode: tunnel.Terminate, APIServer: sc.be.srv.URL, APIServerCAFile: sc.be.caFile}
+		if uid == "victim" {
+			cfg.K8sDashboardURL = dashURL
+			cfg.DashboardInsecureSkipVerify = true
+		}
+		startAgent(t, sc.r, cfg).waitReady(t)
+	}
+	roots := sc.r.caPool(t)
+	sc.victimC = legitClient(sc.r, sc.victim, roots)
+	sc.bystanderC = legitClient(sc.r, sc.bystander, roots)
+	return sc
+}
+
+// legitClient reaches host from otherSource (another address than the
+// attacker's), over HTTP/2.
+func legitClient(r *relay, host string, roots *x509.CertPool) *http.Client {
+	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return otherSource.DialContext(ctx, network, r.addr)
+		},
+		TLSClientConfig:   &tls.Config{ServerName: host, RootCAs: roots},
+		ForceAttemptHTTP2: true,
+	}}
+}
+
+// load is a legitimate client making requests in a loop until stopped.
+type load struct {
+	c          *http.Client
+	url        string
+	ok, failed atomic.Int64
+	lastFail   atomic.Int64 // unix nanos of the last failure
+	lastOK     atomic.Int64
+	stop       chan struct{}
+	done       chan struct{}
+	firstErrMu sync.Mutex
+	firstErr   error
+}
+
+func startLoad(c *http.Client, url string) *load {
+	l := &load{c: c, url: url, stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		tick := time.NewTicker(25 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-tick.C:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, l.url, nil)
+			resp, err := l.c.Do(req)
+			if err == nil {
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if err == nil && resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			cancel()
+			if err != nil {
+				l.failed.Add(1)
+				l.lastFail.Store(time.Now().UnixNano())
+				l.firstErrMu.Lock()
+				if l.firstErr == nil {
+					l.firstErr = err
+				}
+				l.firstErrMu.Unlock()
+				continue
+			}
+			l.ok.Add(1)
+			l.lastOK.Store(time.Now().UnixNano())
+		}
+	}()
+	return l
+}
+
+func (l *load) end() { close(l.stop); <-l.done }
+
+func (l *load) String() string {
+	l.firstErrMu.Lock()
+	defer l.firstErrMu.Unlock()
+	return fmt.Sprintf("%d ok, %d failed (first error: %v)", l.ok.Load(), l.failed.Load(), l.firstErr)
+}
+
+// recovered waits until a request of the victim's client succeeds and
+// returns how long it took.
+func recovered(t *testing.T, c *http.Client, url string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	require.Eventually(t, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := c.Do(req)
+		if err != nil {
+			return false
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, 2*time.Second, 20*time.Millisecond, "the attacked cluster recovers within 2s")
+	return time.Since(start)
+}
+
+// rssMiB is this process's resident memory.
+func rssMiB() float64 {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kib, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+			return kib / 1024
+		}
+	}
+	return 0
+}
+
+// peakRSS samples rssMiB until stopped and returns the highest figure.
+type peakRSS struct {
+	base float64
+	peak atomic.Int64 // KiB
+	stop chan struct{}
+	done chan struct{}
+}
+
+func watchRSS() *peakRSS {
+	runtime.GC()
+	debug.FreeOSMemory()
+	p := &peakRSS{base: rssMiB(), stop: make(chan struct{}), done: make(chan struct{})}
+	p.peak.Store(int64(p.base * 1024))
+	go func() {
+		defer close(p.done)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-p.stop:
+				return
+			case <-tick.C:
+				if v := int64(rssMiB() * 1024); v > p.peak.Load() {
+					p.peak.Store(v)
+				}
+			}
+		}
+	}()
+	return p
+}
+
+// growth stops sampling and returns the peak's growth over the base, MiB.
+func (p *peakRSS) growth() float64 {
+	close(p.stop)
+	<-p.done
+	return float64(p.peak.Load())/1024 - p.base
+}
+
+// repeatReader yields n bytes of b, without holding them.
+type repeatReader struct {
+	b byte
+	n int64
+}
+
+func (r *repeatReader) Read(p []byte) (int, error) {
+	if r.n <= 0 {
+		return 0, io.EOF
+	}
+	p = p[:min(int64(len(p)), r.n)]
+	for i := range p {
+		p[i] = r.b
+	}
+	r.n -= int64(len(p))
+	return len(p), nil
+}
+
+// headerEcho is a dashboard stand-in that answers with the request's
+// Spectro-Proxy-* and X-Forwarded-For fields.
+func headerEcho(t *testing.T) string {
+	t.Helper()
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var got []string
+		for k, v := range r.Header {
+			if strings.HasPrefix(k, "Spectro-Proxy-") || k == "X-Forwarded-For" {
+				got = append(got, k+"="+strings.Join(v, ","))
+			}
+		}
+		sort.Strings(got)
+		fmt.Fprint(w, strings.Join(got, ";"))
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+func TestAbuseUserDrivesTunnelProtocol(t *testing.T) {
+	sc := newScene(t, nil, headerEcho(t))
+	roots := sc.r.caPool(t)
+	rss := watchRSS()
+	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
+	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+
+	// An HTTP/2 CONNECT to the dashboard host, naming the API server's
+	// route as its :authority and the tunnel's upgrade stream kind, with
+	// a raw request behind it (forged X-Forwarded-For, then a 400 MiB
+	// header line).
+	tc, err := tls.Dial("tcp", sc.r.addr, &tls.Config{ServerName: sc.victimDash, RootCAs: roots, NextProtos: []string{"h2"}})
+	require.NoError(t, err)
+	defer tc.Close()
+	cc, err := (&http2.Transport{}).NewClientConn(tc)
+	require.NoError(t, err)
+	raw := io.MultiReader(strings.NewReader("GET /small HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Forwarded-For: 6.6.6.6\r\nX-Big: "),
+		&repeatReader{b: 'a', n: 400 << 20})
+	req := &http.Request{Method: http.MethodConnect, URL: &url.URL{Host: "cluster-victim"}, Host: "cluster-victim",
+		Header: http.Header{tunnel.HeaderStream: {tunnel.StreamUpgrade}}, Body: io.NopCloser(raw)}
+	resp, err := cc.RoundTrip(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusMethodNotAllowed, resp.StatusCode, "CONNECT is the tunnel's own protocol")
+
+	// An ordinary request with forged tunnel headers: none reaches the
+	// dashboard, and X-Forwarded-For is the relay's.
+	hc := httpClient(sc.r, sc.victimDash, roots, true)
+	defer hc.CloseIdleConnections()
+	greq, _ := http.NewRequest(http.MethodGet, "https://"+sc.victimDash+"/", nil)
+	greq.Header.Set(tunnel.HeaderStream, tunnel.StreamTCP)
+	greq.Header.Set(tunnel.HeaderRoute, "cluster-victim")
+	greq.Header.Set(tunnel.HeaderAgent, "forged")
+	greq.Header.Set("Spectro-Proxy-Anything", "x")
+	greq.Header.Set("X-Forwarded-For", "6.6.6.6")
+	gresp, err := hc.Do(greq)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(gresp.Body)
+	gresp.Body.Close()
+	assert.Equal(t, http.StatusOK, gresp.StatusCode)
+	assert.Equal(t, "X-Forwarded-For=127.0.0.1", string(body), "the dashboard sees only the relay's headers")
+
+	// TRACE is not served either.
+	treq, _ := http.NewRequest("TRACE", "https://"+sc.victimDash+"/", nil)
+	tresp, err := hc.Do(treq)
+	require.NoError(t, err)
+	tresp.Body.Close()
+	assert.Equal(t, http.StatusMethodNotAllowed, tresp.StatusCode)
+
+	tc.Close()
+	took := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
+	victim.end()
+	bystander.end()
+	grew := rss.growth()
+	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
+	assert.LessOrEqual(t, grew, 64.0)
+	assert.Equal(t, float64(2), sc.r.metrics(t)[refusals("method_not_allowed")])
+	figure(t, "HTTP/2 CONNECT to a dashboard host naming the API route, forged Spectro-Proxy-Stream and X-Forwarded-For, 400 MiB request line",
+		fmt.Sprintf("before (issue 11): forwarded, agent 13 MiB -> 1.1 GiB; now 405 at the relay, forged headers dropped, process RSS %+.0f MiB; victim recovered in %v (%v), bystander %v",
+			grew, took.Round(time.Millisecond), victim, bystander),
+		"405; RSS growth <= 64 MiB; bystander 0 failed")
+}
+
+// hugeUpgrader is a dashboard stand-in (plain HTTP) that answers every
+// upgrade with a 101 whose header line never ends, up to 400 MiB. It
+// reports how much it managed to write.
+func hugeUpgrader(t *testing.T) (string, *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var written atomic.Int64
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					l, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if l == "\r\n" {
+						break
+					}
+				}
+				n, _ := io.Copy(c, io.MultiReader(strings.NewReader("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Big: "),
+					&repeatReader{b: 'a', n: 400 << 20}))
+				written.Add(n)
+			})
+		}
+	})
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return "http://" + ln.Addr().String(), &written
+}
+
+func TestAbuseOversizedUpgradeResponse(t *testing.T) {
+	const attempts = 5
+	dash, written := hugeUpgrader(t)
+	sc := newScene(t, nil, dash)
+	roots := sc.r.caPool(t)
+	rss := watchRSS()
+	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
+	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+
+	hc := httpClient(sc.r, sc.victimDash, roots, false)
+	defer hc.CloseIdleConnections()
+	for range attempts {
+		req, _ := http.NewRequest(http.MethodGet, "https://"+sc.victimDash+"/ws", nil)
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", "websocket")
+		resp, err := hc.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
+	}
+	took := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
+	victim.end()
+	bystander.end()
+	grew := rss.growth()
+	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
+	assert.LessOrEqual(t, grew, 64.0)
+	assert.Equal(t, float64(attempts), sc.r.metrics(t)[refusals("upstream_headers_too_large")])
+	assert.Less(t, written.Load(), int64(attempts)*(100<<20), "the dashboard could not push its 400 MiB")
+	figure(t, fmt.Sprintf("a dashboard answering %d upgrades with a 400 MiB header line", attempts),
+		fmt.Sprintf("before (issue 11): relay 13 MiB -> 1.1-1.7 GiB; now 502 each, stream closed at 64 KiB (upstream_headers_too_large), %.1f MiB written by the dashboard in all, process RSS %+.0f MiB; victim recovered in %v (%v), bystander %v",
+			float64(written.Load())/(1<<20), grew, took.Round(time.Millisecond), victim, bystander),
+		"502; RSS growth <= 64 MiB; bystander 0 failed")
+}
