@@ -386,3 +386,88 @@ func TestAbuseOversizedUpgradeResponse(t *testing.T) {
 			float64(written.Load())/(1<<20), grew, took.Round(time.Millisecond), victim, bystander),
 		"502; RSS growth <= 64 MiB; bystander 0 failed")
 }
+
+// badUpgrader is a dashboard stand-in (plain HTTP) whose answer to an
+// upgrade depends on the path: /mismatch switches to another protocol
+// than asked, /error hangs up without a word, /hang says nothing until
+// the connection is closed.
+func badUpgrader(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				switch req.URL.Path {
+				case "/mismatch":
+					io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+					select {
+					case <-done:
+					case <-time.After(10 * time.Second):
+					}
+				case "/hang":
+					c.SetReadDeadline(time.Now().Add(10 * time.Second))
+					io.Copy(io.Discard, c)
+				}
+			})
+		}
+	})
+	t.Cleanup(func() { close(done); ln.Close(); wg.Wait() })
+	return "http://" + ln.Addr().String()
+}
+
+func TestAbuseUpgradeSlotsReleased(t *testing.T) {
+	const maxStreams, attempts = 10, 25 // more failures than slots
+	sc := newScene(t, func(c *server.Config) { c.MaxStreamsPerTunnel = maxStreams }, badUpgrader(t))
+	roots := sc.r.caPool(t)
+	const slots = "spectro_proxy_stream_slots_used"
+	var got []string
+	for _, shape := range []struct {
+		path string
+		want int // status, 0 for the client giving up
+	}{{"/mismatch", http.StatusBadGateway}, {"/error", http.StatusBadGateway}, {"/hang", 0}} {
+		hc := httpClient(sc.r, sc.victimDash, roots, false)
+		hc.Timeout = 300 * time.Millisecond
+		parallel(attempts, 5, func(int) {
+			req, _ := http.NewRequest(http.MethodGet, "https://"+sc.victimDash+shape.path, nil)
+			req.Header.Set("Connection", "Upgrade")
+			req.Header.Set("Upgrade", "websocket")
+			resp, err := hc.Do(req)
+			if shape.want == 0 {
+				assert.Error(t, err, shape.path)
+				return
+			}
+			if assert.NoError(t, err, shape.path) {
+				resp.Body.Close()
+				assert.Equal(t, shape.want, resp.StatusCode, shape.path)
+			}
+		})
+		hc.CloseIdleConnections()
+		start := time.Now()
+		require.Eventually(t, func() bool {
+			v, ok := sc.r.metrics(t)[slots]
+			return ok && v == 0
+		}, 5*time.Second, 20*time.Millisecond, "%s: slots back to zero", shape.path)
+		// And the tunnel still carries requests.
+		resp, err := sc.victimC.Get("https://" + sc.victim + "/small")
+		require.NoError(t, err, shape.path)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode, shape.path)
+		got = append(got, fmt.Sprintf("%s: 0 after %v", shape.path, time.Since(start).Round(10*time.Millisecond)))
+	}
+	assert.Equal(t, float64(attempts), sc.r.metrics(t)[refusals("upgrade_mismatch")])
+	figure(t, fmt.Sprintf("%d failed upgrades of each shape on a tunnel of %d slots (mismatched Upgrade, target hung up, client gave up)", attempts, maxStreams),
+		"before (issue 11): a mismatched 101 kept its slot, 1000 of them silenced the tunnel; now slots in use "+strings.Join(got, ", ")+", tunnel still serving",
+		"slots back to 0 after each")
+}

@@ -35,6 +35,9 @@ const (
 	// reasonUpstreamHeadersTooLarge: a target's answer had a header
 	// section over the relay's bound; that stream was closed.
 	reasonUpstreamHeadersTooLarge = "upstream_headers_too_large"
+	// reasonUpgradeMismatch: a target answered 101 with another
+	// protocol than the request's Upgrade.
+	reasonUpgradeMismatch = "upgrade_mismatch"
 )
 
 // metrics lives in a registry of its own (no global state), so several

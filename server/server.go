@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
 	"github.com/spectroproxy/spectro-proxy/internal/token"
@@ -107,6 +108,17 @@ func New(cfg Config) (*Server, error) {
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
 	}
+	// Slots in use on every tunnel: back to zero once every stream ended,
+	// whichever way it ended.
+	s.m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "spectro_proxy_stream_slots_used", Help: "Stream slots taken on all tunnels now (see MaxStreamsPerTunnel).",
+	}, func() float64 {
+		var n int32
+		for _, sess := range s.reg.all() {
+			n += sess.streams.Load()
+		}
+		return float64(n)
+	}))
 	s.api, s.health = s.newAPI()
 	s.httpLn = newConnListener()
 	s.https = &http.Server{

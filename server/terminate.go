@@ -81,6 +81,19 @@ func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
 }
 
+// upgradeType is the protocol an Upgrade header names, when Connection
+// says upgrade.
+func upgradeType(h http.Header) string {
+	if !headerHasToken(h, "Connection", "upgrade") {
+		return ""
+	}
+	return h.Get("Upgrade")
+}
+
+// errUpgradeMismatch: the target switched to another protocol than the
+// one asked for.
+var errUpgradeMismatch = errors.New("upgrade mismatch")
+
 func headerHasToken(h http.Header, name, tok string) bool {
 	for _, v := range h.Values(name) {
 		for _, t := range strings.Split(v, ",") {
@@ -103,6 +116,8 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		code, reason = http.StatusServiceUnavailable, "ServiceUnavailable"
 		w.Header().Set("Retry-After", "1")
 		s.refuse(reasonTooManyStreams, "host", r.Host, "remote", r.RemoteAddr)
+	} else if errors.Is(err, errUpgradeMismatch) {
+		s.refuse(reasonUpgradeMismatch, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	} else if tunnel.IsHeaderTooLarge(err) {
 		s.refuse(reasonUpstreamHeadersTooLarge, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	} else if errors.Is(err, context.Canceled) {
@@ -164,6 +179,11 @@ func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Resp
 	if err != nil {
 		return nil, err
 	}
+	// The slot is given back on every path: ReverseProxy does not close
+	// the body of a 101 it refuses (an Upgrade that does not match, a
+	// connection it cannot hijack), and the request's context ends when
+	// the handler returns, whatever happened.
+	context.AfterFunc(req.Context(), func() { st.Close() })
 	if err := req.Write(st); err != nil {
 		st.Close()
 		return nil, fmt.Errorf("writing upgrade request to tunnel: %w", err)
@@ -182,6 +202,10 @@ func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Resp
 	}
 	lim.Lift()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if want, got := upgradeType(req.Header), upgradeType(resp.Header); !strings.EqualFold(want, got) {
+			st.Close()
+			return nil, fmt.Errorf("%w: asked for %q, target switched to %q", errUpgradeMismatch, want, got)
+		}
 		resp.Body = &upgradedStream{Reader: br, st: st, s: t.s}
 		return resp, nil
 	}
