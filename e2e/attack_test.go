@@ -52,6 +52,11 @@ type scene struct {
 // terminate mode to a backend, dashboard route to dashURL when set) and the
 // bystander's.
 func newScene(t *testing.T, tweak func(*server.Config), dashURL string) *scene {
+	return newSceneMode(t, tweak, dashURL, tunnel.Terminate)
+}
+
+// newSceneMode is newScene with the victim's API route in mode.
+func newSceneMode(t *testing.T, tweak func(*server.Config), dashURL string, mode tunnel.Mode) *scene {
 	t.Helper()
 	sc := &scene{victim: "cluster-victim." + domain, bystander: "cluster-bystander." + domain, victimDash: "cluster-victim-dashboard." + domain}
 	sc.be = newBackend(t, sc.victim, sc.bystander)
@@ -60,13 +65,18 @@ func newScene(t *testing.T, tweak func(*server.Config), dashURL string) *scene {
 		tok, _ := sc.r.issue(t, uid, "", time.Hour)
 		cfg := client.Config{ClusterUID: uid, TokenFile: tok, Mode: tunnel.Terminate, APIServer: sc.be.srv.URL, APIServerCAFile: sc.be.caFile}
 		if uid == "victim" {
+			cfg.Mode = mode
 			cfg.K8sDashboardURL = dashURL
 			cfg.DashboardInsecureSkipVerify = true
 		}
 		startAgent(t, sc.r, cfg).waitReady(t)
 	}
 	roots := sc.r.caPool(t)
-	sc.victimC = legitClient(sc.r, sc.victim, roots)
+	victimRoots := roots
+	if mode == tunnel.Passthrough {
+		victimRoots = sc.be.roots
+	}
+	sc.victimC = legitClient(sc.r, sc.victim, victimRoots)
 	sc.bystanderC = legitClient(sc.r, sc.bystander, roots)
 	return sc
 }
@@ -163,6 +173,12 @@ func recovered(t *testing.T, c *http.Client, url string) time.Duration {
 	}, 2*time.Second, 20*time.Millisecond, "the attacked cluster recovers within 2s")
 	return time.Since(start)
 }
+
+// rssBound is the growth allowed to this process's RSS under one attack:
+// the issue's 64 MiB, or three times that under the race detector, whose
+// shadow memory grows with everything the process ever held at once. The
+// figures in docs/hardening.md come from runs without -race.
+var rssBound = map[bool]float64{false: 64, true: 192}[raceEnabled]
 
 // rssMiB is this process's resident memory.
 func rssMiB() float64 {
@@ -308,12 +324,12 @@ func TestAbuseUserDrivesTunnelProtocol(t *testing.T) {
 	bystander.end()
 	grew := rss.growth()
 	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
-	assert.LessOrEqual(t, grew, 64.0)
+	assert.LessOrEqual(t, grew, rssBound)
 	assert.Equal(t, float64(2), sc.r.metrics(t)[refusals("method_not_allowed")])
 	figure(t, "HTTP/2 CONNECT to a dashboard host naming the API route, forged Spectro-Proxy-Stream and X-Forwarded-For, 400 MiB request line",
 		fmt.Sprintf("before (issue 11): forwarded, agent 13 MiB -> 1.1 GiB; now 405 at the relay, forged headers dropped, process RSS %+.0f MiB; victim recovered in %v (%v), bystander %v",
 			grew, took.Round(time.Millisecond), victim, bystander),
-		"405; RSS growth <= 64 MiB; bystander 0 failed")
+		"405; RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
 }
 
 // hugeUpgrader is a dashboard stand-in (plain HTTP) that answers every
@@ -378,13 +394,13 @@ func TestAbuseOversizedUpgradeResponse(t *testing.T) {
 	bystander.end()
 	grew := rss.growth()
 	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
-	assert.LessOrEqual(t, grew, 64.0)
+	assert.LessOrEqual(t, grew, rssBound)
 	assert.Equal(t, float64(attempts), sc.r.metrics(t)[refusals("upstream_headers_too_large")])
 	assert.Less(t, written.Load(), int64(attempts)*(100<<20), "the dashboard could not push its 400 MiB")
 	figure(t, fmt.Sprintf("a dashboard answering %d upgrades with a 400 MiB header line", attempts),
 		fmt.Sprintf("before (issue 11): relay 13 MiB -> 1.1-1.7 GiB; now 502 each, stream closed at 64 KiB (upstream_headers_too_large), %.1f MiB written by the dashboard in all, process RSS %+.0f MiB; victim recovered in %v (%v), bystander %v",
 			float64(written.Load())/(1<<20), grew, took.Round(time.Millisecond), victim, bystander),
-		"502; RSS growth <= 64 MiB; bystander 0 failed")
+		"502; RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
 }
 
 // badUpgrader is a dashboard stand-in (plain HTTP) whose answer to an
@@ -438,7 +454,10 @@ func TestAbuseUpgradeSlotsReleased(t *testing.T) {
 		want int // status, 0 for the client giving up
 	}{{"/mismatch", http.StatusBadGateway}, {"/error", http.StatusBadGateway}, {"/hang", 0}} {
 		hc := httpClient(sc.r, sc.victimDash, roots, false)
-		hc.Timeout = 300 * time.Millisecond
+		hc.Timeout = 5 * time.Second
+		if shape.want == 0 {
+			hc.Timeout = 300 * time.Millisecond // the client gives up
+		}
 		parallel(attempts, 5, func(int) {
 			req, _ := http.NewRequest(http.MethodGet, "https://"+sc.victimDash+shape.path, nil)
 			req.Header.Set("Connection", "Upgrade")
@@ -470,4 +489,100 @@ func TestAbuseUpgradeSlotsReleased(t *testing.T) {
 	figure(t, fmt.Sprintf("%d failed upgrades of each shape on a tunnel of %d slots (mismatched Upgrade, target hung up, client gave up)", attempts, maxStreams),
 		"before (issue 11): a mismatched 101 kept its slot, 1000 of them silenced the tunnel; now slots in use "+strings.Join(got, ", ")+", tunnel still serving",
 		"slots back to 0 after each")
+}
+
+func TestAbuseClientsThatNeverRead(t *testing.T) {
+	const conns, requests, stall = 20, 4, time.Second
+	sc := newSceneMode(t, func(c *server.Config) { c.WriteStallTimeout = stall }, "", tunnel.Passthrough)
+	rss := watchRSS()
+	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
+	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+
+	// Passthrough connections that pipeline requests for 10 MiB each and
+	// read nothing.
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	start := time.Now()
+	for range conns {
+		c, err := tls.Dial("tcp", sc.r.addr, &tls.Config{ServerName: sc.victim, RootCAs: sc.be.roots, NextProtos: []string{"http/1.1"}})
+		require.NoError(t, err)
+		held = append(held, c)
+		for range requests {
+			_, err = io.WriteString(c, "GET /big HTTP/1.1\r\nHost: "+sc.victim+"\r\n\r\n")
+			require.NoError(t, err)
+		}
+	}
+	// The relay cuts every one once its writes have stalled.
+	require.Eventually(t, func() bool { return sc.r.metrics(t)[refusals("write_stall")] == conns }, stall+10*time.Second, 50*time.Millisecond)
+	cut := time.Since(start)
+	for _, c := range held {
+		c.Close()
+	}
+	took := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
+	victim.end()
+	bystander.end()
+	grew := rss.growth()
+	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
+	assert.LessOrEqual(t, grew, rssBound)
+	figure(t, fmt.Sprintf("%d passthrough connections pipelining %d requests for 10 MiB each and reading nothing", conns, requests),
+		fmt.Sprintf("before (issue 11): relay 13 -> 286 MiB, the cluster's new requests timed out; now all cut by the %v write-stall timeout after %v, process RSS %+.0f MiB; victim %v (recovered in %v), bystander %v",
+			stall, cut.Round(10*time.Millisecond), grew, victim, took.Round(time.Millisecond), bystander),
+		"RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
+}
+
+func TestAbuseOneSourceTakesAllStreams(t *testing.T) {
+	const maxStreams, perSource, n = 100, 32, 200
+	sc := newSceneMode(t, func(c *server.Config) {
+		c.MaxStreamsPerTunnel = maxStreams
+		c.MaxStreamsPerSource = perSource
+	}, "", tunnel.Passthrough)
+	rss := watchRSS()
+	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
+	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+	var mu sync.Mutex
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	var refused atomic.Int64
+	start := time.Now()
+	parallel(n, 16, func(int) {
+		c, err := dialTLS(sc.r, sc.victim, sc.be.roots)
+		if err != nil {
+			refused.Add(1)
+			return
+		}
+		mu.Lock()
+		held = append(held, c)
+		mu.Unlock()
+	})
+	took := time.Since(start)
+	// While one source holds its share, another still gets through.
+	resp, err := sc.victimC.Get("https://" + sc.victim + "/small")
+	require.NoError(t, err, "the cluster serves another source while one holds its share")
+	resp.Body.Close()
+	mu.Lock()
+	carried := len(held)
+	for _, c := range held {
+		c.Close()
+	}
+	mu.Unlock()
+	rec := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
+	victim.end()
+	bystander.end()
+	grew := rss.growth()
+	assert.Equal(t, perSource, carried)
+	assert.Equal(t, float64(n-perSource), sc.r.metrics(t)[refusals("too_many_streams_from_source")])
+	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
+	assert.LessOrEqual(t, grew, rssBound)
+	figure(t, fmt.Sprintf("%d idle passthrough TLS connections from one source to one cluster (%d slots per tunnel)", n, maxStreams),
+		fmt.Sprintf("before (issue 11): 1000 in under 3s took every slot, kubectl got tls: internal error; now %d carried, %d refused (too_many_streams_from_source) in %v, another source served; process RSS %+.0f MiB; victim %v (recovered in %v), bystander %v",
+			carried, refused.Load(), took.Round(time.Millisecond), grew, victim, rec.Round(time.Millisecond), bystander),
+		fmt.Sprintf("%d per source; bystander 0 failed", perSource))
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
@@ -23,6 +24,7 @@ import (
 
 // handleConn routes one public connection by its server name.
 func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
+	conn = &stallConn{Conn: conn, d: s.cfg.WriteStallTimeout}
 	remote := conn.RemoteAddr().String()
 	src := sourceOf(remote)
 	if !s.hellos.enter(src) {
@@ -175,6 +177,25 @@ func (w *watchedConn) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// stallConn cuts a connection whose peer takes no data for d: each write
+// must finish within d. Nothing else in the relay sets write deadlines on
+// public connections. (Passthrough streams, tunnels and HTTP/1 clients are
+// all covered here; streams of an HTTP/2 connection, which can stall one
+// at a time, by stallWriter.)
+type stallConn struct {
+	net.Conn
+	d time.Duration
+}
+
+func (c *stallConn) Write(p []byte) (int, error) {
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(c.d))
+	n, err := c.Conn.Write(p)
+	_ = c.Conn.SetWriteDeadline(time.Time{})
+	return n, err
+}
+
+func (c *stallConn) CloseWrite() error { return tunnel.CloseWrite(c.Conn) }
 
 // connListener is a net.Listener fed by the SNI router.
 type connListener struct {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -136,11 +137,55 @@ func (f *failLimiter) fail(src string) {
 	f.limiter(src, true).Allow()
 }
 
-// sourceOf is the address part of a remote address, the unit limits count.
+// sourceOf is the unit per-source limits count: the address of a remote
+// address, or for IPv6 its /64 (one subscriber's usual allocation, so one
+// attacker holds a whole /64 of addresses).
 func sourceOf(remote string) string {
 	host, _, err := net.SplitHostPort(remote)
 	if err != nil {
-		return remote
+		host = remote
 	}
-	return host
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	addr = addr.Unmap()
+	if addr.Is6() {
+		p, _ := addr.Prefix(64)
+		return p.String()
+	}
+	return addr.String()
+}
+
+// sourceStreams counts the streams each source has open to each host
+// name, up to a cap.
+type sourceStreams struct {
+	mu  sync.Mutex
+	n   map[[2]string]int
+	max int
+}
+
+func newSourceStreams(max int) *sourceStreams {
+	return &sourceStreams{n: map[[2]string]int{}, max: max}
+}
+
+// enter takes a stream for src to label; release gives it back (once).
+func (s *sourceStreams) enter(src, label string) (release func(), ok bool) {
+	k := [2]string{src, label}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.n[k] >= s.max {
+		return nil, false
+	}
+	s.n[k]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.n[k]--; s.n[k] <= 0 {
+				delete(s.n, k)
+			}
+		})
+	}, true
 }

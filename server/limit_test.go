@@ -121,11 +121,35 @@ func TestFailLimiterBoundedSources(t *testing.T) {
 }
 
 func TestSourceOf(t *testing.T) {
-	for in, want := range map[string]string{
-		"127.0.0.1:443":  "127.0.0.1",
-		"[::1]:8443":     "::1",
-		"not-a-hostport": "not-a-hostport",
+	for _, tc := range []struct{ remote, want string }{
+		{"192.0.2.7:443", "192.0.2.7"},
+		{"[2001:db8:1:2:3:4:5:6]:443", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:ffff::1]:9", "2001:db8:1:2::/64"},
+		{"[::ffff:192.0.2.7]:443", "192.0.2.7"},
+		{"127.0.0.1:443", "127.0.0.1"},
+		{"[::1]:8443", "::/64"},
+		{"not-a-hostport", "not-a-hostport"},
 	} {
-		assert.Equal(t, want, sourceOf(in), in)
+		assert.Equal(t, tc.want, sourceOf(tc.remote), tc.remote)
 	}
+}
+
+func TestSourceStreams(t *testing.T) {
+	s := newSourceStreams(2)
+	r1, ok := s.enter("a", "x")
+	require.True(t, ok)
+	_, ok = s.enter("a", "x")
+	require.True(t, ok)
+	_, ok = s.enter("a", "x")
+	assert.False(t, ok, "third from one source")
+	_, ok = s.enter("b", "x")
+	assert.True(t, ok, "another source")
+	_, ok = s.enter("a", "y")
+	assert.True(t, ok, "another host name")
+	r1()
+	r1() // twice is once
+	_, ok = s.enter("a", "x")
+	assert.True(t, ok)
+	_, ok = s.enter("a", "x")
+	assert.False(t, ok)
 }

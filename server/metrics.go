@@ -38,6 +38,12 @@ const (
 	// reasonUpgradeMismatch: a target answered 101 with another
 	// protocol than the request's Upgrade.
 	reasonUpgradeMismatch = "upgrade_mismatch"
+	// reasonTooManyStreamsFromSource: one source address (IPv6 /64) has
+	// MaxStreamsPerSource streams open to the host name already.
+	reasonTooManyStreamsFromSource = "too_many_streams_from_source"
+	// reasonWriteStall: a passthrough client took no data for
+	// WriteStallTimeout; its stream was cut.
+	reasonWriteStall = "write_stall"
 )
 
 // metrics lives in a registry of its own (no global state), so several

@@ -35,17 +35,19 @@ import (
 
 // Server is the relay.
 type Server struct {
-	cfg      Config
-	log      *slog.Logger
-	tlsConf  *tls.Config
-	tokens   *token.Verifier
-	relay    *tunnel.RelayTransport // the HTTP/2 client side of every tunnel
-	reg      *registry
-	m        *metrics
-	limiter  *rate.Limiter
-	fails    *failLimiter
-	hellos   *helloGate
-	upgrader websocket.Upgrader
+	cfg     Config
+	log     *slog.Logger
+	tlsConf *tls.Config
+	tokens  *token.Verifier
+	relay   *tunnel.RelayTransport // the HTTP/2 client side of every tunnel
+	reg     *registry
+	m       *metrics
+	limiter *rate.Limiter
+	fails   *failLimiter
+	hellos  *helloGate
+	// srcStreams counts each source's streams per host name.
+	srcStreams *sourceStreams
+	upgrader   websocket.Upgrader
 	// watched maps each TLS connection handed to the HTTPS server, until it
 	// serves a request, to what lies under it (see connState).
 	watched sync.Map // *tls.Conn -> *watchedConn
@@ -97,13 +99,14 @@ func New(cfg Config) (*Server, error) {
 			CipherSuites: cipherSuites,
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
-		tokens:  token.NewVerifier(key, cfg.RevocationFile),
-		relay:   relay,
-		reg:     newRegistry(),
-		m:       newMetrics(),
-		limiter: rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
-		fails:   newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
-		hellos:  newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
+		tokens:     token.NewVerifier(key, cfg.RevocationFile),
+		relay:      relay,
+		reg:        newRegistry(),
+		m:          newMetrics(),
+		limiter:    rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
+		fails:      newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
+		hellos:     newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
+		srcStreams: newSourceStreams(cfg.MaxStreamsPerSource),
 		// Sized for many idle tunnels; see tunnel.NewUpgrader.
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strings"
+	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
@@ -27,6 +28,20 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		w.Header().Set("Allow", allowedMethods)
 		kubestatus.Write(w, http.StatusMethodNotAllowed, "MethodNotAllowed", "spectro-proxy: method "+r.Method+" is not served here")
 		return
+	}
+	release, ok := s.srcStreams.enter(sourceOf(r.RemoteAddr), label)
+	if !ok {
+		s.refuse(reasonTooManyStreamsFromSource, "host", label, "remote", r.RemoteAddr, "max", s.cfg.MaxStreamsPerSource)
+		w.Header().Set("Retry-After", "1")
+		kubestatus.Write(w, http.StatusTooManyRequests, "TooManyRequests",
+			fmt.Sprintf("spectro-proxy: more than %d concurrent requests from your address to %s", s.cfg.MaxStreamsPerSource, label))
+		return
+	}
+	defer release()
+	if r.ProtoMajor == 2 {
+		// A stream of an HTTP/2 connection can stall alone (the client
+		// reads the others): each write to it must finish in time.
+		w = &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), d: s.cfg.WriteStallTimeout}
 	}
 	if isUpgrade(r) {
 		s.conns.Add(1) // hijacked connections are ours to drain
@@ -235,6 +250,29 @@ func (u *upgradedStream) Write(p []byte) (int, error) {
 
 func (u *upgradedStream) CloseWrite() error { return u.st.CloseWrite() }
 func (u *upgradedStream) Close() error      { return u.st.Close() }
+
+// stallWriter gives each write to a response WriteStallTimeout to finish;
+// past it the stream is reset.
+type stallWriter struct {
+	http.ResponseWriter
+	rc *http.ResponseController
+	d  time.Duration
+}
+
+func (w *stallWriter) Write(p []byte) (int, error) {
+	_ = w.rc.SetWriteDeadline(time.Now().Add(w.d))
+	n, err := w.ResponseWriter.Write(p)
+	_ = w.rc.SetWriteDeadline(time.Time{})
+	return n, err
+}
+
+func (w *stallWriter) Flush() {
+	_ = w.rc.SetWriteDeadline(time.Now().Add(w.d))
+	_ = w.rc.Flush()
+	_ = w.rc.SetWriteDeadline(time.Time{})
+}
+
+func (w *stallWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // releaseBody gives the stream's slot back when the body is closed.
 type releaseBody struct {
