@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -585,4 +586,58 @@ func TestAbuseOneSourceTakesAllStreams(t *testing.T) {
 		fmt.Sprintf("before (issue 11): 1000 in under 3s took every slot, kubectl got tls: internal error; now %d carried, %d refused (too_many_streams_from_source) in %v, another source served; process RSS %+.0f MiB; victim %v (recovered in %v), bystander %v",
 			carried, refused.Load(), took.Round(time.Millisecond), grew, victim, rec.Round(time.Millisecond), bystander),
 		fmt.Sprintf("%d per source; bystander 0 failed", perSource))
+}
+
+func TestAbuseRevokedAndExpiredSessionsEnd(t *testing.T) {
+	const interval, ttl = 500 * time.Millisecond, 3 * time.Second
+	be := newBackend(t)
+	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) { c.RevocationInterval = interval })
+	roots := r.caPool(t)
+	revTok, revClaims := r.issue(t, "revoked", "", time.Hour)
+	expTok, expClaims := r.issue(t, "expiring", "", ttl)
+	for uid, tok := range map[string]string{"revoked": revTok, "expiring": expTok} {
+		startAgent(t, r, client.Config{ClusterUID: uid, TokenFile: tok, Mode: tunnel.Terminate, APIServer: be.srv.URL, APIServerCAFile: be.caFile,
+			BackoffMin: 50 * time.Millisecond, BackoffMax: 200 * time.Millisecond}).waitReady(t)
+	}
+	served := func(uid string) bool {
+		hc := httpClient(r, "cluster-"+uid+"."+domain, roots, true)
+		defer hc.CloseIdleConnections()
+		resp, err := hc.Get("https://cluster-" + uid + "." + domain + "/small")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	require.True(t, served("revoked"))
+	require.True(t, served("expiring"))
+
+	require.NoError(t, os.WriteFile(r.revoked, []byte(revClaims.ID+"\n"), 0o600))
+	revokedAt := time.Now()
+	require.Eventually(t, func() bool { return !served("revoked") }, interval+3*time.Second, 50*time.Millisecond,
+		"a revoked token's session ends within the revocation interval and a few seconds")
+	revokedEnd := time.Since(revokedAt)
+
+	expiresAt := time.Unix(expClaims.ExpiresAt, 0)
+	require.Eventually(t, func() bool { return !served("expiring") }, time.Until(expiresAt)+3*time.Second, 50*time.Millisecond,
+		"an expired token's session ends at the expiry")
+	expiredLate := time.Since(expiresAt)
+	m := r.metrics(t)
+	assert.Equal(t, float64(1), m[refusals("session_revoked")])
+	assert.Equal(t, float64(1), m[refusals("session_expired")])
+	figure(t, "live sessions of a revoked token and of a token with a 3s TTL",
+		fmt.Sprintf("before (issue 11): both still carried requests 15s after revocation and 12s after expiry; now the revoked one ended %v after the revocation (interval %v), the expired one %v after its expiry",
+			revokedEnd.Round(10*time.Millisecond), interval, expiredLate.Round(10*time.Millisecond)),
+		"revocation: interval + a few s; TTL: at expiry")
+}
+
+// A configured revocation file that does not exist revokes nothing; the
+// relay says so loudly at start.
+func TestMissingRevocationFileLogged(t *testing.T) {
+	var logs syncBuffer
+	startRelay(t, "127.0.0.1:0", "", func(c *server.Config) {
+		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "revocation file does not exist") }, 5*time.Second, 10*time.Millisecond)
+	assert.Contains(t, logs.String(), "level=ERROR")
 }

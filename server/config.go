@@ -29,6 +29,9 @@ type Config struct {
 	SigningKeyFile string
 	// RevocationFile lists revoked token ids (see token.Revocations).
 	RevocationFile string
+	// RevocationInterval is how often live sessions are checked against
+	// the revocation file: revoking a token ends its sessions within it.
+	RevocationInterval time.Duration
 
 	// HelloTimeout bounds how long a new connection may take to send its
 	// ClientHello, so idle sockets cannot pile up before routing.
@@ -96,6 +99,7 @@ const (
 	DefaultMaxStreamsPerTunnel       = 1000
 	DefaultMaxStreamsPerSource       = 32
 	DefaultWriteStallTimeout         = 30 * time.Second
+	DefaultRevocationInterval        = 10 * time.Second
 	DefaultDrainTimeout              = 25 * time.Second
 	DefaultRegistrationsPerSecond    = 200
 	// StateSigningKey is the signing key's name in the state dir.
@@ -119,6 +123,7 @@ func (c Config) withDefaults() Config {
 	def(&c.StreamTimeout, DefaultStreamTimeout)
 	def(&c.DrainTimeout, DefaultDrainTimeout)
 	def(&c.WriteStallTimeout, DefaultWriteStallTimeout)
+	def(&c.RevocationInterval, DefaultRevocationInterval)
 	if c.MaxStreamsPerSource == 0 {
 		c.MaxStreamsPerSource = DefaultMaxStreamsPerSource
 	}
@@ -174,7 +179,7 @@ func (c *Config) Validate() error {
 	if c.SigningKeyFile == "" && c.StateDir == "" {
 		return errors.New("signing-key-file is required (or state-dir, which keeps one)")
 	}
-	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 || c.RequestHeaderTimeout < 0 || c.WriteStallTimeout < 0 {
+	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 || c.RequestHeaderTimeout < 0 || c.WriteStallTimeout < 0 || c.RevocationInterval < 0 {
 		return errors.New("timeouts must not be negative")
 	}
 	if c.MaxPendingHellos < 0 || c.MaxPendingHellosPerSource < 0 || c.MaxHeaderBytes < 0 || c.AuthFailureBurst < 0 ||

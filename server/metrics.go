@@ -44,6 +44,10 @@ const (
 	// reasonWriteStall: a passthrough client took no data for
 	// WriteStallTimeout; its stream was cut.
 	reasonWriteStall = "write_stall"
+	// reasonSessionRevoked and reasonSessionExpired: a live tunnel ended
+	// because its token was revoked or expired.
+	reasonSessionRevoked = "session_revoked"
+	reasonSessionExpired = "session_expired"
 )
 
 // metrics lives in a registry of its own (no global state), so several

@@ -17,11 +17,13 @@ type session struct {
 	agentID    string
 	clusterUID string
 	tokenID    string
-	routes     map[string]tunnel.Mode
-	remote     string
-	since      time.Time
-	cc         tunnelClient
-	conn       net.Conn
+	// expires is the token's expiry (zero: never); the session ends then.
+	expires time.Time
+	routes  map[string]tunnel.Mode
+	remote  string
+	since   time.Time
+	cc      tunnelClient
+	conn    net.Conn
 	// streams counts streams open on the tunnel, capped at maxStreams
 	// (MaxStreamsPerTunnel) so that one busy or abused host name cannot
 	// make its agent carry without limit.

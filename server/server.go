@@ -159,6 +159,13 @@ func (s *Server) Run(ctx context.Context) error {
 // rest and every tunnel.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.log.Info("relay listening", "addr", ln.Addr().String(), "domain", s.cfg.Domain)
+	if s.tokens.RevocationFileMissing() {
+		s.log.Error("revocation file does not exist: no token is revoked until it is created", "revocation_file", s.cfg.RevocationFile)
+	}
+	revCtx, stopRev := context.WithCancel(ctx)
+	revDone := make(chan struct{})
+	go func() { defer close(revDone); s.checkRevocations(revCtx) }()
+	defer func() { stopRev(); <-revDone }()
 	httpsDone := make(chan struct{})
 	go func() {
 		defer close(httpsDone)

@@ -60,6 +60,7 @@ func serve(args []string) error {
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "A directory for what the relay creates itself: a local CA and certificate (when no certificate is given) and the token signing key.")
 	fs.StringVar(&cfg.SigningKeyFile, "signing-key-file", "", "The key agent tokens are signed with (default <state-dir>/signing.key, created if missing).")
 	fs.StringVar(&cfg.RevocationFile, "revocation-file", "", "A file of revoked token ids, one per line; re-read when it changes.")
+	fs.DurationVar(&cfg.RevocationInterval, "revocation-interval", server.DefaultRevocationInterval, "How often live tunnels are checked against --revocation-file; revoking a token ends its tunnels within this long.")
 	fs.DurationVar(&cfg.HelloTimeout, "hello-timeout", server.DefaultHelloTimeout, "How long a new connection may take to send its TLS ClientHello.")
 	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", tunnel.DefaultReadIdle, "After this long without a frame from an agent, ping it.")
 	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", tunnel.DefaultPing, "Drop a tunnel whose agent does not answer a ping within this long.")
