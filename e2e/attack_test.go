@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/net/http2"
@@ -640,4 +641,76 @@ func TestMissingRevocationFileLogged(t *testing.T) {
 	})
 	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "revocation file does not exist") }, 5*time.Second, 10*time.Millisecond)
 	assert.Contains(t, logs.String(), "level=ERROR")
+}
+
+func TestAbuseSessionsPerCluster(t *testing.T) {
+	const n, maxSessions = 100, 8
+	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) { c.MaxSessionsPerCluster = maxSessions })
+	tokFile, _ := r.issue(t, "greedy", "", time.Hour)
+	tok, err := os.ReadFile(tokFile)
+	require.NoError(t, err)
+	var conns []*websocket.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	var upgraded, limited int
+	start := time.Now()
+	for i := range n {
+		c, resp, err := dialTunnel(t, r, &net.Dialer{}, strings.TrimSpace(string(tok)), fmt.Sprintf("agent-%d", i), "cluster-greedy=terminate")
+		if err == nil {
+			upgraded++
+			conns = append(conns, c)
+			continue
+		}
+		if resp != nil && resp.StatusCode == http.StatusTooManyRequests {
+			limited++
+		}
+	}
+	took := time.Since(start)
+	require.Eventually(t, func() bool { return r.srv.Tunnels() <= maxSessions }, 5*time.Second, 20*time.Millisecond)
+	m := r.metrics(t)
+	sessions := r.srv.Tunnels()
+	assert.LessOrEqual(t, sessions, maxSessions)
+	assert.Positive(t, m[refusals("too_many_sessions")]+m[refusals("cluster_rate_limited")])
+	// Another cluster still registers at once.
+	be := newBackend(t)
+	otherTok, _ := r.issue(t, "other", "", time.Hour)
+	startAgent(t, r, client.Config{ClusterUID: "other", TokenFile: otherTok, Mode: tunnel.Terminate, APIServer: be.srv.URL, APIServerCAFile: be.caFile}).waitReady(t)
+	figure(t, fmt.Sprintf("%d registrations of one token under new agent ids", n),
+		fmt.Sprintf("before (issue 11): over 1000 sessions in 5s; now %d sessions at most (max %d), %d upgraded then closed (too_many_sessions: %.0f), %d turned away with 429 (cluster_rate_limited: %.0f) in %v; another cluster registered",
+			sessions, maxSessions, upgraded, m[refusals("too_many_sessions")], limited, m[refusals("cluster_rate_limited")], took.Round(time.Millisecond)),
+		fmt.Sprintf("<= %d sessions per cluster", maxSessions))
+}
+
+func TestAbuseCookieTossingAndMisdirected(t *testing.T) {
+	dash := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Add("Set-Cookie", "session=1; Path=/; Domain="+domain+"; HttpOnly")
+		w.Header().Add("Set-Cookie", "other=2; domain=.proxy.test")
+		w.Header().Add("Set-Cookie", "plain=3; Secure")
+	}))
+	t.Cleanup(dash.Close)
+	sc := newScene(t, nil, dash.URL)
+	roots := sc.r.caPool(t)
+	hc := httpClient(sc.r, sc.victimDash, roots, true)
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get("https://" + sc.victimDash + "/")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, []string{"session=1; Path=/; HttpOnly", "other=2", "plain=3; Secure"}, resp.Header["Set-Cookie"],
+		"no cookie is set for the relay's whole domain")
+
+	// A cluster's host on a connection for the relay's own name.
+	api := httpClient(sc.r, domain, roots, true)
+	defer api.CloseIdleConnections()
+	req, _ := http.NewRequest(http.MethodGet, "https://"+domain+"/small", nil)
+	req.Host = sc.victim
+	resp, err = api.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusMisdirectedRequest, resp.StatusCode)
+	figure(t, "a dashboard setting cookies with Domain=<relay domain>; a cluster host on the relay's own SNI",
+		"before (issue 11): passed through (cookie tossing between tenants); 404; now Domain removed (host-only cookies); 421",
+		"no Domain; 421")
 }

@@ -62,6 +62,10 @@ type Config struct {
 	// never reads would otherwise pin its stream's buffered data, and
 	// the tunnel's flow-control window with it).
 	WriteStallTimeout time.Duration
+	// MaxSessionsPerCluster caps the sessions (agent replicas) one cluster
+	// has at once; a reconnect under the same agent id replaces its old
+	// session and does not count twice.
+	MaxSessionsPerCluster int
 	// DrainTimeout bounds how long shutdown waits for connections in flight.
 	DrainTimeout time.Duration
 	// ShutdownDelay keeps the listener accepting for this long after the
@@ -100,6 +104,7 @@ const (
 	DefaultMaxStreamsPerSource       = 32
 	DefaultWriteStallTimeout         = 30 * time.Second
 	DefaultRevocationInterval        = 10 * time.Second
+	DefaultMaxSessionsPerCluster     = 16
 	DefaultDrainTimeout              = 25 * time.Second
 	DefaultRegistrationsPerSecond    = 200
 	// StateSigningKey is the signing key's name in the state dir.
@@ -124,6 +129,9 @@ func (c Config) withDefaults() Config {
 	def(&c.DrainTimeout, DefaultDrainTimeout)
 	def(&c.WriteStallTimeout, DefaultWriteStallTimeout)
 	def(&c.RevocationInterval, DefaultRevocationInterval)
+	if c.MaxSessionsPerCluster == 0 {
+		c.MaxSessionsPerCluster = DefaultMaxSessionsPerCluster
+	}
 	if c.MaxStreamsPerSource == 0 {
 		c.MaxStreamsPerSource = DefaultMaxStreamsPerSource
 	}
@@ -183,7 +191,7 @@ func (c *Config) Validate() error {
 		return errors.New("timeouts must not be negative")
 	}
 	if c.MaxPendingHellos < 0 || c.MaxPendingHellosPerSource < 0 || c.MaxHeaderBytes < 0 || c.AuthFailureBurst < 0 ||
-		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 || c.MaxStreamsPerSource < 0 {
+		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 || c.MaxStreamsPerSource < 0 || c.MaxSessionsPerCluster < 0 {
 		return errors.New("limits must not be negative")
 	}
 	return nil

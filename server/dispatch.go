@@ -134,6 +134,13 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	}
 	name := hostname.Canonical(r.TLS.ServerName)
 	if name == s.cfg.Domain || name == "" {
+		// A cluster's host on a connection for the relay itself (or one
+		// without SNI) is misdirected too, not a 404 of the relay's API.
+		if host := strings.ToLower(stripPort(r.Host)); host != s.cfg.Domain && hostname.InDomain(host, s.cfg.Domain) {
+			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
+			http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+s.cfg.Domain, http.StatusMisdirectedRequest)
+			return
+		}
 		s.api.ServeHTTP(w, r)
 		return
 	}

@@ -48,6 +48,11 @@ const (
 	// because its token was revoked or expired.
 	reasonSessionRevoked = "session_revoked"
 	reasonSessionExpired = "session_expired"
+	// reasonTooManySessions: the cluster has MaxSessionsPerCluster
+	// sessions; reasonClusterRateLimited: its registrations came faster
+	// than clusterRegistrationsPerSecond.
+	reasonTooManySessions    = "too_many_sessions"
+	reasonClusterRateLimited = "cluster_rate_limited"
 )
 
 // metrics lives in a registry of its own (no global state), so several

@@ -59,6 +59,8 @@ type registry struct {
 	// is away gets "agent not connected" rather than "unknown host".
 	seen map[string]tunnel.Mode
 	next map[string]int
+	// perCluster counts each cluster's sessions.
+	perCluster map[string]int
 }
 
 func newRegistry() *registry {
@@ -67,6 +69,8 @@ func newRegistry() *registry {
 		byAgent: map[string]*session{},
 		seen:    map[string]tunnel.Mode{},
 		next:    map[string]int{},
+
+		perCluster: map[string]int{},
 	}
 }
 
@@ -96,17 +100,28 @@ func (r *registry) heldByOtherLocked(routes map[string]tunnel.Mode, clusterUID s
 // errLabelHeld is returned by add when another cluster serves a label.
 var errLabelHeld = errors.New("host name is served by another cluster")
 
-// add registers s and returns the session it replaced, if any.
-func (r *registry) add(s *session) (replaced *session, err error) {
+// errTooManySessions is returned by add when the cluster has its
+// maximum of sessions (agent replicas) already.
+var errTooManySessions = errors.New("too many sessions for the cluster")
+
+// add registers s and returns the session it replaced, if any. A cluster
+// has at most maxPerCluster sessions (0: no limit); a session replacing
+// one of the same agent id does not count twice.
+func (r *registry) add(s *session, maxPerCluster int) (replaced *session, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if label := r.heldByOtherLocked(s.routes, s.clusterUID); label != "" {
 		return nil, fmt.Errorf("%s: %w", label, errLabelHeld)
 	}
-	if old, ok := r.byAgent[agentKey(s)]; ok {
+	old, ok := r.byAgent[agentKey(s)]
+	if !ok && maxPerCluster > 0 && r.perCluster[s.clusterUID] >= maxPerCluster {
+		return nil, fmt.Errorf("cluster %s has %d: %w", s.clusterUID, maxPerCluster, errTooManySessions)
+	}
+	if ok {
 		r.removeLocked(old)
 		replaced = old
 	}
+	r.perCluster[s.clusterUID]++
 	r.byAgent[agentKey(s)] = s
 	for label, mode := range s.routes {
 		r.byLabel[label] = append(r.byLabel[label], s)
@@ -124,8 +139,12 @@ func (r *registry) remove(s *session) {
 }
 
 func (r *registry) removeLocked(s *session) {
-	if r.byAgent[agentKey(s)] == s {
-		delete(r.byAgent, agentKey(s))
+	if r.byAgent[agentKey(s)] != s {
+		return // removed already, or replaced (which removed it)
+	}
+	delete(r.byAgent, agentKey(s))
+	if r.perCluster[s.clusterUID]--; r.perCluster[s.clusterUID] <= 0 {
+		delete(r.perCluster, s.clusterUID)
 	}
 	for label := range s.routes {
 		list := r.byLabel[label]

@@ -107,7 +107,7 @@ func TestRegistry(t *testing.T) {
 				s := sessions[st.sess]
 				switch st.op {
 				case "add":
-					old, err := r.add(s)
+					old, err := r.add(s, 0)
 					require.ErrorIs(t, err, st.wantErr)
 					if st.replace != "" {
 						assert.Same(t, sessions[st.replace], old)
@@ -135,7 +135,7 @@ func TestRegistry(t *testing.T) {
 func TestRegistryRoundRobin(t *testing.T) {
 	r := newRegistry()
 	for _, id := range []string{"1", "2", "3"} {
-		_, err := r.add(fakeSession(t, "A", id, "a"))
+		_, err := r.add(fakeSession(t, "A", id, "a"), 0)
 		require.NoError(t, err)
 	}
 	var firsts []string
@@ -149,7 +149,7 @@ func TestRegistryRoundRobin(t *testing.T) {
 
 func TestRegistryHeldByOther(t *testing.T) {
 	r := newRegistry()
-	_, err := r.add(fakeSession(t, "A", "1", "a"))
+	_, err := r.add(fakeSession(t, "A", "1", "a"), 0)
 	require.NoError(t, err)
 	assert.Equal(t, "a", r.heldByOther(map[string]tunnel.Mode{"a": tunnel.Terminate}, "B"))
 	assert.Equal(t, "", r.heldByOther(map[string]tunnel.Mode{"a": tunnel.Terminate}, "A"), "the cluster's own replicas may join")

@@ -47,7 +47,9 @@ type Server struct {
 	hellos  *helloGate
 	// srcStreams counts each source's streams per host name.
 	srcStreams *sourceStreams
-	upgrader   websocket.Upgrader
+	// clusterRegs rate-limits each cluster's registrations.
+	clusterRegs *failLimiter
+	upgrader    websocket.Upgrader
 	// watched maps each TLS connection handed to the HTTPS server, until it
 	// serves a request, to what lies under it (see connState).
 	watched sync.Map // *tls.Conn -> *watchedConn
@@ -99,14 +101,15 @@ func New(cfg Config) (*Server, error) {
 			CipherSuites: cipherSuites,
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
-		tokens:     token.NewVerifier(key, cfg.RevocationFile),
-		relay:      relay,
-		reg:        newRegistry(),
-		m:          newMetrics(),
-		limiter:    rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
-		fails:      newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
-		hellos:     newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
-		srcStreams: newSourceStreams(cfg.MaxStreamsPerSource),
+		tokens:      token.NewVerifier(key, cfg.RevocationFile),
+		relay:       relay,
+		reg:         newRegistry(),
+		m:           newMetrics(),
+		limiter:     rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
+		fails:       newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
+		hellos:      newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
+		srcStreams:  newSourceStreams(cfg.MaxStreamsPerSource),
+		clusterRegs: newFailLimiter(clusterRegistrationsPerSecond, clusterRegistrationBurst),
 		// Sized for many idle tunnels; see tunnel.NewUpgrader.
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
@@ -258,6 +261,14 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 	s.conns.Wait()
 	s.httpLn.Close()
 }
+
+// Each cluster's registrations: a burst that covers all its replicas
+// reconnecting at once, then one a second (issue 11: one token registered
+// over 1000 sessions in 5 s under new agent ids).
+const (
+	clusterRegistrationsPerSecond = 1
+	clusterRegistrationBurst      = 2 * DefaultMaxSessionsPerCluster
+)
 
 // cipherSuites are the TLS 1.2 suites the relay accepts: ECDHE key
 // exchange and AEAD ciphers only (no CBC, no RSA key exchange).

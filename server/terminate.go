@@ -77,8 +77,16 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		// write by ReverseProxy itself; a response of known length goes
 		// out without a flush per write (see client/forward.go).
 		FlushInterval: 0,
-		ErrorHandler:  s.proxyError,
-		ErrorLog:      nil,
+		// A dashboard's cookie must stay on its own host: with Domain set
+		// to the relay's domain it would reach every other tenant's
+		// hosts (cookie tossing; SameSite does not separate tenants of
+		// one site).
+		ModifyResponse: func(resp *http.Response) error {
+			stripCookieDomains(resp.Header)
+			return nil
+		},
+		ErrorHandler: s.proxyError,
+		ErrorLog:     nil,
 	}
 	rp.ServeHTTP(w, r)
 }
@@ -250,6 +258,22 @@ func (u *upgradedStream) Write(p []byte) (int, error) {
 
 func (u *upgradedStream) CloseWrite() error { return u.st.CloseWrite() }
 func (u *upgradedStream) Close() error      { return u.st.Close() }
+
+// stripCookieDomains removes the Domain attribute of every Set-Cookie in
+// h, making each a host-only cookie of the host that set it.
+func stripCookieDomains(h http.Header) {
+	for i, c := range h["Set-Cookie"] {
+		parts := strings.Split(c, ";")
+		kept := parts[:1]
+		for _, a := range parts[1:] {
+			name, _, _ := strings.Cut(a, "=")
+			if !strings.EqualFold(strings.TrimSpace(name), "domain") {
+				kept = append(kept, a)
+			}
+		}
+		h["Set-Cookie"][i] = strings.Join(kept, ";")
+	}
+}
 
 // stallWriter gives each write to a response WriteStallTimeout to finish;
 // past it the stream is reset.

@@ -48,6 +48,14 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	claims, routes, agentID := reg.claims, reg.routes, reg.agentID
+	// One cluster's token cannot spend the registration budget of all:
+	// its registrations are rate-limited on their own.
+	if blocked, wait := s.clusterRegs.blocked(claims.ClusterUID); blocked {
+		s.refuse(reasonClusterRateLimited, "cluster", claims.ClusterUID, "remote", remote)
+		s.retryLater(w, http.StatusTooManyRequests, int(wait/time.Second)+1, "too many tunnel registrations for cluster "+claims.ClusterUID)
+		return
+	}
+	s.clusterRegs.fail(claims.ClusterUID) // spends one
 	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
 		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
 			fmt.Sprintf("host name %s is served by another cluster's agent", hostname.Host(label, s.cfg.Domain)), remote)
@@ -68,7 +76,13 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		maxStreams: int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
 	}
 	result := "accepted"
-	old, err := s.reg.add(sess)
+	old, err := s.reg.add(sess, s.cfg.MaxSessionsPerCluster)
+	if errors.Is(err, errTooManySessions) {
+		// Upgraded already: the agent sees the tunnel close and backs off.
+		s.refuse(reasonTooManySessions, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote, "max", s.cfg.MaxSessionsPerCluster)
+		sess.close()
+		return
+	}
 	if err != nil {
 		// Another cluster registered the label between the check above
 		// and now; the agent sees the tunnel close and retries.

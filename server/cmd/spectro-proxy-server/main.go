@@ -68,6 +68,7 @@ func serve(args []string) error {
 	maxStreams := fs.Uint("max-streams-per-tunnel", server.DefaultMaxStreamsPerTunnel, "The most concurrent streams one agent is asked to carry.")
 	fs.IntVar(&cfg.MaxStreamsPerSource, "max-streams-per-source", server.DefaultMaxStreamsPerSource, "The most concurrent streams one source address (an IPv6 /64) may have open to one host name.")
 	fs.DurationVar(&cfg.WriteStallTimeout, "write-stall-timeout", server.DefaultWriteStallTimeout, "Cut a public connection, or a stream of one, whose client takes no data for this long.")
+	fs.IntVar(&cfg.MaxSessionsPerCluster, "max-sessions-per-cluster", server.DefaultMaxSessionsPerCluster, "The most tunnels (agent replicas) one cluster may have connected at once.")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", server.DefaultDrainTimeout, "On SIGTERM, how long connections in flight may take to finish.")
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "On SIGTERM, keep accepting for this long with /readyz failing, so load balancers stop sending connections first; then drain.")
 	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", server.DefaultRegistrationsPerSecond, "New tunnels accepted per second; the rest are told to retry later.")
