@@ -714,3 +714,49 @@ func TestAbuseCookieTossingAndMisdirected(t *testing.T) {
 		"before (issue 11): passed through (cookie tossing between tenants); 404; now Domain removed (host-only cookies); 421",
 		"no Domain; 421")
 }
+
+func TestAbuseHelloBudgetFilledBySources(t *testing.T) {
+	const total, perSource, sources = 200, 50, 5
+	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) {
+		c.MaxPendingHellos = total
+		c.MaxPendingHellosPerSource = perSource
+		c.HelloTimeout = 10 * time.Second
+	})
+	var held []net.Conn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	start := time.Now()
+	for s := range sources {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 1, byte(s+1))}, Timeout: 5 * time.Second}
+		for range perSource {
+			c, err := d.Dial("tcp", r.addr)
+			require.NoError(t, err)
+			_, err = c.Write([]byte{0x16, 0x03})
+			require.NoError(t, err)
+			held = append(held, c)
+		}
+	}
+	// Every place is taken (or was, until a newer one took it); a client
+	// from another address is still served, at the expense of the
+	// oldest silent socket of the biggest source.
+	require.Eventually(t, func() bool {
+		m := r.metrics(t)
+		return m[refusals("hello_evicted")] >= float64(sources*perSource-total)
+	}, 5*time.Second, 20*time.Millisecond)
+	var served int
+	for range 10 {
+		lc, err := (&tls.Dialer{NetDialer: otherSource, Config: &tls.Config{ServerName: domain, RootCAs: r.caPool(t)}}).Dial("tcp", r.addr)
+		if assert.NoError(t, err, "a client from another address is served while the budget is full") {
+			served++
+			lc.Close()
+		}
+	}
+	m := r.metrics(t)
+	figure(t, fmt.Sprintf("pre-ClientHello budget (%d) filled by %d sources of %d silent sockets", total, sources, perSource),
+		fmt.Sprintf("before (issue 11): 16 sources filled the global cap and every other client was refused; now %d of 10 other clients served in %v, %.0f oldest silent sockets evicted, %.0f refused",
+			served, time.Since(start).Round(time.Millisecond), m[refusals("hello_evicted")], m[refusals("too_many_pending_hellos")]),
+		"other clients served")
+}

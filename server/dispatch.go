@@ -27,13 +27,20 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 	conn = &stallConn{Conn: conn, d: s.cfg.WriteStallTimeout}
 	remote := conn.RemoteAddr().String()
 	src := sourceOf(remote)
-	if !s.hellos.enter(src) {
+	entry, evicted, ok := s.hellos.enter(src, conn)
+	if !ok {
 		s.refuse(reasonTooManyHellos, "remote", remote)
 		conn.Close()
 		return
 	}
+	if evicted != "" {
+		s.refuse(reasonHelloEvicted, "source", evicted, "for", remote)
+	}
 	name, pc, err := sni.Peek(conn, s.cfg.HelloTimeout)
-	s.hellos.leave(src)
+	if s.hellos.leave(entry) {
+		conn.Close() // evicted: counted above
+		return
+	}
 	if err != nil {
 		reason := reasonNotTLS
 		var ne net.Error

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -13,39 +14,101 @@ import (
 // total and per source address. Peeking costs a goroutine and a 16 KiB
 // buffer for up to HelloTimeout, so without a cap a slowloris holding
 // sockets open without a word could grow the relay without bound; the
-// per-source cap keeps one address from using up the total for everyone.
+// per-source cap keeps one address from using up the total. When the
+// total is reached anyway (many sources: one IPv6 /64 is many addresses,
+// though sourceOf counts it as one), a new connection is not refused:
+// the oldest pending hello of the source holding the most is closed to
+// make room, so a flood degrades itself rather than locking everyone out.
 type helloGate struct {
 	mu        sync.Mutex
 	total     int
-	perSource map[string]int
+	perSource map[string][]*helloEntry // oldest first
 	maxTotal  int
 	maxSource int
 }
 
+// helloEntry is one admitted connection.
+type helloEntry struct {
+	src     string
+	c       io.Closer
+	evicted bool
+}
+
 func newHelloGate(maxTotal, maxSource int) *helloGate {
-	return &helloGate{perSource: map[string]int{}, maxTotal: maxTotal, maxSource: maxSource}
+	return &helloGate{perSource: map[string][]*helloEntry{}, maxTotal: maxTotal, maxSource: maxSource}
 }
 
-// enter admits a connection from src, or says no at once.
-func (g *helloGate) enter(src string) bool {
+// enter admits c from src, or says no at once (src has its share). To
+// admit it past the total it closes another connection's hello and
+// reports that one's source as evicted ("" when none was).
+func (g *helloGate) enter(src string, c io.Closer) (e *helloEntry, evicted string, ok bool) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.total >= g.maxTotal || g.perSource[src] >= g.maxSource {
-		return false
+	if len(g.perSource[src]) >= g.maxSource {
+		g.mu.Unlock()
+		return nil, "", false
 	}
+	var victim *helloEntry
+	if g.total >= g.maxTotal {
+		victim = g.evictLocked()
+		if victim == nil {
+			g.mu.Unlock()
+			return nil, "", false
+		}
+	}
+	e = &helloEntry{src: src, c: c}
+	g.perSource[src] = append(g.perSource[src], e)
 	g.total++
-	g.perSource[src]++
-	return true
+	g.mu.Unlock()
+	if victim != nil {
+		victim.c.Close()
+		return e, victim.src, true
+	}
+	return e, "", true
 }
 
-// leave ends an admission; the map only holds sources with hellos pending,
-// so it is bounded by maxTotal.
-func (g *helloGate) leave(src string) {
+// evictLocked takes the oldest entry of the source with the most pending.
+func (g *helloGate) evictLocked() *helloEntry {
+	var most string
+	for src, list := range g.perSource {
+		if len(list) > len(g.perSource[most]) {
+			most = src
+		}
+	}
+	list := g.perSource[most]
+	if len(list) == 0 {
+		return nil
+	}
+	v := list[0]
+	v.evicted = true
+	g.removeLocked(v)
+	return v
+}
+
+// leave ends an admission (nothing if it was evicted); the map only holds
+// sources with hellos pending, so it is bounded by maxTotal.
+func (g *helloGate) leave(e *helloEntry) (wasEvicted bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.total--
-	if g.perSource[src]--; g.perSource[src] <= 0 {
-		delete(g.perSource, src)
+	if e.evicted {
+		return true
+	}
+	g.removeLocked(e)
+	return false
+}
+
+func (g *helloGate) removeLocked(e *helloEntry) {
+	list := g.perSource[e.src]
+	for i, x := range list {
+		if x == e {
+			list = append(list[:i:i], list[i+1:]...)
+			g.total--
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(g.perSource, e.src)
+	} else {
+		g.perSource[e.src] = list
 	}
 }
 

@@ -51,6 +51,9 @@ const (
 	// reasonTooManySessions: the cluster has MaxSessionsPerCluster
 	// sessions; reasonClusterRateLimited: its registrations came faster
 	// than clusterRegistrationsPerSecond.
+	// reasonHelloEvicted: the pending hellos were at MaxPendingHellos; the
+	// oldest of the source holding the most was closed for a new one.
+	reasonHelloEvicted       = "hello_evicted"
 	reasonTooManySessions    = "too_many_sessions"
 	reasonClusterRateLimited = "cluster_rate_limited"
 )
