@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -759,4 +760,56 @@ func TestAbuseHelloBudgetFilledBySources(t *testing.T) {
 		fmt.Sprintf("before (issue 11): 16 sources filled the global cap and every other client was refused; now %d of 10 other clients served in %v, %.0f oldest silent sockets evicted, %.0f refused",
 			served, time.Since(start).Round(time.Millisecond), m[refusals("hello_evicted")], m[refusals("too_many_pending_hellos")]),
 		"other clients served")
+}
+
+func TestAbuseIdleKeepAlives(t *testing.T) {
+	const n, maxIdle = 400, 100
+	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) { c.MaxIdleConnsPerSource = maxIdle })
+	roots := r.caPool(t)
+	before := heapMiB()
+	conns := make([]*tls.Conn, n)
+	parallel(n, 16, func(i int) {
+		c, err := tls.Dial("tcp", r.addr, &tls.Config{ServerName: domain, RootCAs: roots, NextProtos: []string{"http/1.1"}})
+		if !assert.NoError(t, err) {
+			return
+		}
+		conns[i] = c
+		_, err = io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: "+domain+"\r\n\r\n")
+		require.NoError(t, err)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if assert.NoError(t, err) {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	})
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+	require.Eventually(t, func() bool { return r.metrics(t)[refusals("too_many_idle_conns")] == n-maxIdle }, 5*time.Second, 20*time.Millisecond)
+	// The relay closed the excess: reading finds EOF on n-maxIdle of them.
+	var closed atomic.Int64
+	parallel(n, 32, func(i int) {
+		if conns[i] == nil {
+			return
+		}
+		conns[i].SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, err := conns[i].Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			closed.Add(1)
+		}
+	})
+	assert.Equal(t, int64(n-maxIdle), closed.Load())
+	// Another source keeps its own.
+	hc := legitClient(r, domain, roots)
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get("https://" + domain + "/healthz")
+	require.NoError(t, err)
+	resp.Body.Close()
+	figure(t, fmt.Sprintf("%d idle keep-alive connections from one source to the relay's own name", n),
+		fmt.Sprintf("before (issue 11): 3000 stayed open at ~40 KiB each; now %d kept (max %d per source), %d closed (too_many_idle_conns), heap %+.1f MiB; another source served",
+			int64(n)-closed.Load(), maxIdle, closed.Load(), heapMiB()-before),
+		fmt.Sprintf("<= %d idle per source", maxIdle))
 }

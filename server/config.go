@@ -57,6 +57,10 @@ type Config struct {
 	// has open to one host name, so one source cannot take a cluster's
 	// slots, nor pin more than this many stream windows of relay memory.
 	MaxStreamsPerSource int
+	// MaxIdleConnsPerSource caps the idle keep-alive connections one
+	// source address (an IPv6 /64) keeps open to the relay's terminated
+	// side; past it, a connection that goes idle is closed.
+	MaxIdleConnsPerSource int
 	// WriteStallTimeout cuts a public connection, or a stream of one,
 	// whose client has not taken a write for this long (a client that
 	// never reads would otherwise pin its stream's buffered data, and
@@ -105,6 +109,7 @@ const (
 	DefaultWriteStallTimeout         = 30 * time.Second
 	DefaultRevocationInterval        = 10 * time.Second
 	DefaultMaxSessionsPerCluster     = 16
+	DefaultMaxIdleConnsPerSource     = 256
 	DefaultDrainTimeout              = 25 * time.Second
 	DefaultRegistrationsPerSecond    = 200
 	// StateSigningKey is the signing key's name in the state dir.
@@ -129,6 +134,9 @@ func (c Config) withDefaults() Config {
 	def(&c.DrainTimeout, DefaultDrainTimeout)
 	def(&c.WriteStallTimeout, DefaultWriteStallTimeout)
 	def(&c.RevocationInterval, DefaultRevocationInterval)
+	if c.MaxIdleConnsPerSource == 0 {
+		c.MaxIdleConnsPerSource = DefaultMaxIdleConnsPerSource
+	}
 	if c.MaxSessionsPerCluster == 0 {
 		c.MaxSessionsPerCluster = DefaultMaxSessionsPerCluster
 	}
@@ -191,7 +199,7 @@ func (c *Config) Validate() error {
 		return errors.New("timeouts must not be negative")
 	}
 	if c.MaxPendingHellos < 0 || c.MaxPendingHellosPerSource < 0 || c.MaxHeaderBytes < 0 || c.AuthFailureBurst < 0 ||
-		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 || c.MaxStreamsPerSource < 0 || c.MaxSessionsPerCluster < 0 {
+		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 || c.MaxStreamsPerSource < 0 || c.MaxSessionsPerCluster < 0 || c.MaxIdleConnsPerSource < 0 {
 		return errors.New("limits must not be negative")
 	}
 	return nil

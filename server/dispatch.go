@@ -102,6 +102,14 @@ func (s *Server) handOff(c net.Conn) {
 // nothing usable at all (a failed TLS handshake, a bad request, a client
 // that only connected).
 func (s *Server) connState(c net.Conn, state http.ConnState) {
+	if state == http.StateIdle {
+		if !s.idle.enter(c, sourceOf(c.RemoteAddr().String())) {
+			s.refuse(reasonTooManyIdleConns, "remote", c.RemoteAddr().String(), "max", s.cfg.MaxIdleConnsPerSource)
+			c.Close()
+		}
+	} else {
+		s.idle.leave(c)
+	}
 	switch state {
 	case http.StateHijacked:
 		s.watched.Delete(c)

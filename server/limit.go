@@ -252,3 +252,49 @@ func (s *sourceStreams) enter(src, label string) (release func(), ok bool) {
 		})
 	}, true
 }
+
+// idleConns counts the idle keep-alive connections (HTTP/1 between
+// requests, HTTP/2 without streams) each source holds on the relay's
+// terminated side; past the cap the connection that just went idle is
+// closed, which a client takes as an ordinary keep-alive close. Busy
+// connections and hijacked ones (tunnels, upgrades) are not counted.
+type idleConns struct {
+	mu   sync.Mutex
+	idle map[string]map[net.Conn]struct{}
+	of   map[net.Conn]string
+	max  int
+}
+
+func newIdleConns(max int) *idleConns {
+	return &idleConns{idle: map[string]map[net.Conn]struct{}{}, of: map[net.Conn]string{}, max: max}
+}
+
+// enter marks c idle and reports whether its source may keep it so.
+func (ic *idleConns) enter(c net.Conn, src string) bool {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	if len(ic.idle[src]) >= ic.max {
+		return false
+	}
+	if ic.idle[src] == nil {
+		ic.idle[src] = map[net.Conn]struct{}{}
+	}
+	ic.idle[src][c] = struct{}{}
+	ic.of[c] = src
+	return true
+}
+
+// leave marks c busy, hijacked or closed.
+func (ic *idleConns) leave(c net.Conn) {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	src, ok := ic.of[c]
+	if !ok {
+		return
+	}
+	delete(ic.of, c)
+	delete(ic.idle[src], c)
+	if len(ic.idle[src]) == 0 {
+		delete(ic.idle, src)
+	}
+}

@@ -53,7 +53,10 @@ const (
 	// than clusterRegistrationsPerSecond.
 	// reasonHelloEvicted: the pending hellos were at MaxPendingHellos; the
 	// oldest of the source holding the most was closed for a new one.
-	reasonHelloEvicted       = "hello_evicted"
+	reasonHelloEvicted = "hello_evicted"
+	// reasonTooManyIdleConns: a source held MaxIdleConnsPerSource idle
+	// keep-alive connections already; the newest idle one was closed.
+	reasonTooManyIdleConns   = "too_many_idle_conns"
 	reasonTooManySessions    = "too_many_sessions"
 	reasonClusterRateLimited = "cluster_rate_limited"
 )

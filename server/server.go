@@ -47,6 +47,8 @@ type Server struct {
 	hellos  *helloGate
 	// srcStreams counts each source's streams per host name.
 	srcStreams *sourceStreams
+	// idle counts each source's idle keep-alive connections.
+	idle *idleConns
 	// clusterRegs rate-limits each cluster's registrations.
 	clusterRegs *failLimiter
 	upgrader    websocket.Upgrader
@@ -110,6 +112,7 @@ func New(cfg Config) (*Server, error) {
 		hellos:      newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
 		srcStreams:  newSourceStreams(cfg.MaxStreamsPerSource),
 		clusterRegs: newFailLimiter(clusterRegistrationsPerSecond, clusterRegistrationBurst),
+		idle:        newIdleConns(cfg.MaxIdleConnsPerSource),
 		// Sized for many idle tunnels; see tunnel.NewUpgrader.
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},

@@ -67,6 +67,7 @@ func serve(args []string) error {
 	fs.DurationVar(&cfg.StreamTimeout, "stream-timeout", server.DefaultStreamTimeout, "How long an agent may take to answer a new stream.")
 	maxStreams := fs.Uint("max-streams-per-tunnel", server.DefaultMaxStreamsPerTunnel, "The most concurrent streams one agent is asked to carry.")
 	fs.IntVar(&cfg.MaxStreamsPerSource, "max-streams-per-source", server.DefaultMaxStreamsPerSource, "The most concurrent streams one source address (an IPv6 /64) may have open to one host name.")
+	fs.IntVar(&cfg.MaxIdleConnsPerSource, "max-idle-conns-per-source", server.DefaultMaxIdleConnsPerSource, "The most idle keep-alive connections one source address (an IPv6 /64) may keep open to the relay.")
 	fs.DurationVar(&cfg.WriteStallTimeout, "write-stall-timeout", server.DefaultWriteStallTimeout, "Cut a public connection, or a stream of one, whose client takes no data for this long.")
 	fs.IntVar(&cfg.MaxSessionsPerCluster, "max-sessions-per-cluster", server.DefaultMaxSessionsPerCluster, "The most tunnels (agent replicas) one cluster may have connected at once.")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", server.DefaultDrainTimeout, "On SIGTERM, how long connections in flight may take to finish.")
