@@ -115,11 +115,13 @@ func startLoad(c *http.Client, url string) *load {
 		defer close(l.done)
 		tick := time.NewTicker(25 * time.Millisecond)
 		defer tick.Stop()
-		for {
-			select {
-			case <-l.stop:
-				return
-			case <-tick.C:
+		for first := true; ; first = false {
+			if !first {
+				select {
+				case <-l.stop:
+					return
+				case <-tick.C:
+				}
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, l.url, nil)
@@ -149,11 +151,23 @@ func startLoad(c *http.Client, url string) *load {
 	return l
 }
 
-func (l *load) end() { close(l.stop); <-l.done }
+// end stops the load once it has made at least 5 requests (so that every
+// attack, however quick, ran alongside some).
+func (l *load) end() {
+	deadline := time.Now().Add(10 * time.Second)
+	for l.ok.Load()+l.failed.Load() < 5 && time.Now().Before(deadline) {
+		time.Sleep(25 * time.Millisecond) // the load's own pace
+	}
+	close(l.stop)
+	<-l.done
+}
 
 func (l *load) String() string {
 	l.firstErrMu.Lock()
 	defer l.firstErrMu.Unlock()
+	if l.firstErr == nil {
+		return fmt.Sprintf("%d ok, %d failed", l.ok.Load(), l.failed.Load())
+	}
 	return fmt.Sprintf("%d ok, %d failed (first error: %v)", l.ok.Load(), l.failed.Load(), l.firstErr)
 }
 
