@@ -100,6 +100,21 @@ func (r *registry) heldByOtherLocked(routes map[string]tunnel.Mode, clusterUID s
 // errLabelHeld is returned by add when another cluster serves a label.
 var errLabelHeld = errors.New("host name is served by another cluster")
 
+// clusterFull reports whether a new session of agentID would take the
+// cluster over max sessions (a reconnect of a registered agent id would
+// not: it replaces its old session).
+func (r *registry) clusterFull(clusterUID, agentID string, max int) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if max <= 0 {
+		return false
+	}
+	if _, ok := r.byAgent[clusterUID+"/"+agentID]; ok {
+		return false
+	}
+	return r.perCluster[clusterUID] >= max
+}
+
 // errTooManySessions is returned by add when the cluster has its
 // maximum of sessions (agent replicas) already.
 var errTooManySessions = errors.New("too many sessions for the cluster")

@@ -231,3 +231,21 @@ func (r refusingTunnel) RoundTrip(*http.Request) (*http.Response, error) {
 	return &http.Response{StatusCode: http.StatusBadGateway, Status: "502 Bad Gateway", Header: http.Header{},
 		Body: io.NopCloser(strings.NewReader(""))}, nil
 }
+
+func TestRegistrySessionsPerCluster(t *testing.T) {
+	r := newRegistry()
+	_, err := r.add(fakeSession(t, "A", "1", "a"), 2)
+	require.NoError(t, err)
+	_, err = r.add(fakeSession(t, "A", "2", "a"), 2)
+	require.NoError(t, err)
+	assert.True(t, r.clusterFull("A", "3", 2))
+	_, err = r.add(fakeSession(t, "A", "3", "a"), 2)
+	assert.ErrorIs(t, err, errTooManySessions)
+	assert.False(t, r.clusterFull("A", "1", 2), "a reconnect replaces")
+	old, err := r.add(fakeSession(t, "A", "1", "a"), 2)
+	require.NoError(t, err)
+	require.NotNil(t, old)
+	r.remove(old) // harmless
+	assert.True(t, r.clusterFull("A", "3", 2))
+	assert.False(t, r.clusterFull("B", "1", 2), "another cluster")
+}

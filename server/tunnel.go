@@ -56,6 +56,12 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.clusterRegs.fail(claims.ClusterUID) // spends one
+	if s.reg.clusterFull(claims.ClusterUID, agentID, s.cfg.MaxSessionsPerCluster) {
+		s.refuse(reasonTooManySessions, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote, "max", s.cfg.MaxSessionsPerCluster)
+		s.retryLater(w, http.StatusTooManyRequests, 5+rand.IntN(10),
+			fmt.Sprintf("cluster %s has %d tunnels connected already", claims.ClusterUID, s.cfg.MaxSessionsPerCluster))
+		return
+	}
 	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
 		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
 			fmt.Sprintf("host name %s is served by another cluster's agent", hostname.Host(label, s.cfg.Domain)), remote)
@@ -78,7 +84,8 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	result := "accepted"
 	old, err := s.reg.add(sess, s.cfg.MaxSessionsPerCluster)
 	if errors.Is(err, errTooManySessions) {
-		// Upgraded already: the agent sees the tunnel close and backs off.
+		// Filled up since the check above; upgraded already, so the
+		// agent sees the tunnel close and backs off.
 		s.refuse(reasonTooManySessions, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote, "max", s.cfg.MaxSessionsPerCluster)
 		sess.close()
 		return
