@@ -694,8 +694,8 @@ func TestAbuseSessionsPerCluster(t *testing.T) {
 	otherTok, _ := r.issue(t, "other", "", time.Hour)
 	startAgent(t, r, client.Config{ClusterUID: "other", TokenFile: otherTok, Mode: tunnel.Terminate, APIServer: be.srv.URL, APIServerCAFile: be.caFile}).waitReady(t)
 	figure(t, fmt.Sprintf("%d registrations of one token under new agent ids", n),
-		fmt.Sprintf("before (issue 11): over 1000 sessions in 5s; now %d sessions at most (max %d), %d upgraded then closed (too_many_sessions: %.0f), %d turned away with 429 (cluster_rate_limited: %.0f) in %v; another cluster registered",
-			sessions, maxSessions, upgraded, m[refusals("too_many_sessions")], limited, m[refusals("cluster_rate_limited")], took.Round(time.Millisecond)),
+		fmt.Sprintf("before (issue 11): over 1000 sessions in 5s; now %d sessions at most (max %d): %d upgraded, %d turned away with 429 (too_many_sessions: %.0f, cluster_rate_limited: %.0f) in %v; another cluster registered",
+			sessions, maxSessions, upgraded, limited, m[refusals("too_many_sessions")], m[refusals("cluster_rate_limited")], took.Round(time.Millisecond)),
 		fmt.Sprintf("<= %d sessions per cluster", maxSessions))
 }
 
