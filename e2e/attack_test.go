@@ -300,6 +300,9 @@ func TestAbuseUserDrivesTunnelProtocol(t *testing.T) {
 	tc, err := tls.Dial("tcp", sc.r.addr, &tls.Config{ServerName: sc.victimDash, RootCAs: roots, NextProtos: []string{"h2"}})
 	require.NoError(t, err)
 	defer tc.Close()
+	// x/net's client sends a CONNECT with any :authority on a conn of
+	// our choosing, as an attacker's client would.
+	//lint:ignore SA1019 x/net/http2 is what the tunnel itself uses (see internal/tunnel/relay.go)
 	cc, err := (&http2.Transport{}).NewClientConn(tc)
 	require.NoError(t, err)
 	raw := io.MultiReader(strings.NewReader("GET /small HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Forwarded-For: 6.6.6.6\r\nX-Big: "),
