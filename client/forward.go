@@ -83,13 +83,14 @@ func buildRoutes(cfg *Config) (map[string]*route, error) {
 
 func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 	tr := &http.Transport{
-		DialContext:           r.dialer.DialContext,
-		TLSClientConfig:       r.tlsConf,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConnsPerHost:   64,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   cfg.DialTimeout,
-		ResponseHeaderTimeout: 0, // watches answer headers at once, but long polls may not
+		DialContext:            r.dialer.DialContext,
+		TLSClientConfig:        r.tlsConf,
+		ForceAttemptHTTP2:      true,
+		MaxIdleConnsPerHost:    64,
+		IdleConnTimeout:        90 * time.Second,
+		TLSHandshakeTimeout:    cfg.DialTimeout,
+		ResponseHeaderTimeout:  0, // watches answer headers at once, but long polls may not
+		MaxResponseHeaderBytes: tunnel.MaxResponseHeaderBytes,
 	}
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -97,7 +98,7 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 			// Keep the public host name: dashboards build redirects and
 			// cookies from it, and the API server does not care.
 			pr.Out.Host = pr.In.Host
-			pr.Out.Header.Del(tunnel.HeaderRoute)
+			tunnel.StripInternal(pr.Out.Header)
 			// SetXForwarded is not called: the relay already set the
 			// X-Forwarded-* headers for the real client, and Rewrite
 			// starts without them. X-Forwarded-Proto matters most: a
@@ -140,6 +141,12 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 			}
 			c.serveTCP(w, r, rt)
 		case tunnel.StreamUpgrade:
+			// Upgrades are HTTP: only a route whose TLS the relay
+			// terminates sends them.
+			if rt.mode != tunnel.Terminate {
+				tunnel.RefuseStream(w, http.StatusForbidden, "route "+rt.label+" is not terminate")
+				return
+			}
 			c.serveUpgrade(w, r, rt)
 		default:
 			tunnel.RefuseStream(w, http.StatusBadRequest, "unknown stream kind")
@@ -149,6 +156,10 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 	rt, ok := c.routes[r.Header.Get(tunnel.HeaderRoute)]
 	if !ok {
 		kubestatus.Write(w, http.StatusNotFound, "NotFound", "spectro-proxy agent has no route "+r.Header.Get(tunnel.HeaderRoute))
+		return
+	}
+	if rt.mode != tunnel.Terminate {
+		kubestatus.Write(w, http.StatusForbidden, "Forbidden", "spectro-proxy agent: route "+rt.label+" is not terminate")
 		return
 	}
 	rt.proxy.ServeHTTP(w, r)
@@ -177,12 +188,19 @@ func (c *Client) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route)
 	if err != nil {
 		return
 	}
-	br := bufio.NewReader(r.Body)
+	// Bounded: the request line and headers are a user's bytes.
+	lim := &tunnel.HeaderLimitReader{R: r.Body, N: tunnel.MaxUpgradeRequestHeaderBytes}
+	br := bufio.NewReader(lim)
 	req, err := http.ReadRequest(br)
 	if err != nil {
-		c.log.Warn("reading upgrade request", "host", rt.label, "error", err)
+		reason := "bad_request"
+		if tunnel.IsHeaderTooLarge(err) {
+			reason = "headers_too_large"
+		}
+		c.log.Warn("reading upgrade request", "host", rt.label, "reason", reason, "limit_bytes", tunnel.MaxUpgradeRequestHeaderBytes, "error", err)
 		return
 	}
+	lim.Lift()
 	ctx, cancel := context.WithTimeout(r.Context(), c.cfg.DialTimeout)
 	target, err := c.dialTarget(ctx, rt)
 	cancel()
@@ -197,7 +215,7 @@ func (c *Client) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route)
 		_, _ = st.Write([]byte(msg))
 		return
 	}
-	req.Header.Del(tunnel.HeaderRoute)
+	tunnel.StripInternal(req.Header)
 	if err := req.Write(target); err != nil {
 		target.Close()
 		return

@@ -159,6 +159,8 @@ func TestShippedBinaries(t *testing.T) {
 
 func TestCLIErrors(t *testing.T) {
 	srvBin, cliBin := binaries(t)
+	keyDir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(keyDir, "signing.key"), []byte(strings.Repeat("ab", 32)), 0o600))
 	tests := []struct {
 		name string
 		bin  string
@@ -168,6 +170,7 @@ func TestCLIErrors(t *testing.T) {
 		{"relay without domain", srvBin, []string{"--state-dir", t.TempDir()}, "domain is required"},
 		{"token issue without key", srvBin, []string{"token", "issue", "--cluster-uid", "x"}, "--signing-key-file or --state-dir is required"},
 		{"token issue without uid", srvBin, []string{"token", "issue", "--state-dir", t.TempDir()}, "reading signing key"},
+		{"token issue with a negative ttl", srvBin, []string{"token", "issue", "--cluster-uid", "x", "--ttl", "-1h", "--state-dir", keyDir}, "is negative"},
 		{"unknown token command", srvBin, []string{"token", "mint"}, `unknown token command "mint"`},
 		{"agent without server", cliBin, []string{"--cluster-uid", "x", "--api-server", "https://127.0.0.1:1"}, "server is required"},
 		{"agent bad mode", cliBin, []string{"--server", "p.test", "--cluster-uid", "x", "--api-server", "https://127.0.0.1:1", "--mode", "tcp"}, "unknown mode"},

@@ -29,6 +29,9 @@ type Config struct {
 	SigningKeyFile string
 	// RevocationFile lists revoked token ids (see token.Revocations).
 	RevocationFile string
+	// RevocationInterval is how often live sessions are checked against
+	// the revocation file: revoking a token ends its sessions within it.
+	RevocationInterval time.Duration
 
 	// HelloTimeout bounds how long a new connection may take to send its
 	// ClientHello, so idle sockets cannot pile up before routing.
@@ -49,6 +52,24 @@ type Config struct {
 	StreamTimeout time.Duration
 	// MaxStreamsPerTunnel caps concurrent streams one agent must serve.
 	MaxStreamsPerTunnel uint32
+	// MaxStreamsPerSource caps the concurrent streams (passthrough
+	// connections, requests, upgrades) one source address (an IPv6 /64)
+	// has open to one host name, so one source cannot take a cluster's
+	// slots, nor pin more than this many stream windows of relay memory.
+	MaxStreamsPerSource int
+	// MaxIdleConnsPerSource caps the idle keep-alive connections one
+	// source address (an IPv6 /64) keeps open to the relay's terminated
+	// side; past it, a connection that goes idle is closed.
+	MaxIdleConnsPerSource int
+	// WriteStallTimeout cuts a public connection, or a stream of one,
+	// whose client has not taken a write for this long (a client that
+	// never reads would otherwise pin its stream's buffered data, and
+	// the tunnel's flow-control window with it).
+	WriteStallTimeout time.Duration
+	// MaxSessionsPerCluster caps the sessions (agent replicas) one cluster
+	// has at once; a reconnect under the same agent id replaces its old
+	// session and does not count twice.
+	MaxSessionsPerCluster int
 	// DrainTimeout bounds how long shutdown waits for connections in flight.
 	DrainTimeout time.Duration
 	// ShutdownDelay keeps the listener accepting for this long after the
@@ -84,6 +105,11 @@ const (
 	DefaultAuthFailureBurst          = 10
 	DefaultStreamTimeout             = 10 * time.Second
 	DefaultMaxStreamsPerTunnel       = 1000
+	DefaultMaxStreamsPerSource       = 32
+	DefaultWriteStallTimeout         = 30 * time.Second
+	DefaultRevocationInterval        = 10 * time.Second
+	DefaultMaxSessionsPerCluster     = 16
+	DefaultMaxIdleConnsPerSource     = 256
 	DefaultDrainTimeout              = 25 * time.Second
 	DefaultRegistrationsPerSecond    = 200
 	// StateSigningKey is the signing key's name in the state dir.
@@ -106,6 +132,17 @@ func (c Config) withDefaults() Config {
 	def(&c.RequestHeaderTimeout, DefaultRequestHeaderTimeout)
 	def(&c.StreamTimeout, DefaultStreamTimeout)
 	def(&c.DrainTimeout, DefaultDrainTimeout)
+	def(&c.WriteStallTimeout, DefaultWriteStallTimeout)
+	def(&c.RevocationInterval, DefaultRevocationInterval)
+	if c.MaxIdleConnsPerSource == 0 {
+		c.MaxIdleConnsPerSource = DefaultMaxIdleConnsPerSource
+	}
+	if c.MaxSessionsPerCluster == 0 {
+		c.MaxSessionsPerCluster = DefaultMaxSessionsPerCluster
+	}
+	if c.MaxStreamsPerSource == 0 {
+		c.MaxStreamsPerSource = DefaultMaxStreamsPerSource
+	}
 	if c.MaxPendingHellos == 0 {
 		c.MaxPendingHellos = DefaultMaxPendingHellos
 	}
@@ -158,11 +195,11 @@ func (c *Config) Validate() error {
 	if c.SigningKeyFile == "" && c.StateDir == "" {
 		return errors.New("signing-key-file is required (or state-dir, which keeps one)")
 	}
-	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 || c.RequestHeaderTimeout < 0 {
+	if c.Liveness.ReadIdle < 0 || c.Liveness.Ping < 0 || c.HelloTimeout < 0 || c.StreamTimeout < 0 || c.DrainTimeout < 0 || c.RequestHeaderTimeout < 0 || c.WriteStallTimeout < 0 || c.RevocationInterval < 0 {
 		return errors.New("timeouts must not be negative")
 	}
 	if c.MaxPendingHellos < 0 || c.MaxPendingHellosPerSource < 0 || c.MaxHeaderBytes < 0 || c.AuthFailureBurst < 0 ||
-		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 {
+		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 || c.MaxStreamsPerSource < 0 || c.MaxSessionsPerCluster < 0 || c.MaxIdleConnsPerSource < 0 {
 		return errors.New("limits must not be negative")
 	}
 	return nil

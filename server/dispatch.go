@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
@@ -23,15 +24,23 @@ import (
 
 // handleConn routes one public connection by its server name.
 func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
+	conn = &stallConn{Conn: conn, d: s.cfg.WriteStallTimeout}
 	remote := conn.RemoteAddr().String()
 	src := sourceOf(remote)
-	if !s.hellos.enter(src) {
+	entry, evicted, ok := s.hellos.enter(src, conn)
+	if !ok {
 		s.refuse(reasonTooManyHellos, "remote", remote)
 		conn.Close()
 		return
 	}
+	if evicted != "" {
+		s.refuse(reasonHelloEvicted, "source", evicted, "for", remote)
+	}
 	name, pc, err := sni.Peek(conn, s.cfg.HelloTimeout)
-	s.hellos.leave(src)
+	if s.hellos.leave(entry) {
+		conn.Close() // evicted: counted above
+		return
+	}
 	if err != nil {
 		reason := reasonNotTLS
 		var ne net.Error
@@ -93,6 +102,14 @@ func (s *Server) handOff(c net.Conn) {
 // nothing usable at all (a failed TLS handshake, a bad request, a client
 // that only connected).
 func (s *Server) connState(c net.Conn, state http.ConnState) {
+	if state == http.StateIdle {
+		if !s.idle.enter(c, sourceOf(c.RemoteAddr().String())) {
+			s.refuse(reasonTooManyIdleConns, "remote", c.RemoteAddr().String(), "max", s.cfg.MaxIdleConnsPerSource)
+			c.Close()
+		}
+	} else {
+		s.idle.leave(c)
+	}
 	switch state {
 	case http.StateHijacked:
 		s.watched.Delete(c)
@@ -132,6 +149,13 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	}
 	name := hostname.Canonical(r.TLS.ServerName)
 	if name == s.cfg.Domain || name == "" {
+		// A cluster's host on a connection for the relay itself (or one
+		// without SNI) is misdirected too, not a 404 of the relay's API.
+		if host := strings.ToLower(stripPort(r.Host)); host != s.cfg.Domain && hostname.InDomain(host, s.cfg.Domain) {
+			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
+			http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+s.cfg.Domain, http.StatusMisdirectedRequest)
+			return
+		}
 		s.api.ServeHTTP(w, r)
 		return
 	}
@@ -175,6 +199,25 @@ func (w *watchedConn) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// stallConn cuts a connection whose peer takes no data for d: each write
+// must finish within d. Nothing else in the relay sets write deadlines on
+// public connections. (Passthrough streams, tunnels and HTTP/1 clients are
+// all covered here; streams of an HTTP/2 connection, which can stall one
+// at a time, by stallWriter.)
+type stallConn struct {
+	net.Conn
+	d time.Duration
+}
+
+func (c *stallConn) Write(p []byte) (int, error) {
+	_ = c.Conn.SetWriteDeadline(time.Now().Add(c.d))
+	n, err := c.Conn.Write(p)
+	_ = c.Conn.SetWriteDeadline(time.Time{})
+	return n, err
+}
+
+func (c *stallConn) CloseWrite() error { return tunnel.CloseWrite(c.Conn) }
 
 // connListener is a net.Listener fed by the SNI router.
 type connListener struct {

@@ -1,7 +1,9 @@
 package server
 
 import (
+	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -12,39 +14,101 @@ import (
 // total and per source address. Peeking costs a goroutine and a 16 KiB
 // buffer for up to HelloTimeout, so without a cap a slowloris holding
 // sockets open without a word could grow the relay without bound; the
-// per-source cap keeps one address from using up the total for everyone.
+// per-source cap keeps one address from using up the total. When the
+// total is reached anyway (many sources: one IPv6 /64 is many addresses,
+// though sourceOf counts it as one), a new connection is not refused:
+// the oldest pending hello of the source holding the most is closed to
+// make room, so a flood degrades itself rather than locking everyone out.
 type helloGate struct {
 	mu        sync.Mutex
 	total     int
-	perSource map[string]int
+	perSource map[string][]*helloEntry // oldest first
 	maxTotal  int
 	maxSource int
 }
 
+// helloEntry is one admitted connection.
+type helloEntry struct {
+	src     string
+	c       io.Closer
+	evicted bool
+}
+
 func newHelloGate(maxTotal, maxSource int) *helloGate {
-	return &helloGate{perSource: map[string]int{}, maxTotal: maxTotal, maxSource: maxSource}
+	return &helloGate{perSource: map[string][]*helloEntry{}, maxTotal: maxTotal, maxSource: maxSource}
 }
 
-// enter admits a connection from src, or says no at once.
-func (g *helloGate) enter(src string) bool {
+// enter admits c from src, or says no at once (src has its share). To
+// admit it past the total it closes another connection's hello and
+// reports that one's source as evicted ("" when none was).
+func (g *helloGate) enter(src string, c io.Closer) (e *helloEntry, evicted string, ok bool) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.total >= g.maxTotal || g.perSource[src] >= g.maxSource {
-		return false
+	if len(g.perSource[src]) >= g.maxSource {
+		g.mu.Unlock()
+		return nil, "", false
 	}
+	var victim *helloEntry
+	if g.total >= g.maxTotal {
+		victim = g.evictLocked()
+		if victim == nil {
+			g.mu.Unlock()
+			return nil, "", false
+		}
+	}
+	e = &helloEntry{src: src, c: c}
+	g.perSource[src] = append(g.perSource[src], e)
 	g.total++
-	g.perSource[src]++
-	return true
+	g.mu.Unlock()
+	if victim != nil {
+		victim.c.Close()
+		return e, victim.src, true
+	}
+	return e, "", true
 }
 
-// leave ends an admission; the map only holds sources with hellos pending,
-// so it is bounded by maxTotal.
-func (g *helloGate) leave(src string) {
+// evictLocked takes the oldest entry of the source with the most pending.
+func (g *helloGate) evictLocked() *helloEntry {
+	var most string
+	for src, list := range g.perSource {
+		if len(list) > len(g.perSource[most]) {
+			most = src
+		}
+	}
+	list := g.perSource[most]
+	if len(list) == 0 {
+		return nil
+	}
+	v := list[0]
+	v.evicted = true
+	g.removeLocked(v)
+	return v
+}
+
+// leave ends an admission (nothing if it was evicted); the map only holds
+// sources with hellos pending, so it is bounded by maxTotal.
+func (g *helloGate) leave(e *helloEntry) (wasEvicted bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.total--
-	if g.perSource[src]--; g.perSource[src] <= 0 {
-		delete(g.perSource, src)
+	if e.evicted {
+		return true
+	}
+	g.removeLocked(e)
+	return false
+}
+
+func (g *helloGate) removeLocked(e *helloEntry) {
+	list := g.perSource[e.src]
+	for i, x := range list {
+		if x == e {
+			list = append(list[:i:i], list[i+1:]...)
+			g.total--
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(g.perSource, e.src)
+	} else {
+		g.perSource[e.src] = list
 	}
 }
 
@@ -136,11 +200,101 @@ func (f *failLimiter) fail(src string) {
 	f.limiter(src, true).Allow()
 }
 
-// sourceOf is the address part of a remote address, the unit limits count.
+// sourceOf is the unit per-source limits count: the address of a remote
+// address, or for IPv6 its /64 (one subscriber's usual allocation, so one
+// attacker holds a whole /64 of addresses).
 func sourceOf(remote string) string {
 	host, _, err := net.SplitHostPort(remote)
 	if err != nil {
-		return remote
+		host = remote
 	}
-	return host
+	addr, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	addr = addr.Unmap()
+	if addr.Is6() {
+		p, _ := addr.Prefix(64)
+		return p.String()
+	}
+	return addr.String()
+}
+
+// sourceStreams counts the streams each source has open to each host
+// name, up to a cap.
+type sourceStreams struct {
+	mu  sync.Mutex
+	n   map[[2]string]int
+	max int
+}
+
+func newSourceStreams(max int) *sourceStreams {
+	return &sourceStreams{n: map[[2]string]int{}, max: max}
+}
+
+// enter takes a stream for src to label; release gives it back (once).
+func (s *sourceStreams) enter(src, label string) (release func(), ok bool) {
+	k := [2]string{src, label}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.n[k] >= s.max {
+		return nil, false
+	}
+	s.n[k]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.n[k]--; s.n[k] <= 0 {
+				delete(s.n, k)
+			}
+		})
+	}, true
+}
+
+// idleConns counts the idle keep-alive connections (HTTP/1 between
+// requests, HTTP/2 without streams) each source holds on the relay's
+// terminated side; past the cap the connection that just went idle is
+// closed, which a client takes as an ordinary keep-alive close. Busy
+// connections and hijacked ones (tunnels, upgrades) are not counted.
+type idleConns struct {
+	mu   sync.Mutex
+	idle map[string]map[net.Conn]struct{}
+	of   map[net.Conn]string
+	max  int
+}
+
+func newIdleConns(max int) *idleConns {
+	return &idleConns{idle: map[string]map[net.Conn]struct{}{}, of: map[net.Conn]string{}, max: max}
+}
+
+// enter marks c idle and reports whether its source may keep it so.
+func (ic *idleConns) enter(c net.Conn, src string) bool {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	if len(ic.idle[src]) >= ic.max {
+		return false
+	}
+	if ic.idle[src] == nil {
+		ic.idle[src] = map[net.Conn]struct{}{}
+	}
+	ic.idle[src][c] = struct{}{}
+	ic.of[c] = src
+	return true
+}
+
+// leave marks c busy, hijacked or closed.
+func (ic *idleConns) leave(c net.Conn) {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	src, ok := ic.of[c]
+	if !ok {
+		return
+	}
+	delete(ic.of, c)
+	delete(ic.idle[src], c)
+	if len(ic.idle[src]) == 0 {
+		delete(ic.idle, src)
+	}
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -10,49 +11,69 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+type fakeCloser struct{ closed bool }
+
+func (f *fakeCloser) Close() error { f.closed = true; return nil }
+
 func TestHelloGate(t *testing.T) {
 	type op struct {
-		enter bool // else leave
-		src   string
-		want  bool // enter's answer
+		enter       bool // else leave the i-th entry
+		src         string
+		i           int
+		want        bool   // enter's answer
+		wantEvicted string // the source enter evicted
 	}
 	in := func(src string, want bool) op { return op{enter: true, src: src, want: want} }
-	out := func(src string) op { return op{src: src} }
+	evict := func(src, victim string) op { return op{enter: true, src: src, want: true, wantEvicted: victim} }
+	out := func(i int) op { return op{i: i} }
 	tests := []struct {
 		name            string
 		total, perSrc   int
 		ops             []op
 		wantPending     int
 		wantSourcesHeld int
+		wantClosed      []int // entries closed by eviction
 	}{
 		{name: "admits up to the per-source cap", total: 10, perSrc: 2,
 			ops:         []op{in("a", true), in("a", true), in("a", false), in("b", true)},
 			wantPending: 3, wantSourcesHeld: 2},
-		{name: "admits up to the total cap", total: 2, perSrc: 2,
-			ops:         []op{in("a", true), in("b", true), in("c", false)},
-			wantPending: 2, wantSourcesHeld: 2},
+		{name: "past the total, the oldest of the biggest source makes room", total: 3, perSrc: 3,
+			ops:         []op{in("a", true), in("a", true), in("b", true), evict("c", "a")},
+			wantPending: 3, wantSourcesHeld: 3, wantClosed: []int{0}},
 		{name: "leaving frees a place", total: 1, perSrc: 1,
-			ops:         []op{in("a", true), in("b", false), out("a"), in("b", true)},
+			ops:         []op{in("a", true), out(0), in("b", true)},
 			wantPending: 1, wantSourcesHeld: 1},
 		{name: "a source with nothing pending is forgotten", total: 4, perSrc: 2,
-			ops:         []op{in("a", true), in("a", true), out("a"), out("a")},
+			ops:         []op{in("a", true), in("a", true), out(0), out(1)},
 			wantPending: 0, wantSourcesHeld: 0},
-		{name: "a refused source does not count", total: 1, perSrc: 1,
-			ops:         []op{in("a", true), in("b", false)},
-			wantPending: 1, wantSourcesHeld: 1},
+		{name: "an evicted entry leaving changes nothing", total: 1, perSrc: 1,
+			ops:         []op{in("a", true), evict("b", "a"), out(0)},
+			wantPending: 1, wantSourcesHeld: 1, wantClosed: []int{0}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			g := newHelloGate(tc.total, tc.perSrc)
+			var entries []*helloEntry
+			var closers []*fakeCloser
 			for i, o := range tc.ops {
-				if o.enter {
-					assert.Equal(t, o.want, g.enter(o.src), "op %d: enter(%s)", i, o.src)
-				} else {
-					g.leave(o.src)
+				if !o.enter {
+					g.leave(entries[o.i])
+					continue
+				}
+				c := &fakeCloser{}
+				e, evicted, ok := g.enter(o.src, c)
+				assert.Equal(t, o.want, ok, "op %d: enter(%s)", i, o.src)
+				assert.Equal(t, o.wantEvicted, evicted, "op %d: evicted", i)
+				if ok {
+					entries = append(entries, e)
+					closers = append(closers, c)
 				}
 			}
 			assert.Equal(t, tc.wantPending, g.total)
 			assert.Len(t, g.perSource, tc.wantSourcesHeld)
+			for i, c := range closers {
+				assert.Equal(t, slices.Contains(tc.wantClosed, i), c.closed, "entry %d closed", i)
+			}
 		})
 	}
 }
@@ -121,11 +142,35 @@ func TestFailLimiterBoundedSources(t *testing.T) {
 }
 
 func TestSourceOf(t *testing.T) {
-	for in, want := range map[string]string{
-		"127.0.0.1:443":  "127.0.0.1",
-		"[::1]:8443":     "::1",
-		"not-a-hostport": "not-a-hostport",
+	for _, tc := range []struct{ remote, want string }{
+		{"192.0.2.7:443", "192.0.2.7"},
+		{"[2001:db8:1:2:3:4:5:6]:443", "2001:db8:1:2::/64"},
+		{"[2001:db8:1:2:ffff::1]:9", "2001:db8:1:2::/64"},
+		{"[::ffff:192.0.2.7]:443", "192.0.2.7"},
+		{"127.0.0.1:443", "127.0.0.1"},
+		{"[::1]:8443", "::/64"},
+		{"not-a-hostport", "not-a-hostport"},
 	} {
-		assert.Equal(t, want, sourceOf(in), in)
+		assert.Equal(t, tc.want, sourceOf(tc.remote), tc.remote)
 	}
+}
+
+func TestSourceStreams(t *testing.T) {
+	s := newSourceStreams(2)
+	r1, ok := s.enter("a", "x")
+	require.True(t, ok)
+	_, ok = s.enter("a", "x")
+	require.True(t, ok)
+	_, ok = s.enter("a", "x")
+	assert.False(t, ok, "third from one source")
+	_, ok = s.enter("b", "x")
+	assert.True(t, ok, "another source")
+	_, ok = s.enter("a", "y")
+	assert.True(t, ok, "another host name")
+	r1()
+	r1() // twice is once
+	_, ok = s.enter("a", "x")
+	assert.True(t, ok)
+	_, ok = s.enter("a", "x")
+	assert.False(t, ok)
 }

@@ -29,6 +29,36 @@ const (
 	reasonHeadersTooLarge  = "headers_too_large"
 	reasonNoRequest        = "no_request"
 	reasonMessageTooLarge  = "message_too_large"
+	// reasonMethodNotAllowed: CONNECT (the tunnel's own stream protocol)
+	// or another method no terminate-mode route serves.
+	reasonMethodNotAllowed = "method_not_allowed"
+	// reasonUpstreamHeadersTooLarge: a target's answer had a header
+	// section over the relay's bound; that stream was closed.
+	reasonUpstreamHeadersTooLarge = "upstream_headers_too_large"
+	// reasonUpgradeMismatch: a target answered 101 with another
+	// protocol than the request's Upgrade.
+	reasonUpgradeMismatch = "upgrade_mismatch"
+	// reasonTooManyStreamsFromSource: one source address (IPv6 /64) has
+	// MaxStreamsPerSource streams open to the host name already.
+	reasonTooManyStreamsFromSource = "too_many_streams_from_source"
+	// reasonWriteStall: a passthrough client took no data for
+	// WriteStallTimeout; its stream was cut.
+	reasonWriteStall = "write_stall"
+	// reasonSessionRevoked and reasonSessionExpired: a live tunnel ended
+	// because its token was revoked or expired.
+	reasonSessionRevoked = "session_revoked"
+	reasonSessionExpired = "session_expired"
+	// reasonTooManySessions: the cluster has MaxSessionsPerCluster
+	// sessions; reasonClusterRateLimited: its registrations came faster
+	// than clusterRegistrationsPerSecond.
+	// reasonHelloEvicted: the pending hellos were at MaxPendingHellos; the
+	// oldest of the source holding the most was closed for a new one.
+	reasonHelloEvicted = "hello_evicted"
+	// reasonTooManyIdleConns: a source held MaxIdleConnsPerSource idle
+	// keep-alive connections already; the newest idle one was closed.
+	reasonTooManyIdleConns   = "too_many_idle_conns"
+	reasonTooManySessions    = "too_many_sessions"
+	reasonClusterRateLimited = "cluster_rate_limited"
 )
 
 // metrics lives in a registry of its own (no global state), so several

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"os"
 
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -11,6 +12,14 @@ import (
 // passthrough carries a raw TLS connection to the agent serving label.
 func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, cands []*session) {
 	remote := c.RemoteAddr().String()
+	release, ok := s.srcStreams.enter(sourceOf(remote), label)
+	if !ok {
+		s.refuse(reasonTooManyStreamsFromSource, "host", label, "remote", remote, "max", s.cfg.MaxStreamsPerSource)
+		_ = sni.WriteAlert(c, sni.AlertInternalError)
+		c.Close()
+		return
+	}
+	defer release()
 	st, err := s.openStream(ctx, label, tunnel.StreamTCP, cands)
 	if err != nil {
 		reason := reasonStreamFailed
@@ -29,6 +38,10 @@ func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, can
 	s.m.streams.WithLabelValues("passthrough").Inc()
 	defer s.m.streams.WithLabelValues("passthrough").Dec()
 	up, down, err := tunnel.Join(c, st)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// The client took nothing for WriteStallTimeout (see stallConn).
+		s.refuse(reasonWriteStall, "host", label, "remote", remote, "timeout", s.cfg.WriteStallTimeout.String())
+	}
 	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
 	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
 	s.log.Debug("passthrough closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)

@@ -17,11 +17,13 @@ type session struct {
 	agentID    string
 	clusterUID string
 	tokenID    string
-	routes     map[string]tunnel.Mode
-	remote     string
-	since      time.Time
-	cc         tunnelClient
-	conn       net.Conn
+	// expires is the token's expiry (zero: never); the session ends then.
+	expires time.Time
+	routes  map[string]tunnel.Mode
+	remote  string
+	since   time.Time
+	cc      tunnelClient
+	conn    net.Conn
 	// streams counts streams open on the tunnel, capped at maxStreams
 	// (MaxStreamsPerTunnel) so that one busy or abused host name cannot
 	// make its agent carry without limit.
@@ -57,6 +59,8 @@ type registry struct {
 	// is away gets "agent not connected" rather than "unknown host".
 	seen map[string]tunnel.Mode
 	next map[string]int
+	// perCluster counts each cluster's sessions.
+	perCluster map[string]int
 }
 
 func newRegistry() *registry {
@@ -65,6 +69,8 @@ func newRegistry() *registry {
 		byAgent: map[string]*session{},
 		seen:    map[string]tunnel.Mode{},
 		next:    map[string]int{},
+
+		perCluster: map[string]int{},
 	}
 }
 
@@ -94,17 +100,43 @@ func (r *registry) heldByOtherLocked(routes map[string]tunnel.Mode, clusterUID s
 // errLabelHeld is returned by add when another cluster serves a label.
 var errLabelHeld = errors.New("host name is served by another cluster")
 
-// add registers s and returns the session it replaced, if any.
-func (r *registry) add(s *session) (replaced *session, err error) {
+// clusterFull reports whether a new session of agentID would take the
+// cluster over max sessions (a reconnect of a registered agent id would
+// not: it replaces its old session).
+func (r *registry) clusterFull(clusterUID, agentID string, max int) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if max <= 0 {
+		return false
+	}
+	if _, ok := r.byAgent[clusterUID+"/"+agentID]; ok {
+		return false
+	}
+	return r.perCluster[clusterUID] >= max
+}
+
+// errTooManySessions is returned by add when the cluster has its
+// maximum of sessions (agent replicas) already.
+var errTooManySessions = errors.New("too many sessions for the cluster")
+
+// add registers s and returns the session it replaced, if any. A cluster
+// has at most maxPerCluster sessions (0: no limit); a session replacing
+// one of the same agent id does not count twice.
+func (r *registry) add(s *session, maxPerCluster int) (replaced *session, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if label := r.heldByOtherLocked(s.routes, s.clusterUID); label != "" {
 		return nil, fmt.Errorf("%s: %w", label, errLabelHeld)
 	}
-	if old, ok := r.byAgent[agentKey(s)]; ok {
+	old, ok := r.byAgent[agentKey(s)]
+	if !ok && maxPerCluster > 0 && r.perCluster[s.clusterUID] >= maxPerCluster {
+		return nil, fmt.Errorf("cluster %s has %d: %w", s.clusterUID, maxPerCluster, errTooManySessions)
+	}
+	if ok {
 		r.removeLocked(old)
 		replaced = old
 	}
+	r.perCluster[s.clusterUID]++
 	r.byAgent[agentKey(s)] = s
 	for label, mode := range s.routes {
 		r.byLabel[label] = append(r.byLabel[label], s)
@@ -122,8 +154,12 @@ func (r *registry) remove(s *session) {
 }
 
 func (r *registry) removeLocked(s *session) {
-	if r.byAgent[agentKey(s)] == s {
-		delete(r.byAgent, agentKey(s))
+	if r.byAgent[agentKey(s)] != s {
+		return // removed already, or replaced (which removed it)
+	}
+	delete(r.byAgent, agentKey(s))
+	if r.perCluster[s.clusterUID]--; r.perCluster[s.clusterUID] <= 0 {
+		delete(r.perCluster, s.clusterUID)
 	}
 	for label := range s.routes {
 		list := r.byLabel[label]

@@ -107,7 +107,7 @@ func TestRegistry(t *testing.T) {
 				s := sessions[st.sess]
 				switch st.op {
 				case "add":
-					old, err := r.add(s)
+					old, err := r.add(s, 0)
 					require.ErrorIs(t, err, st.wantErr)
 					if st.replace != "" {
 						assert.Same(t, sessions[st.replace], old)
@@ -135,7 +135,7 @@ func TestRegistry(t *testing.T) {
 func TestRegistryRoundRobin(t *testing.T) {
 	r := newRegistry()
 	for _, id := range []string{"1", "2", "3"} {
-		_, err := r.add(fakeSession(t, "A", id, "a"))
+		_, err := r.add(fakeSession(t, "A", id, "a"), 0)
 		require.NoError(t, err)
 	}
 	var firsts []string
@@ -149,7 +149,7 @@ func TestRegistryRoundRobin(t *testing.T) {
 
 func TestRegistryHeldByOther(t *testing.T) {
 	r := newRegistry()
-	_, err := r.add(fakeSession(t, "A", "1", "a"))
+	_, err := r.add(fakeSession(t, "A", "1", "a"), 0)
 	require.NoError(t, err)
 	assert.Equal(t, "a", r.heldByOther(map[string]tunnel.Mode{"a": tunnel.Terminate}, "B"))
 	assert.Equal(t, "", r.heldByOther(map[string]tunnel.Mode{"a": tunnel.Terminate}, "A"), "the cluster's own replicas may join")
@@ -230,4 +230,22 @@ func (r refusingTunnel) RoundTrip(*http.Request) (*http.Response, error) {
 	r.opened++
 	return &http.Response{StatusCode: http.StatusBadGateway, Status: "502 Bad Gateway", Header: http.Header{},
 		Body: io.NopCloser(strings.NewReader(""))}, nil
+}
+
+func TestRegistrySessionsPerCluster(t *testing.T) {
+	r := newRegistry()
+	_, err := r.add(fakeSession(t, "A", "1", "a"), 2)
+	require.NoError(t, err)
+	_, err = r.add(fakeSession(t, "A", "2", "a"), 2)
+	require.NoError(t, err)
+	assert.True(t, r.clusterFull("A", "3", 2))
+	_, err = r.add(fakeSession(t, "A", "3", "a"), 2)
+	assert.ErrorIs(t, err, errTooManySessions)
+	assert.False(t, r.clusterFull("A", "1", 2), "a reconnect replaces")
+	old, err := r.add(fakeSession(t, "A", "1", "a"), 2)
+	require.NoError(t, err)
+	require.NotNil(t, old)
+	r.remove(old) // harmless
+	assert.True(t, r.clusterFull("A", "3", 2))
+	assert.False(t, r.clusterFull("B", "1", 2), "another cluster")
 }

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 
 	"github.com/spectroproxy/spectro-proxy/internal/token"
@@ -34,17 +35,23 @@ import (
 
 // Server is the relay.
 type Server struct {
-	cfg      Config
-	log      *slog.Logger
-	tlsConf  *tls.Config
-	tokens   *token.Verifier
-	relay    *tunnel.RelayTransport // the HTTP/2 client side of every tunnel
-	reg      *registry
-	m        *metrics
-	limiter  *rate.Limiter
-	fails    *failLimiter
-	hellos   *helloGate
-	upgrader websocket.Upgrader
+	cfg     Config
+	log     *slog.Logger
+	tlsConf *tls.Config
+	tokens  *token.Verifier
+	relay   *tunnel.RelayTransport // the HTTP/2 client side of every tunnel
+	reg     *registry
+	m       *metrics
+	limiter *rate.Limiter
+	fails   *failLimiter
+	hellos  *helloGate
+	// srcStreams counts each source's streams per host name.
+	srcStreams *sourceStreams
+	// idle counts each source's idle keep-alive connections.
+	idle *idleConns
+	// clusterRegs rate-limits each cluster's registrations.
+	clusterRegs *failLimiter
+	upgrader    websocket.Upgrader
 	// watched maps each TLS connection handed to the HTTPS server, until it
 	// serves a request, to what lies under it (see connState).
 	watched sync.Map // *tls.Conn -> *watchedConn
@@ -96,17 +103,31 @@ func New(cfg Config) (*Server, error) {
 			CipherSuites: cipherSuites,
 			NextProtos:   []string{"h2", "http/1.1"},
 		},
-		tokens:  token.NewVerifier(key, cfg.RevocationFile),
-		relay:   relay,
-		reg:     newRegistry(),
-		m:       newMetrics(),
-		limiter: rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
-		fails:   newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
-		hellos:  newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
+		tokens:      token.NewVerifier(key, cfg.RevocationFile),
+		relay:       relay,
+		reg:         newRegistry(),
+		m:           newMetrics(),
+		limiter:     rate.NewLimiter(rate.Limit(cfg.RegistrationsPerSecond), max(1, int(cfg.RegistrationsPerSecond))),
+		fails:       newFailLimiter(cfg.AuthFailuresPerSecond, cfg.AuthFailureBurst),
+		hellos:      newHelloGate(cfg.MaxPendingHellos, cfg.MaxPendingHellosPerSource),
+		srcStreams:  newSourceStreams(cfg.MaxStreamsPerSource),
+		clusterRegs: newFailLimiter(clusterRegistrationsPerSecond, clusterRegistrationBurst),
+		idle:        newIdleConns(cfg.MaxIdleConnsPerSource),
 		// Sized for many idle tunnels; see tunnel.NewUpgrader.
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
 	}
+	// Slots in use on every tunnel: back to zero once every stream ended,
+	// whichever way it ended.
+	s.m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "spectro_proxy_stream_slots_used", Help: "Stream slots taken on all tunnels now (see MaxStreamsPerTunnel).",
+	}, func() float64 {
+		var n int32
+		for _, sess := range s.reg.all() {
+			n += sess.streams.Load()
+		}
+		return float64(n)
+	}))
 	s.api, s.health = s.newAPI()
 	s.httpLn = newConnListener()
 	s.https = &http.Server{
@@ -144,6 +165,13 @@ func (s *Server) Run(ctx context.Context) error {
 // rest and every tunnel.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.log.Info("relay listening", "addr", ln.Addr().String(), "domain", s.cfg.Domain)
+	if s.tokens.RevocationFileMissing() {
+		s.log.Error("revocation file does not exist: no token is revoked until it is created", "revocation_file", s.cfg.RevocationFile)
+	}
+	revCtx, stopRev := context.WithCancel(ctx)
+	revDone := make(chan struct{})
+	go func() { defer close(revDone); s.checkRevocations(revCtx) }()
+	defer func() { stopRev(); <-revDone }()
 	httpsDone := make(chan struct{})
 	go func() {
 		defer close(httpsDone)
@@ -236,6 +264,14 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 	s.conns.Wait()
 	s.httpLn.Close()
 }
+
+// Each cluster's registrations: a burst that covers all its replicas
+// reconnecting at once, then one a second (issue 11: one token registered
+// over 1000 sessions in 5 s under new agent ids).
+const (
+	clusterRegistrationsPerSecond = 1
+	clusterRegistrationBurst      = 2 * DefaultMaxSessionsPerCluster
+)
 
 // cipherSuites are the TLS 1.2 suites the relay accepts: ECDHE key
 // exchange and AEAD ciphers only (no CBC, no RSA key exchange).

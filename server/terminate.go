@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strings"
+	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
@@ -19,6 +20,29 @@ import (
 // serveTerminated forwards a request whose TLS the relay terminated to the
 // agent serving label.
 func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label string) {
+	// CONNECT is the tunnel's own stream protocol (and a user's CONNECT
+	// would carry the user's :authority down it); nothing behind a
+	// terminate-mode route serves it, nor methods outside HTTP's usual set.
+	if !servedMethods[r.Method] {
+		s.refuse(reasonMethodNotAllowed, "host", label, "method", r.Method, "remote", r.RemoteAddr)
+		w.Header().Set("Allow", allowedMethods)
+		kubestatus.Write(w, http.StatusMethodNotAllowed, "MethodNotAllowed", "spectro-proxy: method "+r.Method+" is not served here")
+		return
+	}
+	release, ok := s.srcStreams.enter(sourceOf(r.RemoteAddr), label)
+	if !ok {
+		s.refuse(reasonTooManyStreamsFromSource, "host", label, "remote", r.RemoteAddr, "max", s.cfg.MaxStreamsPerSource)
+		w.Header().Set("Retry-After", "1")
+		kubestatus.Write(w, http.StatusTooManyRequests, "TooManyRequests",
+			fmt.Sprintf("spectro-proxy: more than %d concurrent requests from your address to %s", s.cfg.MaxStreamsPerSource, label))
+		return
+	}
+	defer release()
+	if r.ProtoMajor == 2 {
+		// A stream of an HTTP/2 connection can stall alone (the client
+		// reads the others): each write to it must finish in time.
+		w = &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), d: s.cfg.WriteStallTimeout}
+	}
 	if isUpgrade(r) {
 		s.conns.Add(1) // hijacked connections are ours to drain
 		defer s.conns.Done()
@@ -41,6 +65,10 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			pr.Out.URL.Host = label
 			pr.Out.Host = r.Host
 			pr.SetXForwarded()
+			// The relay alone speaks the tunnel's protocol: whatever
+			// Spectro-Proxy-* fields a user sent are dropped.
+			tunnel.StripInternal(pr.Out.Header)
+			tunnel.StripInternal(pr.Out.Trailer)
 			pr.Out.Header.Set(tunnel.HeaderRoute, label)
 		},
 		Transport:  routeTransport{s: s, label: label},
@@ -49,15 +77,45 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		// write by ReverseProxy itself; a response of known length goes
 		// out without a flush per write (see client/forward.go).
 		FlushInterval: 0,
-		ErrorHandler:  s.proxyError,
-		ErrorLog:      nil,
+		// A dashboard's cookie must stay on its own host: with Domain set
+		// to the relay's domain it would reach every other tenant's
+		// hosts (cookie tossing; SameSite does not separate tenants of
+		// one site).
+		ModifyResponse: func(resp *http.Response) error {
+			stripCookieDomains(resp.Header)
+			return nil
+		},
+		ErrorHandler: s.proxyError,
+		ErrorLog:     nil,
 	}
 	rp.ServeHTTP(w, r)
 }
 
+// servedMethods are the methods terminate-mode routes (the API server,
+// dashboards) serve.
+var servedMethods = map[string]bool{
+	http.MethodGet: true, http.MethodHead: true, http.MethodPost: true, http.MethodPut: true,
+	http.MethodPatch: true, http.MethodDelete: true, http.MethodOptions: true,
+}
+
+const allowedMethods = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
 func isUpgrade(r *http.Request) bool {
 	return r.Header.Get("Upgrade") != "" && headerHasToken(r.Header, "Connection", "upgrade")
 }
+
+// upgradeType is the protocol an Upgrade header names, when Connection
+// says upgrade.
+func upgradeType(h http.Header) string {
+	if !headerHasToken(h, "Connection", "upgrade") {
+		return ""
+	}
+	return h.Get("Upgrade")
+}
+
+// errUpgradeMismatch: the target switched to another protocol than the
+// one asked for.
+var errUpgradeMismatch = errors.New("upgrade mismatch")
 
 func headerHasToken(h http.Header, name, tok string) bool {
 	for _, v := range h.Values(name) {
@@ -81,6 +139,10 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		code, reason = http.StatusServiceUnavailable, "ServiceUnavailable"
 		w.Header().Set("Retry-After", "1")
 		s.refuse(reasonTooManyStreams, "host", r.Host, "remote", r.RemoteAddr)
+	} else if errors.Is(err, errUpgradeMismatch) {
+		s.refuse(reasonUpgradeMismatch, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
+	} else if tunnel.IsHeaderTooLarge(err) {
+		s.refuse(reasonUpstreamHeadersTooLarge, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	} else if errors.Is(err, context.Canceled) {
 		return // the client went away; nobody to answer
 	} else {
@@ -140,17 +202,33 @@ func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Resp
 	if err != nil {
 		return nil, err
 	}
+	// The slot is given back on every path: ReverseProxy does not close
+	// the body of a 101 it refuses (an Upgrade that does not match, a
+	// connection it cannot hijack), and the request's context ends when
+	// the handler returns, whatever happened.
+	context.AfterFunc(req.Context(), func() { st.Close() })
 	if err := req.Write(st); err != nil {
 		st.Close()
 		return nil, fmt.Errorf("writing upgrade request to tunnel: %w", err)
 	}
-	br := bufio.NewReader(st)
+	// The answer comes from the target (a tenant's dashboard, say):
+	// its header section is bounded before the relay holds it.
+	lim := &tunnel.HeaderLimitReader{R: st, N: tunnel.MaxUpgradeResponseHeaderBytes}
+	br := bufio.NewReader(lim)
 	resp, err := http.ReadResponse(br, req)
 	if err != nil {
 		st.Close()
+		if tunnel.IsHeaderTooLarge(err) {
+			return nil, fmt.Errorf("reading upgrade response from tunnel: %w (limit %d bytes)", tunnel.ErrHeaderTooLarge, tunnel.MaxUpgradeResponseHeaderBytes)
+		}
 		return nil, fmt.Errorf("reading upgrade response from tunnel: %w", err)
 	}
+	lim.Lift()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if want, got := upgradeType(req.Header), upgradeType(resp.Header); !strings.EqualFold(want, got) {
+			st.Close()
+			return nil, fmt.Errorf("%w: asked for %q, target switched to %q", errUpgradeMismatch, want, got)
+		}
 		resp.Body = &upgradedStream{Reader: br, st: st, s: t.s}
 		return resp, nil
 	}
@@ -180,6 +258,45 @@ func (u *upgradedStream) Write(p []byte) (int, error) {
 
 func (u *upgradedStream) CloseWrite() error { return u.st.CloseWrite() }
 func (u *upgradedStream) Close() error      { return u.st.Close() }
+
+// stripCookieDomains removes the Domain attribute of every Set-Cookie in
+// h, making each a host-only cookie of the host that set it.
+func stripCookieDomains(h http.Header) {
+	for i, c := range h["Set-Cookie"] {
+		parts := strings.Split(c, ";")
+		kept := parts[:1]
+		for _, a := range parts[1:] {
+			name, _, _ := strings.Cut(a, "=")
+			if !strings.EqualFold(strings.TrimSpace(name), "domain") {
+				kept = append(kept, a)
+			}
+		}
+		h["Set-Cookie"][i] = strings.Join(kept, ";")
+	}
+}
+
+// stallWriter gives each write to a response WriteStallTimeout to finish;
+// past it the stream is reset.
+type stallWriter struct {
+	http.ResponseWriter
+	rc *http.ResponseController
+	d  time.Duration
+}
+
+func (w *stallWriter) Write(p []byte) (int, error) {
+	_ = w.rc.SetWriteDeadline(time.Now().Add(w.d))
+	n, err := w.ResponseWriter.Write(p)
+	_ = w.rc.SetWriteDeadline(time.Time{})
+	return n, err
+}
+
+func (w *stallWriter) Flush() {
+	_ = w.rc.SetWriteDeadline(time.Now().Add(w.d))
+	_ = w.rc.Flush()
+	_ = w.rc.SetWriteDeadline(time.Time{})
+}
+
+func (w *stallWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // releaseBody gives the stream's slot back when the body is closed.
 type releaseBody struct {

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math"
@@ -47,6 +48,20 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	claims, routes, agentID := reg.claims, reg.routes, reg.agentID
+	// One cluster's token cannot spend the registration budget of all:
+	// its registrations are rate-limited on their own.
+	if blocked, wait := s.clusterRegs.blocked(claims.ClusterUID); blocked {
+		s.refuse(reasonClusterRateLimited, "cluster", claims.ClusterUID, "remote", remote)
+		s.retryLater(w, http.StatusTooManyRequests, int(wait/time.Second)+1, "too many tunnel registrations for cluster "+claims.ClusterUID)
+		return
+	}
+	s.clusterRegs.fail(claims.ClusterUID) // spends one
+	if s.reg.clusterFull(claims.ClusterUID, agentID, s.cfg.MaxSessionsPerCluster) {
+		s.refuse(reasonTooManySessions, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote, "max", s.cfg.MaxSessionsPerCluster)
+		s.retryLater(w, http.StatusTooManyRequests, 5+rand.IntN(10),
+			fmt.Sprintf("cluster %s has %d tunnels connected already", claims.ClusterUID, s.cfg.MaxSessionsPerCluster))
+		return
+	}
 	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
 		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
 			fmt.Sprintf("host name %s is served by another cluster's agent", hostname.Host(label, s.cfg.Domain)), remote)
@@ -67,7 +82,14 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		maxStreams: int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
 	}
 	result := "accepted"
-	old, err := s.reg.add(sess)
+	old, err := s.reg.add(sess, s.cfg.MaxSessionsPerCluster)
+	if errors.Is(err, errTooManySessions) {
+		// Filled up since the check above; upgraded already, so the
+		// agent sees the tunnel close and backs off.
+		s.refuse(reasonTooManySessions, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote, "max", s.cfg.MaxSessionsPerCluster)
+		sess.close()
+		return
+	}
 	if err != nil {
 		// Another cluster registered the label between the check above
 		// and now; the agent sees the tunnel close and retries.
@@ -81,6 +103,13 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	}
 	s.m.regs.WithLabelValues(result).Inc()
 	s.m.tunnels.Inc()
+	// A token's TTL bounds its sessions too, not only its registrations.
+	expiry := func() {}
+	if claims.ExpiresAt != 0 {
+		sess.expires = time.Unix(claims.ExpiresAt, 0)
+		t := time.AfterFunc(time.Until(sess.expires), func() { s.endSession(sess, reasonSessionExpired) })
+		expiry = func() { t.Stop() }
+	}
 	s.log.Info("agent connected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
 		"hostnames", s.hostnames(sess), "replaced_stale_session", result == "replaced")
 
@@ -91,6 +120,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	// net/http's connection state would otherwise live as long as the
 	// tunnel, which is most of what an idle tunnel costs.
 	conn.AfterClose(func() {
+		expiry()
 		s.reg.remove(sess)
 		s.m.tunnels.Dec()
 		cc.Close()
@@ -173,4 +203,37 @@ func (s *Server) hostnames(sess *session) []string {
 		out = append(out, fmt.Sprintf("%s (%s)", hostname.Host(label, s.cfg.Domain), mode))
 	}
 	return out
+}
+
+// endSession closes a session whose token no longer holds (revoked or
+// expired); the agent's reconnect is then refused with the reason.
+func (s *Server) endSession(sess *session, reason string) {
+	s.refuse(reason, "cluster", sess.clusterUID, "agent", sess.agentID, "token_id", sess.tokenID, "remote", sess.remote)
+	sess.close()
+}
+
+// checkRevocations ends the sessions of revoked tokens every
+// RevocationInterval until ctx is done.
+func (s *Server) checkRevocations(ctx context.Context) {
+	tick := time.NewTicker(s.cfg.RevocationInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		for _, sess := range s.reg.all() {
+			revoked, err := s.tokens.Revoked(sess.tokenID)
+			if err != nil {
+				// Live sessions stay: new registrations are refused
+				// meanwhile (see authorize), and this is logged.
+				s.log.Error("checking live sessions against the revocation file", "error", err)
+				break
+			}
+			if revoked {
+				s.endSession(sess, reasonSessionRevoked)
+			}
+		}
+	}
 }

@@ -71,6 +71,11 @@ func Issue(key []byte, clusterUID, subdomain string, ttl time.Duration, now time
 	if clusterUID == "" {
 		return "", Claims{}, errors.New("cluster uid is empty")
 	}
+	if ttl < 0 {
+		// A token already expired (or a typo for a positive TTL) would
+		// otherwise be printed as "expires never".
+		return "", Claims{}, fmt.Errorf("ttl %v is negative (0 means the token never expires)", ttl)
+	}
 	if subdomain == "" {
 		subdomain = hostname.DefaultSubdomain(clusterUID)
 	}
@@ -175,6 +180,22 @@ func (v *Verifier) Verify(tok string) (Claims, error) {
 		return Claims{}, fmt.Errorf("%w: token %s is revoked", ErrRevoked, c.ID)
 	}
 	return c, nil
+}
+
+// Revoked reports whether the token id is revoked now (re-reading the
+// revocation file if it changed). The relay asks it of live sessions, so
+// revoking a token also ends the sessions it opened.
+func (v *Verifier) Revoked(id string) (bool, error) { return v.revoked.Revoked(id) }
+
+// RevocationFileMissing reports whether a revocation file is configured
+// but does not exist (then nothing is revoked, which the relay says loudly
+// at start).
+func (v *Verifier) RevocationFileMissing() bool {
+	if v.revoked.path == "" {
+		return false
+	}
+	_, err := os.Stat(v.revoked.path)
+	return errors.Is(err, os.ErrNotExist)
 }
 
 // ReadKey reads a signing key file: the raw bytes, trimmed of white space.

@@ -1,6 +1,7 @@
 package token
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -200,4 +201,10 @@ func TestVerifier(t *testing.T) {
 	c, err := NewVerifier(key, file).Verify(good)
 	require.NoError(t, err)
 	assert.Equal(t, claims, c)
+}
+
+func TestIssueRefusesNegativeTTL(t *testing.T) {
+	key := bytes.Repeat([]byte("k"), MinKeySize)
+	_, _, err := Issue(key, "abc", "", -time.Hour, time.Now())
+	assert.ErrorContains(t, err, "negative")
 }

@@ -131,13 +131,18 @@ var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
 
 // Flow-control windows. The HTTP/2 defaults (64 KiB per stream on the
 // server side, 1 MiB per connection) cap a single stream at window/RTT, which
-// is what makes other multiplexing tunnels crawl on long links. These allow
-// ~16 MiB in flight per stream, and per tunnel 64 MiB of uploads (agent
-// side) and relayConnWindow of downloads (relay side); memory is only used
-// when a reader falls behind.
+// is what makes other multiplexing tunnels crawl on long links. A stream's
+// window is also what a client that stops reading pins in memory and takes
+// from its tunnel's window, so it is kept far below the tunnel's: 2 MiB per
+// stream (40 MiB/s per stream on a 50 ms link), and per tunnel 128 MiB of
+// uploads (agent side) and relayConnWindow of downloads (relay side), 64 and
+// 128 streams' worth. The relay's per-source stream cap and write-stall
+// timeout keep any one client well under that (issue 11: 20 passthrough
+// connections that read nothing took 16 MiB windows each and froze the
+// tunnel).
 const (
-	streamWindow = 16 << 20
-	connWindow   = 64 << 20
+	streamWindow = 2 << 20
+	connWindow   = 128 << 20
 	// frameSize is the largest DATA frame each side accepts. Bigger frames
 	// mean fewer WebSocket messages and fewer syscalls per byte.
 	frameSize = 256 << 10

@@ -1,6 +1,9 @@
 package tunnel
 
 import (
+	"bufio"
+	"io"
+	"net/http"
 	"strings"
 	"testing"
 
@@ -59,4 +62,25 @@ func FuzzParseRoutes(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestStripInternal(t *testing.T) {
+	h := http.Header{"Spectro-Proxy-Stream": {"tcp"}, "spectro-proxy-route": {"x"}, "Spectro-Proxy-Future": {"y"}, "X-Forwarded-For": {"1.2.3.4"}, "Spectro-Proxy": {"kept"}}
+	StripInternal(h)
+	assert.Equal(t, http.Header{"X-Forwarded-For": {"1.2.3.4"}, "Spectro-Proxy": {"kept"}}, h)
+}
+
+func TestHeaderLimitReader(t *testing.T) {
+	l := &HeaderLimitReader{R: strings.NewReader("HTTP/1.1 101 Switching Protocols\r\nX: " + strings.Repeat("a", 10000)), N: 4096}
+	_, err := http.ReadResponse(bufio.NewReader(l), nil)
+	assert.True(t, IsHeaderTooLarge(err), "got %v", err)
+
+	l = &HeaderLimitReader{R: strings.NewReader("HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n" + strings.Repeat("a", 10000)), N: 4096}
+	br := bufio.NewReader(l)
+	resp, err := http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	l.Lift()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	assert.Len(t, b, 10000)
 }

@@ -17,11 +17,13 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// relayConnWindow is the relay's receive window per tunnel (downloads).
-// Connection-level credit only comes back as clients read, so it is kept
-// at sixteen streams' worth: a few kubectls reading slowly cannot starve
-// the other streams of their tunnel. (x/net's default is 1 GiB.)
-const relayConnWindow = 16 * streamWindow
+// relayConnWindow is the relay's receive window per tunnel (downloads),
+// 256 MiB. Connection-level credit only comes back as clients read, so it
+// is a bounded number of streams' worth; clients that read slowly or not
+// at all are capped per source and cut after a write stall, so they cannot
+// use it up for the other streams of their tunnel. (x/net's default is
+// 1 GiB.)
+const relayConnWindow = 128 * streamWindow
 
 // RelayTransport is the relay's side of its tunnels: the one HTTP/2
 // transport its tunnels' clients share (rather than one per tunnel). Each
@@ -40,7 +42,12 @@ func NewRelayTransport(live Liveness) (*RelayTransport, error) {
 	t1 := &http.Transport{HTTP2: &http.HTTP2Config{
 		MaxReceiveBufferPerStream:     streamWindow,
 		MaxReceiveBufferPerConnection: relayConnWindow,
-	}}
+	},
+		// Responses come from targets through the agent: bounded, as
+		// every header section a stranger writes (x/net's default is
+		// 10 MiB).
+		MaxResponseHeaderBytes: MaxResponseHeaderBytes,
+	}
 	t, err := http2.ConfigureTransports(t1)
 	if err != nil {
 		return nil, fmt.Errorf("configuring http2 transport: %w", err)
