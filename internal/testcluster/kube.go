@@ -14,6 +14,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 )
 
 // APIError is a non-2xx answer of the API server.
@@ -148,7 +150,7 @@ func (c *Cluster) KubectlCmd(ctx context.Context, kubeconfig string, args ...str
 	cmd := exec.CommandContext(ctx, bin, append([]string{"--kubeconfig=" + kubeconfig}, args...)...)
 	// Keep kubectl's discovery cache out of $HOME/.kube.
 	cmd.Env = append(childEnv(), "KUBECACHEDIR="+filepath.Join(c.Dir, "kubectl-cache"))
-	cmd.SysProcAttr = sysProcAttr()
+	cmd.SysProcAttr = proctest.SysProcAttr()
 	cmd.WaitDelay = 5 * time.Second
 	return cmd
 }
@@ -156,14 +158,7 @@ func (c *Cluster) KubectlCmd(ctx context.Context, kubeconfig string, args ...str
 // Kubectl runs kubectl with kubeconfig (AdminKubeconfig when "") and returns
 // its stdout. On failure the error holds the exit status and stderr.
 func (c *Cluster) Kubectl(ctx context.Context, kubeconfig string, args ...string) (string, error) {
-	var stdout, stderr bytes.Buffer
-	cmd := c.KubectlCmd(ctx, kubeconfig, args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return stdout.String(), fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err,
-			strings.TrimSpace(stderr.String()))
-	}
-	return stdout.String(), nil
+	return proctest.Run(c.KubectlCmd(ctx, kubeconfig, args...))
 }
 
 // EnsureNamespace creates the namespace unless it exists.
