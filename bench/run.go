@@ -292,7 +292,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		if err != nil {
 			return err
 		}
-		res.add("rss_idle_"+p.Name, "", float64(rss))
+		res.add("rss_idle_"+p.Name(), "", float64(rss))
 	}
 	stopSampling := samplePeaks([]*Proc{relay.Proc, pt.Proc, tm.Proc})
 
@@ -495,7 +495,7 @@ func samplePeaks(procs []*Proc) func() map[string]int64 {
 		for {
 			for _, p := range procs {
 				if u, err := ReadUsage(p.Pid()); err == nil {
-					peaks[p.Name] = max(peaks[p.Name], u.RSS)
+					peaks[p.Name()] = max(peaks[p.Name()], u.RSS)
 				}
 			}
 			select {

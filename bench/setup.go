@@ -145,7 +145,7 @@ func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, 
 	}
 	if err := a.Target.WaitReady(ctx, 30*time.Second); err != nil {
 		a.Stop(time.Second)
-		return nil, fmt.Errorf("agent %s: %w\n%s", uid, err, p.Tail())
+		return nil, fmt.Errorf("agent %s: %w\n%s", uid, err, p.Tail(20))
 	}
 	return a, nil
 }

@@ -19,7 +19,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,6 +26,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -608,9 +608,8 @@ func TestFaultAgentDrain(t *testing.T) {
 // be measured apart from the agents in this process, and SIGTERM is a
 // real signal.
 type relayProcess struct {
-	cmd  *exec.Cmd
+	*proctest.Process
 	addr string
-	exit chan error
 }
 
 func buildRelay(t *testing.T) string {
@@ -627,47 +626,35 @@ func buildRelay(t *testing.T) string {
 
 func startRelayProcess(t *testing.T, bin, stateDir, addr string, args ...string) *relayProcess {
 	t.Helper()
-	cmd := exec.Command(bin, append([]string{"--listen", addr, "--domain", domain, "--state-dir", stateDir, "--drain-timeout", "5s",
-		"--log-level", "info"}, args...)...)
-	stderr, err := cmd.StderrPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	p := &relayProcess{cmd: cmd, exit: make(chan error, 1)}
 	addrCh := make(chan string, 1)
-	go func() {
-		s := bufio.NewScanner(stderr)
-		for s.Scan() {
+	p, err := proctest.Start(proctest.Options{Name: "relay", Bin: bin,
+		Args: append([]string{"--listen", addr, "--domain", domain, "--state-dir", stateDir, "--drain-timeout", "5s",
+			"--log-level", "info"}, args...),
+		Watch: func(l string) bool {
 			var line struct{ Msg, Addr string }
-			if json.Unmarshal(s.Bytes(), &line) == nil && line.Msg == "relay listening" {
+			if json.Unmarshal([]byte(l), &line) == nil && line.Msg == "relay listening" {
 				addrCh <- line.Addr
+				return true
 			}
-		}
-		p.exit <- cmd.Wait()
-	}()
-	t.Cleanup(func() { p.stop(t) })
+			return false
+		}})
+	require.NoError(t, err)
+	rp := &relayProcess{Process: p}
+	t.Cleanup(func() { rp.stop(t) })
 	select {
-	case p.addr = <-addrCh:
-	case err := <-p.exit:
-		p.exit <- err
-		t.Fatalf("relay exited at start: %v", err)
+	case rp.addr = <-addrCh:
+	case <-p.Done():
+		t.Fatalf("relay exited at start: %v", p.Err())
 	case <-time.After(30 * time.Second):
 		t.Fatal("relay did not start listening within 30s")
 	}
-	return p
+	return rp
 }
 
 // stop sends SIGTERM and waits for the drain; stopping twice is harmless.
 func (p *relayProcess) stop(t *testing.T) {
-	if p.cmd.ProcessState != nil {
-		return
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exit:
-	case <-time.After(30 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.exit
-		t.Error("relay did not stop within 30s of SIGTERM")
+	if err := p.Stop(30 * time.Second); err != nil {
+		t.Error(err)
 	}
 }
 
@@ -751,14 +738,14 @@ func TestFaultThousandAgentsReconnect(t *testing.T) {
 		}
 	}
 	first := waitAll(r1.addr, 2*within)
-	_, steadyRSS, _ := procUsage(t, r1.cmd.Process.Pid)
+	_, steadyRSS, _ := procUsage(t, r1.Pid())
 
 	// Restart: SIGTERM (drain), then a new relay on the same address.
 	addr := r1.addr
 	r1.stop(t)
 	r2 := startRelayProcess(t, bin, dir, addr, "--registrations-per-second", rate)
 	back := waitAll(r2.addr, within)
-	cpu, rss, peak := procUsage(t, r2.cmd.Process.Pid)
+	cpu, rss, peak := procUsage(t, r2.Pid())
 	m := scrape(t, r2.addr, roots)
 	limited := m[refusals("rate_limited")]
 	accepted := m[`spectro_proxy_tunnel_registrations_total{result="accepted"}`]
