@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/proctest"
+	"github.com/spectroproxy/spectro-proxy/internal/promtext"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -73,30 +73,7 @@ func scrapeErr(addr string, roots *x509.CertPool) (map[string]float64, error) {
 		TLSClientConfig: &tls.Config{ServerName: domain, RootCAs: roots},
 	}}
 	defer hc.CloseIdleConnections()
-	resp, err := hc.Get("https://" + domain + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("metrics: status %d", resp.StatusCode)
-	}
-	out := map[string]float64{}
-	s := bufio.NewScanner(resp.Body)
-	for s.Scan() {
-		line := s.Text()
-		if strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out, s.Err()
+	return promtext.Scrape(context.Background(), hc, "https://"+domain+"/metrics")
 }
 
 func refusals(reason string) string { return `spectro_proxy_refusals_total{reason="` + reason + `"}` }
