@@ -24,6 +24,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -65,28 +66,23 @@ func stopKube() {
 	}
 }
 
-// kubectl runs the real kubectl with kubeconfig and extra env.
+// kubectl runs the real kubectl with kubeconfig and extra env, as the shared
+// cluster runs it.
 func kubectl(ctx context.Context, kubeconfig string, env []string, stdin io.Reader, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", kubeconfig}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd := kubeCluster.KubectlCmd(ctx, kubeconfig, args...)
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stdin = stdin
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if err != nil {
-		return stdout.String(), fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, stderr.String())
-	}
-	return stdout.String(), nil
+	return proctest.Run(cmd)
 }
 
 // streamLines starts a long-running kubectl and returns its stdout lines.
 func streamLines(t *testing.T, kubeconfig string, env []string, args ...string) (<-chan string, *exec.Cmd) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", kubeconfig}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd := kubeCluster.KubectlCmd(ctx, kubeconfig, args...)
+	cmd.Env = append(cmd.Env, env...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
