@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 )
 
@@ -204,7 +205,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		}
 	}
 	bins := o.Binaries
-	be, err := StartBackend(o.Dir, o.ListSize, []string{"cluster-pt." + Domain, "cluster-wpt." + Domain}, o.Log)
+	be, err := StartBackend(o.Dir, o.ListSize, []string{hostname.Host(hostname.DefaultSubdomain("pt"), Domain), hostname.Host(hostname.DefaultSubdomain("wpt"), Domain)}, o.Log)
 	if err != nil {
 		return nil, err
 	}

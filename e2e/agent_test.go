@@ -201,7 +201,7 @@ func TestChartAgentAutoPassthrough(t *testing.T) {
 	// The skeleton plus the user's own certificate reaches the cluster
 	// (--server and --tls-server-name stand in for DNS).
 	out, err = kubectl(context.Background(), skel, nil, nil, "--server", "https://"+r.addr,
-		"--tls-server-name", "cluster-"+kubeUID+"."+domain, "--client-certificate", c.AdminCertFile, "--client-key", c.AdminKeyFile,
+		"--tls-server-name", clusterHost(kubeUID), "--client-certificate", c.AdminCertFile, "--client-key", c.AdminKeyFile,
 		"auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
 	require.NoError(t, err)
 	assert.Equal(t, testcluster.AdminUser, out)
@@ -265,7 +265,7 @@ func TestChartAgentAutoTerminate(t *testing.T) {
 	relayCA, err := os.ReadFile(r.caFile())
 	require.NoError(t, err)
 	skel := checkSkeleton(t, data, uid, r.port, relayCA)
-	out, err = kubectl(ctx, skel, nil, nil, "--server", "https://"+r.addr, "--tls-server-name", ns+"."+domain,
+	out, err = kubectl(ctx, skel, nil, nil, "--server", "https://"+r.addr, "--tls-server-name", clusterHost(uid),
 		"--token", strings.TrimSpace(tok), "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
 	require.NoError(t, err)
 	assert.Equal(t, "system:serviceaccount:"+ns+":viewer", out)

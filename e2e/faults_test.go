@@ -288,7 +288,7 @@ func TestFaultReplicaKilled(t *testing.T) {
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
 		t.Run(string(mode), func(t *testing.T) {
 			uid := "kill-" + string(mode)[:4]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			r := startRelay(t, "127.0.0.1:0", "", nil)
 			tok, _ := r.issue(t, uid, "", time.Hour)
@@ -335,7 +335,7 @@ func TestFaultBlackholedTunnel(t *testing.T) {
 		name := map[bool]string{true: "used", false: "never used"}[used]
 		t.Run(name, func(t *testing.T) {
 			uid := map[bool]string{true: "bh", false: "bh-idle"}[used]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			// Default liveness on both sides: this is the promise users get.
 			r := startRelay(t, "127.0.0.1:0", "", nil)
@@ -413,7 +413,7 @@ func TestFaultRelayDrain(t *testing.T) {
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
 		t.Run(string(mode), func(t *testing.T) {
 			uid := "drain-" + string(mode)[:4]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			const drain = 5 * time.Second
 			long := func(c *server.Config) { c.DrainTimeout = drain }
@@ -510,7 +510,7 @@ func TestFaultAgentDrain(t *testing.T) {
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
 		t.Run(string(mode), func(t *testing.T) {
 			uid := "adrain-" + string(mode)[:4]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			r := startRelay(t, "127.0.0.1:0", "", nil)
 			tok, _ := r.issue(t, uid, "", time.Hour)

@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
 	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
@@ -53,7 +54,7 @@ func kube(t *testing.T) *testcluster.Cluster {
 		defer cancel()
 		kubeCluster, kubeErr = testcluster.Start(ctx, testcluster.Options{
 			Kwok:      true,
-			ExtraSANs: []string{"cluster-" + kubeUID + "." + domain},
+			ExtraSANs: []string{clusterHost(kubeUID)},
 		})
 	})
 	require.NoError(t, kubeErr)
@@ -136,7 +137,7 @@ func setupProxied(t *testing.T, c *testcluster.Cluster, mode tunnel.Mode) *proxi
 		APIServer: c.URL, APIServerCAFile: c.CAFile, AgentID: "agent-" + string(mode)})
 	a.waitReady(t)
 
-	opts := kubeconfig.Options{Mode: mode, Server: domain, Port: 443, Subdomain: "cluster-" + kubeUID, Connect: r.addr}
+	opts := kubeconfig.Options{Mode: mode, Server: domain, Port: 443, Subdomain: hostname.DefaultSubdomain(kubeUID), Connect: r.addr}
 	relayCA, err := os.ReadFile(r.caFile())
 	require.NoError(t, err)
 	out, err := c.ProxiedKubeconfig(ctx, opts, relayCA, time.Hour)

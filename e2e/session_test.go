@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
@@ -29,7 +30,7 @@ import (
 // requests being sent into the dead tunnel until pings time out.
 func TestStaleSessionTakeover(t *testing.T) {
 	const uid = "stale"
-	host := "cluster-" + uid + "." + domain
+	host := clusterHost(uid)
 	be := newBackend(t, host)
 	r := startRelay(t, "127.0.0.1:0", "", nil)
 	tokFile, _ := r.issue(t, uid, "", time.Hour)
@@ -39,7 +40,7 @@ func TestStaleSessionTakeover(t *testing.T) {
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+string(tok))
 	h.Set(tunnel.HeaderAgent, "replica-1")
-	h.Set(tunnel.HeaderRoutes, "cluster-"+uid+"=terminate")
+	h.Set(tunnel.HeaderRoutes, hostname.DefaultSubdomain(uid)+"=terminate")
 	d := websocket.Dialer{
 		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, network, r.addr)
