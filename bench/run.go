@@ -14,6 +14,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 )
 
 // Options size a run. Full is what `make bench` runs; the smoke test uses
@@ -343,10 +344,10 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 				break
 			}
 			for _, t := range targets {
-				var before []Usage
+				var before []proctest.Usage
 				procs := procs[t.Name]
 				for _, p := range procs {
-					u, err := ReadUsage(p.Pid())
+					u, err := p.Usage()
 					if err != nil {
 						return err
 					}
@@ -357,7 +358,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 					return fmt.Errorf("%s %s: %w", tr.Name, t.Name, err)
 				}
 				for i, p := range procs {
-					u, err := ReadUsage(p.Pid())
+					u, err := p.Usage()
 					if err != nil {
 						return err
 					}
@@ -495,7 +496,7 @@ func samplePeaks(procs []*Proc) func() map[string]int64 {
 		defer t.Stop()
 		for {
 			for _, p := range procs {
-				if u, err := ReadUsage(p.Pid()); err == nil {
+				if u, err := p.Usage(); err == nil {
 					peaks[p.Name()] = max(peaks[p.Name()], u.RSS)
 				}
 			}

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -14,8 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -639,27 +636,9 @@ func (p *relayProcess) stop(t *testing.T) {
 // peak resident memory from /proc.
 func procUsage(t *testing.T, pid int) (cpu time.Duration, rssMiB, peakMiB float64) {
 	t.Helper()
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	u, err := proctest.ReadUsage(pid)
 	require.NoError(t, err)
-	// Fields after the parenthesised command name; utime and stime are
-	// the 14th and 15th fields of the line.
-	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+2:]))
-	utime, _ := strconv.ParseInt(fields[11], 10, 64)
-	stime, _ := strconv.ParseInt(fields[12], 10, 64)
-	cpu = time.Duration(utime+stime) * time.Second / 100 // USER_HZ is 100 on Linux
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	require.NoError(t, err)
-	for _, l := range strings.Split(string(status), "\n") {
-		k, v, _ := strings.Cut(l, ":")
-		kib, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-		switch k {
-		case "VmRSS":
-			rssMiB = kib / 1024
-		case "VmHWM":
-			peakMiB = kib / 1024
-		}
-	}
-	return cpu, rssMiB, peakMiB
+	return u.CPU, float64(u.RSS) / (1 << 20), float64(u.HWM) / (1 << 20)
 }
 
 func TestFaultThousandAgentsReconnect(t *testing.T) {

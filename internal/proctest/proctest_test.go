@@ -127,3 +127,14 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+func TestUsage(t *testing.T) {
+	p := sh(t, Options{}, `while :; do sleep 1; done`)
+	u, err := p.Usage()
+	require.NoError(t, err)
+	assert.Positive(t, u.RSS)
+	assert.GreaterOrEqual(t, u.HWM, u.RSS)
+	assert.GreaterOrEqual(t, u.CPU, time.Duration(0))
+	_, err = ReadUsage(0)
+	assert.Error(t, err)
+}
