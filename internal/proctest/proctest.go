@@ -194,14 +194,12 @@ func (p *Process) Tail(n int) string {
 func (p *Process) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
 
 // Stop ends the process: SIGTERM and up to grace for it to exit, then
-// SIGKILL (at once when grace is 0). With Options.Group both go to the
+// Kill (at once when grace is 0). With Options.Group both signals go to the
 // whole process group. Stop returns an error when a grace passed without
 // an exit, or the process outlived SIGKILL by 10s. Stopping a process
 // that has exited does nothing: its PID may belong to another by now.
 func (p *Process) Stop(grace time.Duration) error {
-	p.mu.Lock()
-	p.stopped = true
-	p.mu.Unlock()
+	p.setStopped()
 	select {
 	case <-p.done:
 		return nil
@@ -215,16 +213,35 @@ func (p *Process) Stop(grace time.Duration) error {
 		case <-time.After(grace):
 		}
 	}
+	if err := p.Kill(killWait); err != nil || grace == 0 {
+		return err
+	}
+	return fmt.Errorf("%s (pid %d) did not exit within %v of SIGTERM", p.name, p.Pid(), grace)
+}
+
+// Kill sends SIGKILL (to the process group with Options.Group) and waits
+// up to wait for the exit. Like Stop it does nothing once the process has
+// exited.
+func (p *Process) Kill(wait time.Duration) error {
+	p.setStopped()
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
 	p.signal(syscall.SIGKILL)
 	select {
 	case <-p.done:
-		if grace > 0 {
-			return fmt.Errorf("%s (pid %d) did not exit within %v of SIGTERM", p.name, p.Pid(), grace)
-		}
 		return nil
-	case <-time.After(killWait):
-		return fmt.Errorf("%s (pid %d) did not exit within %v of SIGKILL", p.name, p.Pid(), killWait)
+	case <-time.After(wait):
+		return fmt.Errorf("%s (pid %d) did not exit within %v of SIGKILL", p.name, p.Pid(), wait)
 	}
+}
+
+func (p *Process) setStopped() {
+	p.mu.Lock()
+	p.stopped = true
+	p.mu.Unlock()
 }
 
 func (p *Process) signal(sig syscall.Signal) {

@@ -146,7 +146,7 @@ func (c *Cluster) KubectlCmd(ctx context.Context, kubeconfig string, args ...str
 	cmd := exec.CommandContext(ctx, bin, append([]string{"--kubeconfig=" + kubeconfig}, args...)...)
 	// Keep kubectl's discovery cache out of $HOME/.kube.
 	cmd.Env = append(childEnv(), "KUBECACHEDIR="+filepath.Join(c.Dir, "kubectl-cache"))
-	cmd.SysProcAttr = proctest.SysProcAttr()
+	cmd.SysProcAttr = sysProcAttr()
 	cmd.WaitDelay = 5 * time.Second
 	return cmd
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/proctest"
@@ -16,7 +17,10 @@ import (
 
 // process is one child process (etcd, kube-apiserver, kwok) whose combined
 // output goes to a log file.
-type process struct{ *proctest.Process }
+type process struct {
+	*proctest.Process
+	name string
+}
 
 // startProcess starts bin with args. Output is appended to logPath (and
 // copied to out with a "[name] " prefix when out is not nil).
@@ -26,7 +30,7 @@ func startProcess(name, bin string, args []string, dir, logPath string, out io.W
 	if err != nil {
 		return nil, err
 	}
-	return &process{p}, nil
+	return &process{p, name}, nil
 }
 
 // exited reports whether the process has exited, and if so an error that
@@ -43,7 +47,11 @@ func (p *process) portInUse() bool {
 // for the exit. None of the processes hold state worth a graceful shutdown:
 // etcd's data is thrown away, and SIGTERM makes kube-apiserver drain for
 // seconds.
-func (p *process) stop() error { return p.Stop(0) }
+func (p *process) stop(timeout time.Duration) error { return p.Kill(timeout) }
+
+// sysProcAttr is what proctest sets for a process in its own group, for
+// the commands testcluster runs itself (kubectl).
+func sysProcAttr() *syscall.SysProcAttr { return proctest.SysProcAttr() }
 
 // childEnv is the parent's environment without variables that would change
 // the children's behaviour: etcd reads every ETCD_* variable as a flag, and

@@ -279,7 +279,7 @@ func (c *Cluster) Stop() error {
 	c.stopOnce.Do(func() {
 		var errs []error
 		for i := len(c.procs) - 1; i >= 0; i-- {
-			errs = append(errs, c.procs[i].stop())
+			errs = append(errs, c.procs[i].stop(10*time.Second))
 		}
 		if c.httpClient != nil {
 			c.httpClient.CloseIdleConnections()
@@ -450,7 +450,7 @@ func (c *Cluster) start(name string, args []string) (*process, error) {
 
 // dropLast forgets the last started process (which has exited).
 func (c *Cluster) dropLast() {
-	c.procs[len(c.procs)-1].stop()
+	c.procs[len(c.procs)-1].stop(time.Second)
 	c.procs = c.procs[:len(c.procs)-1]
 }
 
