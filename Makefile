@@ -11,7 +11,7 @@ help: ## List targets
 build: ## Build both binaries into bin/
 	$(GO) build -o bin/ ./server/cmd/spectro-proxy-server ./client/cmd/spectro-proxy-client
 
-kube-bins: ## Build (once, cached by version in ~/.cache/spectro-proxy) etcd, kube-apiserver and kwok
+kube-bins: ## Build (once, cached by version in ~/.cache/spectro-proxy) etcd, kube-apiserver, kwok and the real node's parts
 	bash hack/kube-bins.sh
 
 test: kube-bins ## Run every test: unit, fuzz seeds, chart, and e2e against a real API server with kubectl

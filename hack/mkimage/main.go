@@ -11,6 +11,10 @@
 //
 //	go run ./hack/mkimage -binary bin/spectro-proxy-client \
 //	    -ref ghcr.io/spectroproxy/spectro-proxy-client:1.3.0 -out bin/images/client.tar
+//
+// The test cluster's real node (hack/kube-bins.sh) builds its pause and
+// busybox images the same way, with -dest, -user, -entrypoint, -cmd and
+// -applets (a /bin symlink for every applet the binary lists with --list).
 package main
 
 import (
@@ -23,6 +27,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"path"
 	"strconv"
 	"strings"
@@ -40,13 +45,38 @@ func main() {
 	out := flag.String("out", "", "Path of the tar file to write.")
 	ca := flag.String("ca-file", "/etc/ssl/certs/ca-certificates.crt", "CA bundle to install as /etc/ssl/certs/ca-certificates.crt.")
 	arch := flag.String("arch", "amd64", "Architecture the binary was built for.")
+	dest := flag.String("dest", "", "Path of the binary in the image. Default /usr/local/bin/<binary's name>.")
+	user := flag.String("user", fmt.Sprintf("%d:%d", uid, gid), "User (uid:gid) the image runs as.")
+	entrypoint := flag.String("entrypoint", "-", "Entrypoint as a JSON array; '' for none. Default: the binary.")
+	cmd := flag.String("cmd", "", "Cmd as a JSON array. Default none.")
+	applets := flag.Bool("applets", false, "Add /bin/<applet> symlinks to the binary for every name `<binary> --list` prints (busybox).")
 	flag.Parse()
 	if *binary == "" || *ref == "" || *out == "" {
 		fmt.Fprintln(os.Stderr, "mkimage: -binary, -ref and -out are required")
 		flag.Usage()
 		os.Exit(2)
 	}
-	if err := build(*binary, *ref, *out, *ca, *arch); err != nil {
+	img := image{dest: *dest, user: *user, applets: *applets}
+	if img.dest == "" {
+		img.dest = "/usr/local/bin/" + path.Base(*binary)
+	}
+	switch *entrypoint {
+	case "-":
+		img.entrypoint = []string{img.dest}
+	case "":
+	default:
+		if err := json.Unmarshal([]byte(*entrypoint), &img.entrypoint); err != nil {
+			fmt.Fprintln(os.Stderr, "mkimage: -entrypoint:", err)
+			os.Exit(2)
+		}
+	}
+	if *cmd != "" {
+		if err := json.Unmarshal([]byte(*cmd), &img.cmd); err != nil {
+			fmt.Fprintln(os.Stderr, "mkimage: -cmd:", err)
+			os.Exit(2)
+		}
+	}
+	if err := build(*binary, *ref, *out, *ca, *arch, img); err != nil {
 		fmt.Fprintln(os.Stderr, "mkimage:", err)
 		os.Exit(1)
 	}
@@ -69,9 +99,19 @@ type file struct {
 	name string
 	mode int64
 	data []byte // nil for a directory
+	link string // symlink target, for a symlink
 }
 
-func build(binary, ref, out, caFile, arch string) error {
+// image is what varies between the images mkimage builds.
+type image struct {
+	dest       string   // absolute path of the binary in the image
+	user       string   // uid:gid
+	entrypoint []string // nil for none
+	cmd        []string
+	applets    bool
+}
+
+func build(binary, ref, out, caFile, arch string, img image) error {
 	mtime, err := epoch()
 	if err != nil {
 		return err
@@ -84,8 +124,7 @@ func build(binary, ref, out, caFile, arch string) error {
 	if err != nil {
 		return fmt.Errorf("reading CA bundle: %w", err)
 	}
-	name := path.Base(binary)
-	entry := "/usr/local/bin/" + name
+	name := path.Base(img.dest)
 	files := []file{
 		{name: "etc/", mode: 0o755},
 		{name: "etc/passwd", mode: 0o644, data: []byte(fmt.Sprintf("root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:%d:%d:nonroot:/home/nonroot:/sbin/nologin\n", uid, gid))},
@@ -96,10 +135,38 @@ func build(binary, ref, out, caFile, arch string) error {
 		{name: "home/", mode: 0o755},
 		{name: "home/nonroot/", mode: 0o700},
 		{name: "tmp/", mode: 0o1777},
-		{name: "usr/", mode: 0o755},
-		{name: "usr/local/", mode: 0o755},
-		{name: "usr/local/bin/", mode: 0o755},
-		{name: "usr/local/bin/" + name, mode: 0o755, data: bin},
+	}
+	have := map[string]bool{}
+	for _, f := range files {
+		have[f.name] = true
+	}
+	addDirs := func(p string) { // every parent directory of p, outermost first
+		parts := strings.Split(strings.Trim(path.Dir(p), "/"), "/")
+		for i := range parts {
+			d := strings.Join(parts[:i+1], "/") + "/"
+			if d != "/" && d != "./" && !have[d] {
+				files = append(files, file{name: d, mode: 0o755})
+				have[d] = true
+			}
+		}
+	}
+	addDirs(img.dest)
+	files = append(files, file{name: strings.TrimPrefix(img.dest, "/"), mode: 0o755, data: bin})
+	have[strings.TrimPrefix(img.dest, "/")] = true
+	if img.applets {
+		list, err := exec.Command(binary, "--list").Output()
+		if err != nil {
+			return fmt.Errorf("listing applets of %s: %w", binary, err)
+		}
+		addDirs("/bin/x")
+		for _, a := range strings.Fields(string(list)) {
+			n := "bin/" + a
+			if have[n] || strings.Contains(a, "/") {
+				continue
+			}
+			files = append(files, file{name: n, mode: 0o777, link: img.dest})
+			have[n] = true
+		}
 	}
 
 	// The layer, and its uncompressed digest (the config's diff_id).
@@ -110,9 +177,12 @@ func build(binary, ref, out, caFile, arch string) error {
 		if f.name == "home/nonroot/" {
 			h.Uid, h.Gid = uid, gid
 		}
-		if f.data == nil {
+		switch {
+		case f.link != "":
+			h.Typeflag, h.Linkname = tar.TypeSymlink, f.link
+		case f.data == nil:
 			h.Typeflag = tar.TypeDir
-		} else {
+		default:
 			h.Typeflag = tar.TypeReg
 			h.Size = int64(len(f.data))
 		}
@@ -141,23 +211,33 @@ func build(binary, ref, out, caFile, arch string) error {
 	layer := layerGz.Bytes()
 
 	repo, tag := splitRef(ref)
+	env := "PATH=/usr/local/bin"
+	if img.applets || !strings.HasPrefix(img.dest, "/usr/local/bin/") {
+		env = "PATH=/usr/local/bin:/usr/bin:/bin"
+	}
+	cfg := map[string]any{
+		"User":       img.user,
+		"Env":        []string{env},
+		"WorkingDir": "/",
+		"Labels": map[string]string{
+			"org.opencontainers.image.source":  "https://github.com/spectroproxy/spectro-proxy",
+			"org.opencontainers.image.version": tag,
+			"org.opencontainers.image.title":   name,
+		},
+	}
+	if img.entrypoint != nil {
+		cfg["Entrypoint"] = img.entrypoint
+	}
+	if img.cmd != nil {
+		cfg["Cmd"] = img.cmd
+	}
 	config, err := json.Marshal(map[string]any{
 		"created":      mtime.Format(time.RFC3339),
 		"architecture": arch,
 		"os":           "linux",
-		"config": map[string]any{
-			"User":       fmt.Sprintf("%d:%d", uid, gid),
-			"Entrypoint": []string{entry},
-			"Env":        []string{"PATH=/usr/local/bin"},
-			"WorkingDir": "/",
-			"Labels": map[string]string{
-				"org.opencontainers.image.source":  "https://github.com/spectroproxy/spectro-proxy",
-				"org.opencontainers.image.version": tag,
-				"org.opencontainers.image.title":   name,
-			},
-		},
-		"rootfs":  map[string]any{"type": "layers", "diff_ids": []string{diffID}},
-		"history": []map[string]string{{"created": mtime.Format(time.RFC3339), "created_by": "hack/mkimage " + name}},
+		"config":       cfg,
+		"rootfs":       map[string]any{"type": "layers", "diff_ids": []string{diffID}},
+		"history":      []map[string]string{{"created": mtime.Format(time.RFC3339), "created_by": "hack/mkimage " + name}},
 	})
 	if err != nil {
 		return err

@@ -143,7 +143,13 @@ func (c *Cluster) KubectlCmd(ctx context.Context, kubeconfig string, args ...str
 	if bin == "" {
 		bin = "kubectl"
 	}
-	cmd := exec.CommandContext(ctx, bin, append([]string{"--kubeconfig=" + kubeconfig}, args...)...)
+	args = append([]string{"--kubeconfig=" + kubeconfig}, args...)
+	if ns := c.netnsPath(); ns != "" {
+		// The API server, and port-forward's listeners, are in the node's namespace.
+		args = append([]string{"--net=" + ns, "--", bin}, args...)
+		bin = "nsenter"
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
 	// Keep kubectl's discovery cache out of $HOME/.kube.
 	cmd.Env = append(childEnv(), "KUBECACHEDIR="+filepath.Join(c.Dir, "kubectl-cache"))
 	cmd.SysProcAttr = sysProcAttr()

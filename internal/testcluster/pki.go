@@ -28,11 +28,19 @@ type pkiFiles struct {
 	kwokServingCert, kwokServingKey      string // kwok's kubelet endpoint
 	serviceAccountKey, serviceAccountPub string
 	tokenAuth                            string
+	// node holds the real node's certificates (RealNode only), by
+	// component: "kubelet" (serving), "kubelet-client", "kube-proxy",
+	// "kube-controller-manager", "kube-scheduler".
+	node map[string]certKey
 }
+
+type certKey struct{ cert, key string }
 
 // writePKI generates the CA and every certificate the cluster needs and
 // writes them to dir. It returns the file paths and the CA certificate.
-func writePKI(dir string, sans []string, nodeName, adminToken string) (*pkiFiles, []byte, error) {
+// nodeIP is set for a real node: the API server's certificate gets it, and
+// the node's components get their own certificates.
+func writePKI(dir string, sans []string, nodeName, nodeIP, adminToken string) (*pkiFiles, []byte, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, err
 	}
@@ -56,6 +64,9 @@ func writePKI(dir string, sans []string, nodeName, adminToken string) (*pkiFiles
 
 	apiNames := append([]string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
 		"kubernetes.default.svc.cluster.local", "127.0.0.1", "::1", serviceIP}, sans...)
+	if nodeIP != "" {
+		apiNames = append(apiNames, nodeIP)
+	}
 	masters := []string{"system:masters"}
 	leaves := []struct {
 		cn        string
@@ -69,6 +80,30 @@ func writePKI(dir string, sans []string, nodeName, adminToken string) (*pkiFiles
 		{"kube-apiserver-kubelet-client", nil, masters, true, f.kubeletClientCert, f.kubeletClientKey},
 		{"kwok-controller", nil, masters, true, f.kwokClientCert, f.kwokClientKey},
 		{nodeName, []string{"localhost", nodeName, "127.0.0.1"}, nil, false, f.kwokServingCert, f.kwokServingKey},
+	}
+	if nodeIP != "" {
+		f.node = map[string]certKey{}
+		for _, n := range []struct {
+			component, cn string
+			names, orgs   []string
+			client        bool
+		}{
+			{"kubelet", nodeName, []string{nodeName, nodeIP, "localhost", "127.0.0.1"}, nil, false},
+			{"kubelet-client", "system:node:" + nodeName, nil, []string{"system:nodes"}, true},
+			{"kube-proxy", "system:kube-proxy", nil, nil, true},
+			{"kube-controller-manager", "system:kube-controller-manager", nil, nil, true},
+			{"kube-scheduler", "system:kube-scheduler", nil, nil, true},
+		} {
+			ck := certKey{p(n.component + ".crt"), p(n.component + ".key")}
+			f.node[n.component] = ck
+			leaves = append(leaves, struct {
+				cn        string
+				names     []string
+				orgs      []string
+				client    bool
+				cert, key string
+			}{n.cn, n.names, n.orgs, n.client, ck.cert, ck.key})
+		}
 	}
 	for _, l := range leaves {
 		leaf, err := ca.Issue(l.cn, l.names, l.orgs, l.client)

@@ -22,10 +22,10 @@ type process struct {
 	name string
 }
 
-// startProcess starts bin with args. Output is appended to logPath (and
-// copied to out with a "[name] " prefix when out is not nil).
-func startProcess(name, bin string, args []string, dir, logPath string, out io.Writer, log *slog.Logger) (*process, error) {
-	p, err := proctest.Start(proctest.Options{Name: name, Bin: bin, Args: args, Dir: dir, Env: childEnv(),
+// startProcess starts bin with args and env. Output is appended to logPath
+// (and copied to out with a "[name] " prefix when out is not nil).
+func startProcess(name, bin string, args []string, dir, logPath string, out io.Writer, log *slog.Logger, env []string) (*process, error) {
+	p, err := proctest.Start(proctest.Options{Name: name, Bin: bin, Args: args, Dir: dir, Env: env,
 		LogFile: logPath, Output: out, Log: log, Group: true})
 	if err != nil {
 		return nil, err

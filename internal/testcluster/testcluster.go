@@ -27,6 +27,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -77,6 +78,17 @@ type Options struct {
 	// runs pods, exec, logs and port-forward. It needs kubectl.
 	Kwok bool
 
+	// RealNode runs a real node instead (node_linux.go): everything in a
+	// network namespace the cluster creates (Cluster.Netns, no route out),
+	// with the controllers, the scheduler, containerd, kubelet, kube-proxy
+	// and CoreDNS, and the pause and busybox images imported. It needs
+	// root, cgroups and the Debian packages .ci/run installs; see
+	// CheckRealNode. Stop then tears down everything, outside Dir too.
+	RealNode bool
+
+	// NodeIP is the real node's address in its namespace. Default DefaultNodeIP.
+	NodeIP string
+
 	// Log receives the harness's progress and warnings (such as a process
 	// that exits unexpectedly). Default: discard.
 	Log *slog.Logger
@@ -114,8 +126,15 @@ type Cluster struct {
 	// AdminKubeconfig uses URL, CAFile and the admin client certificate.
 	AdminKubeconfig string
 
-	// NodeName is the kwok node's name, "" without Options.Kwok.
+	// NodeName is the kwok or real node's name, "" without a node.
 	NodeName string
+	// NodeIP and Netns are the real node's address and network namespace
+	// (under /run/netns), "" without Options.RealNode. The API server (URL)
+	// and everything else of a real node live in Netns: reach them through
+	// DialContext, HTTPClient, Kubectl and NetnsCommand.
+	NodeIP, Netns string
+	// Figures are the real node's start and stop times (Stop's after Stop).
+	Figures NodeFigures
 	// KubeletPort is the kwok node's kubelet port on 127.0.0.1, 0 without kwok.
 	KubeletPort int
 
@@ -128,6 +147,7 @@ type Cluster struct {
 	pki        *pkiFiles
 	ownDir     bool
 	httpClient *http.Client
+	node       *nodeState // RealNode only
 	procs      []*process // in start order
 	stopOnce   sync.Once
 	stopErr    error
@@ -195,11 +215,28 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	}
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = 2 * time.Minute
+		if opts.RealNode {
+			opts.StartTimeout = 4 * time.Minute
+		}
+	}
+	if opts.Kwok && opts.RealNode {
+		return nil, errors.New("testcluster: Options.Kwok and Options.RealNode are exclusive")
 	}
 	if err := CheckBinaries(opts.BinDir, opts.Kwok); err != nil {
 		return nil, err
 	}
+	if opts.RealNode {
+		if err := CheckRealNode(opts.BinDir); err != nil {
+			return nil, err
+		}
+	}
 	c := &Cluster{opts: opts, log: opts.Log, Dir: opts.Dir}
+	if opts.RealNode {
+		c.NodeName, c.NodeIP = DefaultRealNodeName, opts.NodeIP
+		if c.NodeIP == "" {
+			c.NodeIP = DefaultNodeIP
+		}
+	}
 	if opts.Kwok {
 		c.NodeName = DefaultNodeName
 		if c.kubectl, err = findKubectl(opts.Kubectl); err != nil {
@@ -223,6 +260,9 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 			_ = c.Stop()
 		}
 	}()
+	if opts.RealNode {
+		c.initNode()
+	}
 	for _, d := range []string{"logs", "kubeconfigs", "pod-logs", "kwok"} {
 		if err := os.MkdirAll(filepath.Join(c.Dir, d), 0o700); err != nil {
 			return nil, err
@@ -242,12 +282,17 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	if nodeName == "" {
 		nodeName = DefaultNodeName
 	}
-	if c.pki, c.CAPEM, err = writePKI(filepath.Join(c.Dir, "pki"), opts.ExtraSANs, nodeName, c.AdminToken); err != nil {
+	if c.pki, c.CAPEM, err = writePKI(filepath.Join(c.Dir, "pki"), opts.ExtraSANs, nodeName, c.NodeIP, c.AdminToken); err != nil {
 		return nil, fmt.Errorf("writing certificates: %w", err)
 	}
 	c.CAFile, c.AdminCertFile, c.AdminKeyFile = c.pki.caCert, c.pki.adminCert, c.pki.adminKey
 	if err := c.initHTTPClient(); err != nil {
 		return nil, err
+	}
+	if opts.RealNode {
+		if err := c.createNetns(ctx); err != nil {
+			return nil, err
+		}
 	}
 
 	etcdURL, err := c.startEtcd(ctx)
@@ -270,6 +315,14 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 		}
 		c.log.Info("kwok node ready", "node", c.NodeName, "elapsed", time.Since(started).Round(time.Millisecond))
 	}
+	if opts.RealNode {
+		if err := c.startNode(ctx); err != nil {
+			return nil, err
+		}
+		// From the node lock on: the time waiting for another node is not the start.
+		c.Figures.Start, c.Figures.NodeReady = time.Since(c.node.startedAt), c.node.readyAt
+		c.log.Info("real node ready", "node", c.NodeName, "elapsed", c.Figures.Start.Round(time.Millisecond))
+	}
 	return c, nil
 }
 
@@ -278,6 +331,11 @@ func Start(ctx context.Context, opts Options) (_ *Cluster, err error) {
 func (c *Cluster) Stop() error {
 	c.stopOnce.Do(func() {
 		var errs []error
+		if c.node != nil {
+			started := time.Now()
+			errs = append(errs, c.stopNode())
+			c.Figures.Stop = time.Since(started)
+		}
 		for i := len(c.procs) - 1; i >= 0; i-- {
 			errs = append(errs, c.procs[i].stop(10*time.Second))
 		}
@@ -322,6 +380,7 @@ func (c *Cluster) initHTTPClient() error {
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = cfg
+	tr.DialContext = c.DialContext // into the real node's namespace, if any
 	tr.ForceAttemptHTTP2 = true
 	c.httpClient = &http.Client{Transport: tr, Timeout: 30 * time.Second}
 	return nil
@@ -330,11 +389,11 @@ func (c *Cluster) initHTTPClient() error {
 // startEtcd starts etcd and waits for its /health; it returns the client URL.
 func (c *Cluster) startEtcd(ctx context.Context) (string, error) {
 	for attempt := 1; ; attempt++ {
-		clientPort, err := freePort()
+		clientPort, err := c.port(nodeEtcdPort)
 		if err != nil {
 			return "", err
 		}
-		peerPort, err := freePort()
+		peerPort, err := c.port(nodeEtcdPeerPort)
 		if err != nil {
 			return "", err
 		}
@@ -381,13 +440,19 @@ func (c *Cluster) startEtcd(ctx context.Context) (string, error) {
 // startAPIServer starts kube-apiserver and waits for /readyz.
 func (c *Cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 	for attempt := 1; ; attempt++ {
-		port, err := freePort()
+		port, err := c.port(nodeAPIServerPort)
 		if err != nil {
 			return err
 		}
-		p, err := c.start("kube-apiserver", []string{
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
+		bind, advertise, host := "127.0.0.1", "127.0.0.1", "127.0.0.1"
+		if c.NodeIP != "" {
+			// Pods reach it through the kubernetes Service, which the lease
+			// endpoint reconciler points at the advertised node IP.
+			bind, advertise, host = "0.0.0.0", c.NodeIP, c.NodeIP
+		}
+		args := []string{
+			"--bind-address=" + bind,
+			"--advertise-address=" + advertise,
 			"--secure-port=" + itoa(port),
 			"--cert-dir=" + filepath.Join(c.Dir, "pki", "generated"),
 			"--etcd-servers=" + etcdURL,
@@ -413,12 +478,20 @@ func (c *Cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 			"--enable-priority-and-fairness=false",
 			"--allow-privileged=true",
 			"--profiling=false",
-		})
+		}
+		if c.NodeIP != "" {
+			// Real pods need the controllers' defaults: endpoints for the
+			// kubernetes Service, and the ServiceAccount admission plugin.
+			args = slices.DeleteFunc(args, func(a string) bool {
+				return a == "--endpoint-reconciler-type=none" || a == "--disable-admission-plugins=ServiceAccount"
+			})
+		}
+		p, err := c.start("kube-apiserver", args)
 		if err != nil {
 			return err
 		}
 		c.Port = port
-		c.URL = "https://127.0.0.1:" + itoa(port)
+		c.URL = "https://" + host + ":" + itoa(port)
 		err = poll(ctx, 100*time.Millisecond, "kube-apiserver /readyz", func(ctx context.Context) (bool, error) {
 			if err := p.exited(); err != nil {
 				return true, err
@@ -438,9 +511,28 @@ func (c *Cluster) startAPIServer(ctx context.Context, etcdURL string) error {
 	}
 }
 
+// port returns def inside a real node's namespace, where nothing else
+// listens, else a free port on 127.0.0.1.
+func (c *Cluster) port(def int) (int, error) {
+	if c.NodeIP != "" {
+		return def, nil
+	}
+	return freePort()
+}
+
 // start starts one of the binaries with its log in Dir/logs/name.log.
 func (c *Cluster) start(name string, args []string) (*process, error) {
-	p, err := startProcess(name, filepath.Join(c.opts.BinDir, name), args, c.Dir, c.LogFile(name), c.opts.Output, c.log)
+	return c.startBin(name, filepath.Join(c.opts.BinDir, name), args)
+}
+
+// startBin starts bin, inside the real node's namespace if there is one.
+func (c *Cluster) startBin(name, bin string, args []string) (*process, error) {
+	env := childEnv()
+	if ns := c.netnsPath(); ns != "" {
+		args = append([]string{"--net=" + ns, "--", bin}, args...)
+		bin, env = "nsenter", nodeEnv()
+	}
+	p, err := startProcess(name, bin, args, c.Dir, c.LogFile(name), c.opts.Output, c.log, env)
 	if err != nil {
 		return nil, err
 	}
