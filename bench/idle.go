@@ -15,6 +15,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -158,7 +159,7 @@ func SettledRSS(ctx context.Context, pid int, timeout time.Duration) (int64, err
 	deadline := time.Now().Add(timeout)
 	var samples []int64
 	for {
-		u, err := ReadUsage(pid)
+		u, err := proctest.ReadUsage(pid)
 		if err != nil {
 			return 0, err
 		}

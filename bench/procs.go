@@ -1,21 +1,15 @@
 package bench
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
+
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 )
 
 // Binaries are the relay and agent executables under test.
@@ -68,140 +62,25 @@ func startListening(ctx context.Context, name, bin, msg string, args ...string) 
 	select {
 	case addr := <-addrc:
 		return p, addr, nil
-	case <-p.Exited():
-		return nil, "", fmt.Errorf("%s exited before listening:\n%s", name, p.Tail())
+	case <-p.Done():
+		return nil, "", fmt.Errorf("%s exited before listening:\n%s", name, p.Tail(20))
 	case <-time.After(30 * time.Second):
 		p.Stop(time.Second)
-		return nil, "", fmt.Errorf("%s did not listen within 30s:\n%s", name, p.Tail())
+		return nil, "", fmt.Errorf("%s did not listen within 30s:\n%s", name, p.Tail(20))
 	case <-ctx.Done():
 		p.Stop(time.Second)
 		return nil, "", ctx.Err()
 	}
 }
 
-// Proc is a child process whose log lines are read as they come.
-type Proc struct {
-	Name string
-	cmd  *exec.Cmd
-	done chan struct{}
+// Proc is a child process (relay, agent, forwarder) whose output is kept
+// in memory and read as it comes.
+type Proc = proctest.Process
 
-	mu   sync.Mutex
-	tail []string // last log lines, for error messages
-	err  error
-}
-
-// startProc starts bin. Each stderr line goes to watch (when not nil) until
-// watch returns true; all lines are kept in a short tail for errors.
+// startProc starts bin. Each output line goes to watch (when not nil)
+// until watch returns true.
 func startProc(name, bin string, watch func(line string) bool, args ...string) (*Proc, error) {
-	cmd := exec.Command(bin, args...)
-	// The child must not outlive the harness, even when the harness is
-	// killed without a chance to clean up.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		return nil, err
-	}
-	cmd.Stdout = io.Discard
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", name, err)
-	}
-	p := &Proc{Name: name, cmd: cmd, done: make(chan struct{})}
-	go func() {
-		defer close(p.done)
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			line := sc.Text()
-			p.mu.Lock()
-			if len(p.tail) == 20 {
-				p.tail = p.tail[1:]
-			}
-			p.tail = append(p.tail, line)
-			p.mu.Unlock()
-			if watch != nil && watch(line) {
-				watch = nil
-			}
-		}
-		err := cmd.Wait()
-		p.mu.Lock()
-		p.err = err
-		p.mu.Unlock()
-	}()
-	return p, nil
-}
-
-// Pid is the process id.
-func (p *Proc) Pid() int { return p.cmd.Process.Pid }
-
-// Exited is closed once the process has ended.
-func (p *Proc) Exited() <-chan struct{} { return p.done }
-
-// Tail returns the last log lines, for error messages.
-func (p *Proc) Tail() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return strings.Join(p.tail, "\n")
-}
-
-// Stop asks the process to drain and exit (SIGTERM), and kills it when it
-// has not exited within grace.
-func (p *Proc) Stop(grace time.Duration) {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(grace):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-	}
-}
-
-// Usage is a process's CPU time so far and memory now.
-type Usage struct {
-	CPU time.Duration
-	// RSS is resident memory now, HWM the peak so far, in bytes.
-	RSS, HWM int64
-}
-
-// clockTick is USER_HZ, 100 on every Linux platform Go supports.
-const clockTick = 10 * time.Millisecond
-
-// ReadUsage reads /proc for pid.
-func ReadUsage(pid int) (Usage, error) {
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return Usage{}, fmt.Errorf("reading process stat: %w", err)
-	}
-	// The command name in field 2 may contain spaces; fields after its
-	// closing parenthesis are fixed. utime and stime are fields 14 and 15.
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return Usage{}, errors.New("malformed /proc stat")
-	}
-	f := strings.Fields(string(stat[i+1:]))
-	if len(f) < 13 {
-		return Usage{}, errors.New("short /proc stat")
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	u := Usage{CPU: time.Duration(ut+st) * clockTick}
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return Usage{}, fmt.Errorf("reading process status: %w", err)
-	}
-	for line := range strings.Lines(string(status)) {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		switch k {
-		case "VmRSS":
-			u.RSS = kb << 10
-		case "VmHWM":
-			u.HWM = kb << 10
-		}
-	}
-	return u, nil
+	return proctest.Start(proctest.Options{Name: name, Bin: bin, Args: args, Watch: watch})
 }
 
 // logLine is the part of the relay's and agent's JSON log lines we read.

@@ -12,7 +12,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 )
 
 // Options size a run. Full is what `make bench` runs; the smoke test uses
@@ -204,7 +206,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		}
 	}
 	bins := o.Binaries
-	be, err := StartBackend(o.Dir, o.ListSize, []string{"cluster-pt." + Domain, "cluster-wpt." + Domain}, o.Log)
+	be, err := StartBackend(o.Dir, o.ListSize, []string{hostname.Host(hostname.DefaultSubdomain("pt"), Domain), hostname.Host(hostname.DefaultSubdomain("wpt"), Domain)}, o.Log)
 	if err != nil {
 		return nil, err
 	}
@@ -292,7 +294,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		if err != nil {
 			return err
 		}
-		res.add("rss_idle_"+p.Name, "", float64(rss))
+		res.add("rss_idle_"+p.Name(), "", float64(rss))
 	}
 	stopSampling := samplePeaks([]*Proc{relay.Proc, pt.Proc, tm.Proc})
 
@@ -342,10 +344,10 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 				break
 			}
 			for _, t := range targets {
-				var before []Usage
+				var before []proctest.Usage
 				procs := procs[t.Name]
 				for _, p := range procs {
-					u, err := ReadUsage(p.Pid())
+					u, err := p.Usage()
 					if err != nil {
 						return err
 					}
@@ -356,7 +358,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 					return fmt.Errorf("%s %s: %w", tr.Name, t.Name, err)
 				}
 				for i, p := range procs {
-					u, err := ReadUsage(p.Pid())
+					u, err := p.Usage()
 					if err != nil {
 						return err
 					}
@@ -494,8 +496,8 @@ func samplePeaks(procs []*Proc) func() map[string]int64 {
 		defer t.Stop()
 		for {
 			for _, p := range procs {
-				if u, err := ReadUsage(p.Pid()); err == nil {
-					peaks[p.Name] = max(peaks[p.Name], u.RSS)
+				if u, err := p.Usage(); err == nil {
+					peaks[p.Name()] = max(peaks[p.Name()], u.RSS)
 				}
 			}
 			select {

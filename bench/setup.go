@@ -12,14 +12,13 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/net/http2"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/promtext"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 )
 
@@ -83,33 +82,17 @@ func (r *Relay) Tunnels(ctx context.Context) (int, error) {
 	return int(v), nil
 }
 
-// Metrics reads the relay's unlabelled metrics (gauges and counters
-// without labels), by name.
+// Metrics reads the relay's metrics, each sample by its full name (labels
+// included).
 func (r *Relay) Metrics(ctx context.Context) (map[string]float64, error) {
 	t := Target{Name: "relay", Addr: r.Addr, Host: Domain, Roots: r.Roots}
 	hc := t.Client(false, 1)
 	defer hc.CloseIdleConnections()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, t.URL("/metrics"), nil)
-	resp, err := hc.Do(req)
+	m, err := promtext.Scrape(ctx, hc, t.URL("/metrics"))
 	if err != nil {
 		return nil, fmt.Errorf("reading relay metrics: %w", err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("reading relay metrics: %w", err)
-	}
-	out := map[string]float64{}
-	for line := range strings.Lines(string(body)) {
-		name, v, ok := strings.Cut(strings.TrimSpace(line), " ")
-		if !ok || strings.HasPrefix(name, "#") || strings.Contains(name, "{") {
-			continue
-		}
-		if f, err := strconv.ParseFloat(v, 64); err == nil {
-			out[name] = f
-		}
-	}
-	return out, nil
+	return m, nil
 }
 
 // Agent is a running agent process serving one cluster.
@@ -145,7 +128,7 @@ func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, 
 	}
 	if err := a.Target.WaitReady(ctx, 30*time.Second); err != nil {
 		a.Stop(time.Second)
-		return nil, fmt.Errorf("agent %s: %w\n%s", uid, err, p.Tail())
+		return nil, fmt.Errorf("agent %s: %w\n%s", uid, err, p.Tail(20))
 	}
 	return a, nil
 }

@@ -333,7 +333,7 @@ func TestAbuseCrossClusterRegistration(t *testing.T) {
 func TestAbuseStreamFlood(t *testing.T) {
 	const maxStreams, n = 20, 100
 	const uid = "flood"
-	host := "cluster-" + uid + "." + domain
+	host := clusterHost(uid)
 	be := newBackend(t, host)
 	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) { c.MaxStreamsPerTunnel = maxStreams })
 	tok, _ := r.issue(t, uid, "", time.Hour)

@@ -22,6 +22,7 @@ import (
 	api "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 )
 
@@ -92,7 +93,7 @@ func chartNamespace(t *testing.T, c *testcluster.Cluster, ns string) string {
 // and its CA, the service account token file, the relay's address (no DNS)
 // and a health port on 127.0.0.1. It returns the process and its health
 // address.
-func chartAgent(t *testing.T, cliBin string, c *testcluster.Cluster, r *relayBinary, uid, tokenFile, saToken string, env ...string) (*proc, string) {
+func chartAgent(t *testing.T, cliBin string, c *testcluster.Cluster, r *relayBinary, uid, tokenFile, saToken string, env ...string) (*proctest.Process, string) {
 	t.Helper()
 	health := freeAddr(t)
 	ns := "cluster-" + uid
@@ -182,7 +183,7 @@ func TestChartAgentAutoPassthrough(t *testing.T) {
 	assert.Equal(t, "ok mode=passthrough\n", body)
 	_, metrics := httpGet(t, "http://"+health+"/metrics")
 	assert.Contains(t, metrics, `spectro_proxy_agent_mode{mode="passthrough"} 1`)
-	assert.Contains(t, agent.out.String(), "registering passthrough")
+	assert.Contains(t, agent.Output(), "registering passthrough")
 
 	// The user's client certificate, end to end.
 	kc, err := exec.Command(cliBin, "kubeconfig", "--mode", "passthrough", "--server", domain, "--port", r.port,
@@ -200,7 +201,7 @@ func TestChartAgentAutoPassthrough(t *testing.T) {
 	// The skeleton plus the user's own certificate reaches the cluster
 	// (--server and --tls-server-name stand in for DNS).
 	out, err = kubectl(context.Background(), skel, nil, nil, "--server", "https://"+r.addr,
-		"--tls-server-name", "cluster-"+kubeUID+"."+domain, "--client-certificate", c.AdminCertFile, "--client-key", c.AdminKeyFile,
+		"--tls-server-name", clusterHost(kubeUID), "--client-certificate", c.AdminCertFile, "--client-key", c.AdminKeyFile,
 		"auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
 	require.NoError(t, err)
 	assert.Equal(t, testcluster.AdminUser, out)
@@ -223,7 +224,7 @@ func TestChartAgentAutoTerminate(t *testing.T) {
 	assert.Equal(t, "ok mode=terminate\n", body)
 	_, metrics := httpGet(t, "http://"+health+"/metrics")
 	assert.Contains(t, metrics, `spectro_proxy_agent_mode{mode="terminate"} 1`)
-	assert.Contains(t, agent.out.String(), "registering terminate")
+	assert.Contains(t, agent.Output(), "registering terminate")
 
 	// What NOTES tells the user: a bounded token from the TokenRequest API.
 	ctx := context.Background()
@@ -264,7 +265,7 @@ func TestChartAgentAutoTerminate(t *testing.T) {
 	relayCA, err := os.ReadFile(r.caFile())
 	require.NoError(t, err)
 	skel := checkSkeleton(t, data, uid, r.port, relayCA)
-	out, err = kubectl(ctx, skel, nil, nil, "--server", "https://"+r.addr, "--tls-server-name", ns+"."+domain,
+	out, err = kubectl(ctx, skel, nil, nil, "--server", "https://"+r.addr, "--tls-server-name", clusterHost(uid),
 		"--token", strings.TrimSpace(tok), "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
 	require.NoError(t, err)
 	assert.Equal(t, "system:serviceaccount:"+ns+":viewer", out)
@@ -279,7 +280,7 @@ func TestChartAgentAutoTerminate(t *testing.T) {
 
 // tinyproxy is Debian's tinyproxy on 127.0.0.1.
 type tinyproxy struct {
-	p       *proc
+	p       *proctest.Process
 	addr    string
 	logFile string
 }
@@ -321,7 +322,7 @@ func startTinyproxy(t *testing.T, connectPort, auth string) *tinyproxy {
 // builds log in the foreground).
 func (tp *tinyproxy) log() string {
 	b, _ := os.ReadFile(tp.logFile)
-	return string(b) + tp.p.out.String()
+	return string(b) + tp.p.Output()
 }
 
 // TestChartAgentEgressProxy: with HTTPS_PROXY the agent reaches the relay
@@ -342,7 +343,7 @@ func TestChartAgentEgressProxy(t *testing.T) {
 	}
 	agent, health := chartAgent(t, cliBin, c, r, kubeUID, tokFile, saToken, proxyEnv("http://"+tp.addr)...)
 	waitHTTP(t, "http://"+health+"/readyz", 200)
-	assert.Contains(t, agent.out.String(), "the relay connection goes through an HTTP proxy")
+	assert.Contains(t, agent.Output(), "the relay connection goes through an HTTP proxy")
 	assert.Contains(t, tp.log(), "CONNECT "+r.addr, "tinyproxy carried the tunnel")
 	assert.NotContains(t, tp.log(), strconv.Itoa(c.Port), "in-cluster calls never use the proxy")
 
@@ -359,17 +360,17 @@ func TestChartAgentEgressProxy(t *testing.T) {
 	assert.Equal(t, "passthrough", publishedConfigMap(t, c, "cluster-"+kubeUID)["mode"])
 
 	// Proof that the tunnel went through tinyproxy: without it, no tunnel.
-	require.NoError(t, tp.p.cmd.Process.Signal(syscall.SIGKILL))
+	require.NoError(t, tp.p.Signal(syscall.SIGKILL))
 	waitHTTP(t, "http://"+health+"/readyz", http.StatusServiceUnavailable)
 	require.Eventually(t, func() bool {
-		return strings.Contains(agent.out.String(), "dialing proxy http://"+tp.addr+": ")
+		return strings.Contains(agent.Output(), "dialing proxy http://"+tp.addr+": ")
 	}, 20*time.Second, 50*time.Millisecond, "the agent says it cannot reach the proxy")
 
 	t.Run("proxy refuses the relay's port", func(t *testing.T) {
 		other := startTinyproxy(t, "1", "")
 		agent, health := chartAgent(t, cliBin, c, r, kubeUID, tokFile, saToken, proxyEnv("http://"+other.addr)...)
 		require.Eventually(t, func() bool {
-			return strings.Contains(agent.out.String(), "proxy http://"+other.addr+" refused CONNECT "+r.addr+": 403 Access violation (the proxy does not allow CONNECT to the relay's address and port)")
+			return strings.Contains(agent.Output(), "proxy http://"+other.addr+" refused CONNECT "+r.addr+": 403 Access violation (the proxy does not allow CONNECT to the relay's address and port)")
 		}, 20*time.Second, 50*time.Millisecond, "the agent names the proxy and its refusal")
 		code, _ := httpGet(t, "http://"+health+"/readyz")
 		assert.Equal(t, http.StatusServiceUnavailable, code)
@@ -379,18 +380,18 @@ func TestChartAgentEgressProxy(t *testing.T) {
 		authed := startTinyproxy(t, r.port, "agent s3cret-pw")
 		wrong, wrongHealth := chartAgent(t, cliBin, c, r, kubeUID, tokFile, saToken, proxyEnv("http://agent:not-the-pw@"+authed.addr)...)
 		require.Eventually(t, func() bool {
-			return strings.Contains(wrong.out.String(), "proxy http://agent:xxxxx@"+authed.addr+" refused CONNECT "+r.addr+
+			return strings.Contains(wrong.Output(), "proxy http://agent:xxxxx@"+authed.addr+" refused CONNECT "+r.addr+
 				": 401 Unauthorized (the proxy did not accept the credentials in the proxy URL)") // tinyproxy's answer
 		}, 20*time.Second, 50*time.Millisecond, "the agent names the proxy and its refusal")
 		code, _ := httpGet(t, "http://"+wrongHealth+"/readyz")
 		assert.Equal(t, http.StatusServiceUnavailable, code)
-		assert.NotContains(t, wrong.out.String(), "not-the-pw", "the proxy password is never logged")
-		require.NoError(t, wrong.cmd.Process.Signal(syscall.SIGKILL))
+		assert.NotContains(t, wrong.Output(), "not-the-pw", "the proxy password is never logged")
+		require.NoError(t, wrong.Signal(syscall.SIGKILL))
 
 		right, health := chartAgent(t, cliBin, c, r, kubeUID, tokFile, saToken, proxyEnv("http://agent:s3cret-pw@"+authed.addr)...)
 		waitHTTP(t, "http://"+health+"/readyz", 200)
 		assert.Contains(t, authed.log(), "CONNECT "+r.addr)
-		assert.NotContains(t, right.out.String(), "s3cret-pw", "the proxy password is never logged")
+		assert.NotContains(t, right.Output(), "s3cret-pw", "the proxy password is never logged")
 		out, err := kubectl(context.Background(), kcFile, nil, nil, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
 		require.NoError(t, err)
 		assert.Equal(t, testcluster.AdminUser, out)

@@ -16,6 +16,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 )
 
 var (
@@ -42,31 +44,17 @@ func binaries(t *testing.T) (server, client string) {
 	return filepath.Join(binDir, "spectro-proxy-server"), filepath.Join(binDir, "spectro-proxy-client")
 }
 
-type proc struct {
-	cmd  *exec.Cmd
-	out  *syncBuffer
-	done chan error
-}
-
-func startProc(t *testing.T, env []string, bin string, args ...string) *proc {
+// startProc starts bin with the parent's environment and env, keeping its
+// output; the test's cleanup kills it and, when the test failed, logs it.
+func startProc(t *testing.T, env []string, bin string, args ...string) *proctest.Process {
 	t.Helper()
-	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), env...)
-	// One writer for both: a bytes.Buffer as Stdout is filled by ReadFrom,
-	// which would race with (and truncate) what stderr wrote.
-	w := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = w, w
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	require.NoError(t, cmd.Start())
-	p := &proc{cmd: cmd, out: w, done: make(chan error, 1)}
-	go func() { p.done <- cmd.Wait() }()
+	p, err := proctest.Start(proctest.Options{Bin: bin, Args: args, Env: append(os.Environ(), env...)})
+	require.NoError(t, err)
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-p.done
+		_ = p.Stop(0)
 		if t.Failed() {
-			t.Logf("%s output:\n%s", filepath.Base(bin), w.String())
+			t.Logf("%s output:\n%s", filepath.Base(bin), p.Output())
 		}
-		p.done <- nil
 	})
 	return p
 }
@@ -136,25 +124,23 @@ func TestShippedBinaries(t *testing.T) {
 	assert.Equal(t, "admin", out)
 
 	// Both shut down cleanly on SIGTERM, and the agent's readiness drops.
-	require.NoError(t, agent.cmd.Process.Signal(syscall.SIGTERM))
+	require.NoError(t, agent.Signal(syscall.SIGTERM))
 	select {
-	case err := <-agent.done:
-		assert.NoError(t, err, "agent exit status after SIGTERM")
-		agent.done <- err
+	case <-agent.Done():
+		assert.NoError(t, agent.Err(), "agent exit status after SIGTERM")
 	case <-time.After(15 * time.Second):
 		t.Fatal("agent did not exit after SIGTERM")
 	}
-	assert.Contains(t, agent.out.String(), `"msg":"draining tunnel"`)
-	require.NoError(t, relay.cmd.Process.Signal(syscall.SIGTERM))
+	assert.Contains(t, agent.Output(), `"msg":"draining tunnel"`)
+	require.NoError(t, relay.Signal(syscall.SIGTERM))
 	select {
-	case err := <-relay.done:
-		assert.NoError(t, err, "relay exit status after SIGTERM")
-		relay.done <- err
+	case <-relay.Done():
+		assert.NoError(t, relay.Err(), "relay exit status after SIGTERM")
 	case <-time.After(15 * time.Second):
 		t.Fatal("relay did not exit after SIGTERM")
 	}
-	assert.Contains(t, relay.out.String(), `"msg":"relay draining"`)
-	assert.NotContains(t, relay.out.String()+agent.out.String(), strings.TrimSpace(string(tok)), "the token is never logged")
+	assert.Contains(t, relay.Output(), `"msg":"relay draining"`)
+	assert.NotContains(t, relay.Output()+agent.Output(), strings.TrimSpace(string(tok)), "the token is never logged")
 }
 
 func TestCLIErrors(t *testing.T) {

@@ -36,6 +36,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -342,9 +343,9 @@ func TestDashboards(t *testing.T) {
 		host string
 		app  *dashApp
 	}{
-		{"kubernetes dashboard over https", "cluster-dash-dashboard." + domain, k8s},
-		{"kubernetes dashboard on the insecure port", "cluster-plain-dashboard." + domain, insecure},
-		{"vm dashboard", "cluster-dash-vmdashboard." + domain, vm},
+		{"kubernetes dashboard over https", hostname.Host(hostname.Dashboard(hostname.DefaultSubdomain("dash")), domain), k8s},
+		{"kubernetes dashboard on the insecure port", hostname.Host(hostname.Dashboard(hostname.DefaultSubdomain("plain")), domain), insecure},
+		{"vm dashboard", hostname.Host(hostname.VMDashboard(hostname.DefaultSubdomain("dash")), domain), vm},
 	}
 
 	t.Run("relay logs the dashboard host names", func(t *testing.T) {

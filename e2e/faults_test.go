@@ -1,8 +1,6 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -15,11 +13,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,6 +22,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
+	"github.com/spectroproxy/spectro-proxy/internal/promtext"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -73,30 +70,7 @@ func scrapeErr(addr string, roots *x509.CertPool) (map[string]float64, error) {
 		TLSClientConfig: &tls.Config{ServerName: domain, RootCAs: roots},
 	}}
 	defer hc.CloseIdleConnections()
-	resp, err := hc.Get("https://" + domain + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("metrics: status %d", resp.StatusCode)
-	}
-	out := map[string]float64{}
-	s := bufio.NewScanner(resp.Body)
-	for s.Scan() {
-		line := s.Text()
-		if strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out, s.Err()
+	return promtext.Scrape(context.Background(), hc, "https://"+domain+"/metrics")
 }
 
 func refusals(reason string) string { return `spectro_proxy_refusals_total{reason="` + reason + `"}` }
@@ -311,7 +285,7 @@ func TestFaultReplicaKilled(t *testing.T) {
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
 		t.Run(string(mode), func(t *testing.T) {
 			uid := "kill-" + string(mode)[:4]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			r := startRelay(t, "127.0.0.1:0", "", nil)
 			tok, _ := r.issue(t, uid, "", time.Hour)
@@ -358,7 +332,7 @@ func TestFaultBlackholedTunnel(t *testing.T) {
 		name := map[bool]string{true: "used", false: "never used"}[used]
 		t.Run(name, func(t *testing.T) {
 			uid := map[bool]string{true: "bh", false: "bh-idle"}[used]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			// Default liveness on both sides: this is the promise users get.
 			r := startRelay(t, "127.0.0.1:0", "", nil)
@@ -436,7 +410,7 @@ func TestFaultRelayDrain(t *testing.T) {
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
 		t.Run(string(mode), func(t *testing.T) {
 			uid := "drain-" + string(mode)[:4]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			const drain = 5 * time.Second
 			long := func(c *server.Config) { c.DrainTimeout = drain }
@@ -533,7 +507,7 @@ func TestFaultAgentDrain(t *testing.T) {
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
 		t.Run(string(mode), func(t *testing.T) {
 			uid := "adrain-" + string(mode)[:4]
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			be := newBackend(t, host)
 			r := startRelay(t, "127.0.0.1:0", "", nil)
 			tok, _ := r.issue(t, uid, "", time.Hour)
@@ -608,9 +582,8 @@ func TestFaultAgentDrain(t *testing.T) {
 // be measured apart from the agents in this process, and SIGTERM is a
 // real signal.
 type relayProcess struct {
-	cmd  *exec.Cmd
+	*proctest.Process
 	addr string
-	exit chan error
 }
 
 func buildRelay(t *testing.T) string {
@@ -627,47 +600,35 @@ func buildRelay(t *testing.T) string {
 
 func startRelayProcess(t *testing.T, bin, stateDir, addr string, args ...string) *relayProcess {
 	t.Helper()
-	cmd := exec.Command(bin, append([]string{"--listen", addr, "--domain", domain, "--state-dir", stateDir, "--drain-timeout", "5s",
-		"--log-level", "info"}, args...)...)
-	stderr, err := cmd.StderrPipe()
-	require.NoError(t, err)
-	require.NoError(t, cmd.Start())
-	p := &relayProcess{cmd: cmd, exit: make(chan error, 1)}
 	addrCh := make(chan string, 1)
-	go func() {
-		s := bufio.NewScanner(stderr)
-		for s.Scan() {
+	p, err := proctest.Start(proctest.Options{Name: "relay", Bin: bin,
+		Args: append([]string{"--listen", addr, "--domain", domain, "--state-dir", stateDir, "--drain-timeout", "5s",
+			"--log-level", "info"}, args...),
+		Watch: func(l string) bool {
 			var line struct{ Msg, Addr string }
-			if json.Unmarshal(s.Bytes(), &line) == nil && line.Msg == "relay listening" {
+			if json.Unmarshal([]byte(l), &line) == nil && line.Msg == "relay listening" {
 				addrCh <- line.Addr
+				return true
 			}
-		}
-		p.exit <- cmd.Wait()
-	}()
-	t.Cleanup(func() { p.stop(t) })
+			return false
+		}})
+	require.NoError(t, err)
+	rp := &relayProcess{Process: p}
+	t.Cleanup(func() { rp.stop(t) })
 	select {
-	case p.addr = <-addrCh:
-	case err := <-p.exit:
-		p.exit <- err
-		t.Fatalf("relay exited at start: %v", err)
+	case rp.addr = <-addrCh:
+	case <-p.Done():
+		t.Fatalf("relay exited at start: %v", p.Err())
 	case <-time.After(30 * time.Second):
 		t.Fatal("relay did not start listening within 30s")
 	}
-	return p
+	return rp
 }
 
 // stop sends SIGTERM and waits for the drain; stopping twice is harmless.
 func (p *relayProcess) stop(t *testing.T) {
-	if p.cmd.ProcessState != nil {
-		return
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.exit:
-	case <-time.After(30 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.exit
-		t.Error("relay did not stop within 30s of SIGTERM")
+	if err := p.Stop(30 * time.Second); err != nil {
+		t.Error(err)
 	}
 }
 
@@ -675,27 +636,9 @@ func (p *relayProcess) stop(t *testing.T) {
 // peak resident memory from /proc.
 func procUsage(t *testing.T, pid int) (cpu time.Duration, rssMiB, peakMiB float64) {
 	t.Helper()
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	u, err := proctest.ReadUsage(pid)
 	require.NoError(t, err)
-	// Fields after the parenthesised command name; utime and stime are
-	// the 14th and 15th fields of the line.
-	fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+2:]))
-	utime, _ := strconv.ParseInt(fields[11], 10, 64)
-	stime, _ := strconv.ParseInt(fields[12], 10, 64)
-	cpu = time.Duration(utime+stime) * time.Second / 100 // USER_HZ is 100 on Linux
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	require.NoError(t, err)
-	for _, l := range strings.Split(string(status), "\n") {
-		k, v, _ := strings.Cut(l, ":")
-		kib, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-		switch k {
-		case "VmRSS":
-			rssMiB = kib / 1024
-		case "VmHWM":
-			peakMiB = kib / 1024
-		}
-	}
-	return cpu, rssMiB, peakMiB
+	return u.CPU, float64(u.RSS) / (1 << 20), float64(u.HWM) / (1 << 20)
 }
 
 func TestFaultThousandAgentsReconnect(t *testing.T) {
@@ -751,14 +694,14 @@ func TestFaultThousandAgentsReconnect(t *testing.T) {
 		}
 	}
 	first := waitAll(r1.addr, 2*within)
-	_, steadyRSS, _ := procUsage(t, r1.cmd.Process.Pid)
+	_, steadyRSS, _ := procUsage(t, r1.Pid())
 
 	// Restart: SIGTERM (drain), then a new relay on the same address.
 	addr := r1.addr
 	r1.stop(t)
 	r2 := startRelayProcess(t, bin, dir, addr, "--registrations-per-second", rate)
 	back := waitAll(r2.addr, within)
-	cpu, rss, peak := procUsage(t, r2.cmd.Process.Pid)
+	cpu, rss, peak := procUsage(t, r2.Pid())
 	m := scrape(t, r2.addr, roots)
 	limited := m[refusals("rate_limited")]
 	accepted := m[`spectro_proxy_tunnel_registrations_total{result="accepted"}`]

@@ -20,12 +20,16 @@ import (
 	"golang.org/x/net/http/httpproxy"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
 
 const domain = "proxy.test"
+
+// clusterHost is the relay's host name for cluster uid's API server.
+func clusterHost(uid string) string { return hostname.Host(hostname.DefaultSubdomain(uid), domain) }
 
 // relay is a running relay.
 type relay struct {

@@ -23,7 +23,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -52,7 +54,7 @@ func kube(t *testing.T) *testcluster.Cluster {
 		defer cancel()
 		kubeCluster, kubeErr = testcluster.Start(ctx, testcluster.Options{
 			Kwok:      true,
-			ExtraSANs: []string{"cluster-" + kubeUID + "." + domain},
+			ExtraSANs: []string{clusterHost(kubeUID)},
 		})
 	})
 	require.NoError(t, kubeErr)
@@ -65,28 +67,23 @@ func stopKube() {
 	}
 }
 
-// kubectl runs the real kubectl with kubeconfig and extra env.
+// kubectl runs the real kubectl with kubeconfig and extra env, as the shared
+// cluster runs it.
 func kubectl(ctx context.Context, kubeconfig string, env []string, stdin io.Reader, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", kubeconfig}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd := kubeCluster.KubectlCmd(ctx, kubeconfig, args...)
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stdin = stdin
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if err != nil {
-		return stdout.String(), fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, stderr.String())
-	}
-	return stdout.String(), nil
+	return proctest.Run(cmd)
 }
 
 // streamLines starts a long-running kubectl and returns its stdout lines.
 func streamLines(t *testing.T, kubeconfig string, env []string, args ...string) (<-chan string, *exec.Cmd) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", kubeconfig}, args...)...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd := kubeCluster.KubectlCmd(ctx, kubeconfig, args...)
+	cmd.Env = append(cmd.Env, env...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
@@ -140,7 +137,7 @@ func setupProxied(t *testing.T, c *testcluster.Cluster, mode tunnel.Mode) *proxi
 		APIServer: c.URL, APIServerCAFile: c.CAFile, AgentID: "agent-" + string(mode)})
 	a.waitReady(t)
 
-	opts := kubeconfig.Options{Mode: mode, Server: domain, Port: 443, Subdomain: "cluster-" + kubeUID, Connect: r.addr}
+	opts := kubeconfig.Options{Mode: mode, Server: domain, Port: 443, Subdomain: hostname.DefaultSubdomain(kubeUID), Connect: r.addr}
 	relayCA, err := os.ReadFile(r.caFile())
 	require.NoError(t, err)
 	out, err := c.ProxiedKubeconfig(ctx, opts, relayCA, time.Hour)

@@ -10,8 +10,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,28 +19,10 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
 )
-
-// metric scrapes the relay's /metrics on its own domain and returns the
-// value of the first sample line that starts with name.
-func metric(t *testing.T, r *relay, name string) float64 {
-	t.Helper()
-	hc := httpClient(r, domain, r.caPool(t), false)
-	defer hc.CloseIdleConnections()
-	resp, err := hc.Get("https://" + domain + "/metrics")
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(body)
-	if m == nil {
-		return 0
-	}
-	v, err := strconv.ParseFloat(string(m[1]), 64)
-	require.NoError(t, err)
-	return v
-}
 
 // TestStaleSessionTakeover: a replica whose old tunnel is dead but not yet
 // detected (here a WebSocket that never answers HTTP/2) reconnects with the
@@ -50,7 +30,7 @@ func metric(t *testing.T, r *relay, name string) float64 {
 // requests being sent into the dead tunnel until pings time out.
 func TestStaleSessionTakeover(t *testing.T) {
 	const uid = "stale"
-	host := "cluster-" + uid + "." + domain
+	host := clusterHost(uid)
 	be := newBackend(t, host)
 	r := startRelay(t, "127.0.0.1:0", "", nil)
 	tokFile, _ := r.issue(t, uid, "", time.Hour)
@@ -60,7 +40,7 @@ func TestStaleSessionTakeover(t *testing.T) {
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+string(tok))
 	h.Set(tunnel.HeaderAgent, "replica-1")
-	h.Set(tunnel.HeaderRoutes, "cluster-"+uid+"=terminate")
+	h.Set(tunnel.HeaderRoutes, hostname.DefaultSubdomain(uid)+"=terminate")
 	d := websocket.Dialer{
 		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, network, r.addr)
@@ -86,8 +66,8 @@ func TestStaleSessionTakeover(t *testing.T) {
 		}
 	}
 	assert.Equal(t, 1, r.srv.Tunnels())
-	assert.Equal(t, 1.0, metric(t, r, `spectro_proxy_tunnel_registrations_total{result="replaced"}`))
-	assert.Equal(t, 1.0, metric(t, r, "spectro_proxy_tunnels_connected"))
+	assert.Equal(t, 1.0, r.metrics(t)[`spectro_proxy_tunnel_registrations_total{result="replaced"}`])
+	assert.Equal(t, 1.0, r.metrics(t)["spectro_proxy_tunnels_connected"])
 
 	// Every request goes to the live session, none into the dead one.
 	hc := httpClient(r, host, r.caPool(t), true)
@@ -186,7 +166,7 @@ func TestHostNameOwnership(t *testing.T) {
 		require.Eventually(t, func() bool { return strings.Contains(logs.String(), "409 Conflict") }, 10*time.Second, 10*time.Millisecond)
 		assert.Contains(t, logs.String(), "shared.proxy.test is served by another cluster")
 		assert.False(t, agentB.c.Ready())
-		assert.Equal(t, 1.0, metric(t, r, `spectro_proxy_refusals_total{reason="label_conflict"}`))
+		assert.Equal(t, 1.0, r.metrics(t)[`spectro_proxy_refusals_total{reason="label_conflict"}`])
 	})
 
 	t.Run("a request for another cluster on this connection gets 421", func(t *testing.T) {

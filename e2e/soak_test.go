@@ -108,7 +108,7 @@ func TestSoak(t *testing.T) {
 	if raceEnabled {
 		slackRSSMiB = 128
 	}
-	hostP, hostT := "cluster-soakp."+domain, "cluster-soakt."+domain
+	hostP, hostT := clusterHost("soakp"), clusterHost("soakt")
 	be := newBackend(t, hostP, hostT)
 	r := startRelay(t, "127.0.0.1:0", "", nil)
 	for _, m := range []struct {

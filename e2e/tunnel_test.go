@@ -166,7 +166,7 @@ func httpClient(r *relay, host string, roots *x509.CertPool, h2 bool) *http.Clie
 
 func TestTunnelModes(t *testing.T) {
 	const uid = "abc"
-	host := "cluster-" + uid + "." + domain
+	host := clusterHost(uid)
 	be := newBackend(t, host)
 	r := startRelay(t, "127.0.0.1:0", "", nil)
 	for _, mode := range []tunnel.Mode{tunnel.Passthrough, tunnel.Terminate} {
@@ -357,7 +357,7 @@ func TestUnknownHostAndAgentDown(t *testing.T) {
 			if mode == tunnel.Terminate {
 				uid = "tm"
 			}
-			host := "cluster-" + uid + "." + domain
+			host := clusterHost(uid)
 			tok, _ := r.issue(t, uid, "", time.Hour)
 			a := startAgent(t, r, client.Config{ClusterUID: uid, TokenFile: tok, Mode: mode, APIServer: be.srv.URL, APIServerCAFile: be.caFile})
 			a.waitReady(t)
@@ -382,7 +382,7 @@ func TestUnknownHostAndAgentDown(t *testing.T) {
 
 func TestRelayRestartAndFailover(t *testing.T) {
 	const uid = "rs"
-	host := "cluster-" + uid + "." + domain
+	host := clusterHost(uid)
 	be := newBackend(t, host)
 	r := startRelay(t, "127.0.0.1:0", "", nil)
 	tok, _ := r.issue(t, uid, "", time.Hour)

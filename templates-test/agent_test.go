@@ -16,6 +16,8 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 )
 
 // packVersions are the documented pack versions under packs/spectro-proxy/.
@@ -25,9 +27,10 @@ const (
 	sampleUID    = "6582c4a5d1e2b3f4a5b6c7d8"
 	sampleServer = "proxy.example.com"
 	sampleNS     = "cluster-" + sampleUID
-	sampleHost   = "cluster-" + sampleUID + "." + sampleServer
 	sampleToken  = "spx1.eyJjbHVzdGVyIjoiNjU4MmM0YTVkMWUyYjNmNGE1YjZjN2Q4In0.c2lnbmF0dXJl"
 )
+
+var sampleHost = hostname.Host(hostname.DefaultSubdomain(sampleUID), sampleServer)
 
 // sampleCluster is what the platform provides for a cluster: its
 // spectro.system values, the agent's tunnel token included.
@@ -282,8 +285,8 @@ func TestDashboards(t *testing.T) {
 		k8sHTTP  = "--k8s-dashboard-url=http://kubernetes-dashboard.kubernetes-dashboard.svc:9090"
 		vm       = "--vm-dashboard-url=https://vm-dashboard.vm-dashboard.svc:443"
 	)
-	dashHost := "cluster-" + sampleUID + "-dashboard." + sampleServer
-	vmHost := "cluster-" + sampleUID + "-vmdashboard." + sampleServer
+	dashHost := hostname.Host(hostname.Dashboard(hostname.DefaultSubdomain(sampleUID)), sampleServer)
+	vmHost := hostname.Host(hostname.VMDashboard(hostname.DefaultSubdomain(sampleUID)), sampleServer)
 	cases := []struct {
 		name, version, values string
 		want                  []string // dashboard flags, in order

@@ -110,7 +110,7 @@ func New(o Options) ([]byte, error) {
 	if o.Mode == tunnel.Terminate && o.BearerToken == "" {
 		return nil, errors.New("terminate mode needs a bearer token (the chart's service account token)")
 	}
-	return write(build(o))
+	return Write(build(o))
 }
 
 // Skeleton builds the kubeconfig the agent publishes for its cluster: one
@@ -128,7 +128,7 @@ func Skeleton(o Options) ([]byte, error) {
 	if o.BearerToken != "" {
 		return nil, errors.New("a kubeconfig skeleton carries no credentials")
 	}
-	return write(build(o))
+	return Write(build(o))
 }
 
 func build(o Options) *api.Config {
@@ -203,7 +203,7 @@ func Rewrite(from []byte, o Options) ([]byte, error) {
 	cfg.Clusters[name] = cl
 	cfg.Contexts[name] = newCtx
 	cfg.CurrentContext = name
-	return write(cfg)
+	return Write(cfg)
 }
 
 // checkTerminateUser accepts a user whose credentials survive a relay that
@@ -228,7 +228,9 @@ func checkTerminateUser(u *api.AuthInfo, name string) error {
 	return fmt.Errorf("terminate mode: user %q has no token-based credentials to send through the relay; give a bearer token (--user-token-file)", name)
 }
 
-func write(cfg *api.Config) ([]byte, error) {
+// Write encodes cfg after checking it as kubectl would (clientcmd.Validate:
+// files named in it must exist).
+func Write(cfg *api.Config) ([]byte, error) {
 	if err := clientcmd.Validate(*cfg); err != nil {
 		return nil, fmt.Errorf("kubeconfig would be invalid: %w", err)
 	}

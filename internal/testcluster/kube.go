@@ -14,6 +14,11 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	api "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
+	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 )
 
 // APIError is a non-2xx answer of the API server.
@@ -95,36 +100,29 @@ type Kubeconfig struct {
 	User          string // name of the user entry; default "user"
 }
 
-// WriteKubeconfig writes kc to path (mode 0600).
+// WriteKubeconfig writes kc to path (mode 0600), with the product's writer.
 func WriteKubeconfig(path string, kc Kubeconfig) error {
-	q := func(s string) string { b, _ := json.Marshal(s); return string(b) } // JSON strings are YAML
+	const name = "testcluster"
 	if kc.User == "" {
 		kc.User = "user"
 	}
-	var b strings.Builder
-	fmt.Fprintf(&b, "apiVersion: v1\nkind: Config\nclusters:\n- name: testcluster\n  cluster:\n    server: %s\n", q(kc.Server))
-	if kc.CAFile != "" {
-		fmt.Fprintf(&b, "    certificate-authority: %s\n", q(kc.CAFile))
+	cl := api.NewCluster()
+	cl.Server, cl.TLSServerName, cl.CertificateAuthority = kc.Server, kc.TLSServerName, kc.CAFile
+	user := api.NewAuthInfo()
+	user.ClientCertificate, user.ClientKey, user.Token = kc.CertFile, kc.KeyFile, kc.Token
+	cfg := api.NewConfig()
+	cfg.Clusters[name] = cl
+	cfg.AuthInfos[kc.User] = user
+	cfg.Contexts[name] = &api.Context{Cluster: name, AuthInfo: kc.User}
+	cfg.CurrentContext = name
+	b, err := kubeconfig.Write(cfg)
+	if err != nil {
+		return err
 	}
-	if kc.TLSServerName != "" {
-		fmt.Fprintf(&b, "    tls-server-name: %s\n", q(kc.TLSServerName))
-	}
-	fmt.Fprintf(&b, "users:\n- name: %s\n  user:\n", q(kc.User))
-	if kc.CertFile != "" {
-		fmt.Fprintf(&b, "    client-certificate: %s\n    client-key: %s\n", q(kc.CertFile), q(kc.KeyFile))
-	}
-	if kc.Token != "" {
-		fmt.Fprintf(&b, "    token: %s\n", q(kc.Token))
-	}
-	if kc.CertFile == "" && kc.Token == "" {
-		b.WriteString("    {}\n")
-	}
-	fmt.Fprintf(&b, "contexts:\n- name: testcluster\n  context:\n    cluster: testcluster\n    user: %s\n"+
-		"current-context: testcluster\n", q(kc.User))
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return os.WriteFile(path, []byte(b.String()), 0o600)
+	return os.WriteFile(path, b, 0o600)
 }
 
 // TokenKubeconfig writes Dir/kubeconfigs/<name>.kubeconfig that reaches the
@@ -162,14 +160,7 @@ func (c *Cluster) KubectlCmd(ctx context.Context, kubeconfig string, args ...str
 // Kubectl runs kubectl with kubeconfig (AdminKubeconfig when "") and returns
 // its stdout. On failure the error holds the exit status and stderr.
 func (c *Cluster) Kubectl(ctx context.Context, kubeconfig string, args ...string) (string, error) {
-	var stdout, stderr bytes.Buffer
-	cmd := c.KubectlCmd(ctx, kubeconfig, args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return stdout.String(), fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err,
-			strings.TrimSpace(stderr.String()))
-	}
-	return stdout.String(), nil
+	return proctest.Run(c.KubectlCmd(ctx, kubeconfig, args...))
 }
 
 // EnsureNamespace creates the namespace unless it exists.

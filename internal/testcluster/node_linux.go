@@ -904,7 +904,7 @@ func (c *Cluster) leftovers() error {
 	}
 	for _, p := range c.procs {
 		if p.exited() == nil {
-			left = append(left, fmt.Sprintf("process %s (pid %d)", p.name, p.cmd.Process.Pid))
+			left = append(left, fmt.Sprintf("process %s (pid %d)", p.name, p.Pid()))
 		}
 	}
 	for _, s := range c.findShims() {
@@ -1193,7 +1193,7 @@ func (c *Cluster) ProcessRSS() map[string]int64 {
 	out := map[string]int64{}
 	for _, p := range c.procs {
 		if p.exited() == nil {
-			out[p.name] += rss(p.cmd.Process.Pid)
+			out[p.name] += rss(p.Pid())
 		}
 	}
 	if c.node != nil {
