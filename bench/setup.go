@@ -42,6 +42,10 @@ func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
 		"--revocation-file", filepath.Join(dir, "revoked"),
 		// Thousands of bench agents register within seconds.
 		"--registrations-per-second", "1000000",
+		// Every load comes from 127.0.0.1, up to 64 concurrent connections
+		// and 10,000 tunnels: the per-source caps that guard a shared relay
+		// would measure the caps, not the data path.
+		"--max-streams-per-source", "100000", "--max-idle-conns-per-source", "100000",
 		"--drain-timeout", "2s", "--log-level", "info")
 	if err != nil {
 		return nil, err

@@ -705,7 +705,11 @@ func TestFaultThousandAgentsReconnect(t *testing.T) {
 	m := scrape(t, r2.addr, roots)
 	limited := m[refusals("rate_limited")]
 	accepted := m[`spectro_proxy_tunnel_registrations_total{result="accepted"}`]
-	assert.Equal(t, float64(agents), accepted)
+	// Each agent registers once; a tunnel that a busy machine's late pong
+	// takes down registers again, which is the agent doing its job, so 1%
+	// slack, but no storm.
+	assert.GreaterOrEqual(t, accepted, float64(agents), "every agent registered")
+	assert.LessOrEqual(t, accepted, float64(agents+agents/100), "agents registered once each, but for a few liveness reconnects")
 	// Agents that were told to come back later did not hammer: each was
 	// turned away a few times at most.
 	assert.Less(t, limited, float64(3*agents), "agents honour Retry-After")
