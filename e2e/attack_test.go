@@ -352,15 +352,15 @@ func TestAbuseUserDrivesTunnelProtocol(t *testing.T) {
 		"405; RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
 }
 
-// hugeUpgrader is a dashboard stand-in (plain HTTP) that answers every
-// upgrade with a 101 whose header line never ends, up to 400 MiB. It
-// reports how much it managed to write.
-func hugeUpgrader(t *testing.T) (string, *atomic.Int64) {
+// rawServer serves each connection on 127.0.0.1 with handle, in plain
+// bytes, for dashboards that misbehave below HTTP. done is closed when the
+// test ends, before the listener, so that handlers that wait can return.
+func rawServer(t *testing.T, handle func(c net.Conn, done <-chan struct{})) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	var written atomic.Int64
 	var wg sync.WaitGroup
+	done := make(chan struct{})
 	wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -369,24 +369,36 @@ func hugeUpgrader(t *testing.T) (string, *atomic.Int64) {
 			}
 			wg.Go(func() {
 				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					l, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					if l == "\r\n" {
-						break
-					}
-				}
-				n, _ := io.Copy(c, io.MultiReader(strings.NewReader("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Big: "),
-					&repeatReader{b: 'a', n: 400 << 20}))
-				written.Add(n)
+				handle(c, done)
 			})
 		}
 	})
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return "http://" + ln.Addr().String(), &written
+	t.Cleanup(func() { close(done); ln.Close(); wg.Wait() })
+	return "http://" + ln.Addr().String()
+}
+
+// hugeUpgrader is a dashboard stand-in (plain HTTP) that answers every
+// upgrade with a 101 whose header line never ends, up to 400 MiB. It
+// reports how much it managed to write.
+func hugeUpgrader(t *testing.T) (string, *atomic.Int64) {
+	t.Helper()
+	var written atomic.Int64
+	url := rawServer(t, func(c net.Conn, _ <-chan struct{}) {
+		br := bufio.NewReader(c)
+		for {
+			l, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if l == "\r\n" {
+				break
+			}
+		}
+		n, _ := io.Copy(c, io.MultiReader(strings.NewReader("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Big: "),
+			&repeatReader{b: 'a', n: 400 << 20}))
+		written.Add(n)
+	})
+	return url, &written
 }
 
 func TestAbuseOversizedUpgradeResponse(t *testing.T) {
@@ -429,38 +441,23 @@ func TestAbuseOversizedUpgradeResponse(t *testing.T) {
 // the connection is closed.
 func badUpgrader(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+	return rawServer(t, func(c net.Conn, done <-chan struct{}) {
+		req, err := http.ReadRequest(bufio.NewReader(c))
+		if err != nil {
+			return
+		}
+		switch req.URL.Path {
+		case "/mismatch":
+			io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
 			}
-			wg.Go(func() {
-				defer c.Close()
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
-				}
-				switch req.URL.Path {
-				case "/mismatch":
-					io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
-					select {
-					case <-done:
-					case <-time.After(10 * time.Second):
-					}
-				case "/hang":
-					c.SetReadDeadline(time.Now().Add(10 * time.Second))
-					io.Copy(io.Discard, c)
-				}
-			})
+		case "/hang":
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			io.Copy(io.Discard, c)
 		}
 	})
-	t.Cleanup(func() { close(done); ln.Close(); wg.Wait() })
-	return "http://" + ln.Addr().String()
 }
 
 func TestAbuseUpgradeSlotsReleased(t *testing.T) {
