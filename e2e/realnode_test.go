@@ -495,7 +495,8 @@ Ready through kubelet's probes, tunnelled to a relay on the node IP; kubectl `+"
 relay (the agents reach the API server through the `+"`kubernetes`"+` Service); teardown; a second start.
 
 Run it: `+"`go test -count=1 -run TestRealNode ./e2e`"+` (root; after `+"`make kube-bins`"+`). It skips, naming what is
-missing, where the machine cannot run a node.
+missing, where the machine cannot run a node. The pack installed on the node as the platform does, kubectl
+through the relay in both modes and Day 2: docs/realnode-pack.md (`+"`TestRealNodePack`"+`).
 
 ## Figures (%d cores, %s, load average %s at the end)
 

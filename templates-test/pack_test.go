@@ -46,44 +46,8 @@ type packInstall struct {
 	values    map[string]any
 }
 
-// macro is the platform's macro syntax in values.yaml.
-var macro = regexp.MustCompile(`\{\{-?\s*(.*?)\s*-?\}\}`)
-
-var systemPath = regexp.MustCompile(`^\.spectro\.system((\.[A-Za-z0-9_]+)+)$`)
-
-// resolveMacros substitutes each {{ .spectro.system.a.b }} in text with the
-// value at a.b of system, as the platform does before Helm runs (a path
-// system lacks gives "<no value>", as Go templates do). Any other macro is an
-// error naming it.
-func resolveMacros(text string, system map[string]any) (string, error) {
-	var errs []string
-	out := macro.ReplaceAllStringFunc(text, func(m string) string {
-		expr := macro.FindStringSubmatch(m)[1]
-		sm := systemPath.FindStringSubmatch(expr)
-		if sm == nil {
-			errs = append(errs, fmt.Sprintf("unknown macro %s", m))
-			return m
-		}
-		var cur any = system
-		for _, seg := range strings.Split(strings.TrimPrefix(sm[1], "."), ".") {
-			mm, ok := cur.(map[string]any)
-			if !ok {
-				cur = nil
-				break
-			}
-			cur = mm[seg]
-		}
-		if cur == nil {
-			// What Go's text/template prints for a key a map lacks.
-			return "<no value>"
-		}
-		return fmt.Sprint(cur)
-	})
-	if errs != nil {
-		return "", fmt.Errorf("%s", strings.Join(errs, "; "))
-	}
-	return out, nil
-}
+// resolveMacros is the platform's macro resolution (internal/pack).
+var resolveMacros = pack.ResolveMacros
 
 // sampleSystem is the sample cluster's spectro.system.
 func sampleSystem(t *testing.T) map[string]any {
@@ -91,25 +55,13 @@ func sampleSystem(t *testing.T) map[string]any {
 }
 
 // preparePack does what the platform does with pack version for a cluster
-// whose system values are system, with the cluster's overrides.
+// whose system values are system, with the cluster's overrides
+// (pack.Prepare).
 func preparePack(t *testing.T, version string, system map[string]any, overrides ...map[string]any) packInstall {
 	t.Helper()
-	p, err := pack.Load(packDir(version))
+	p, err := pack.Prepare(packDir(version), system, overrides...)
 	require.NoError(t, err)
-	resolved, err := resolveMacros(string(p.Values), system)
-	require.NoError(t, err)
-	pv, err := pack.ParseValues([]byte(resolved))
-	require.NoError(t, err)
-	all, err := chartutil.ReadValues([]byte(resolved))
-	require.NoError(t, err)
-	chartVals, err := all.Table("charts.spectro-proxy")
-	require.NoError(t, err)
-	ch, err := p.LoadChart()
-	require.NoError(t, err, "the tarball pack.json names")
-	// Only what values.yaml passes on reaches the chart: the platform gives
-	// Helm the resolved file, not its system values.
-	layers := append([]map[string]any{chartVals.AsMap()}, overrides...)
-	return packInstall{version: version, namespace: pv.Pack.Namespace, chart: ch, values: merge(layers...)}
+	return packInstall{version: p.Version, namespace: p.Namespace, chart: p.Chart, values: p.Values}
 }
 
 func (p packInstall) render(t *testing.T) (map[string]string, error) {
