@@ -5,6 +5,8 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -589,7 +591,31 @@ func TestRealNodePack(t *testing.T) {
 	}
 }
 
+// dashboardGet fetches /index.html from host through the relay, as a
+// browser does (SNI host, the relay's CA).
+func (n *packNode) dashboardGet(host string) (int, string, error) {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM([]byte(n.relayCA))
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return n.c.DialContext(ctx, network, n.relayAddr)
+		},
+		TLSClientConfig:   &tls.Config{ServerName: host, RootCAs: pool},
+		DisableKeepAlives: true,
+	}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: tr}
+	resp, err := hc.Get("https://" + host + "/index.html")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
 type packFigures struct {
+	dashboard, dashboardGone             string
 	installPassthrough, installTerminate time.Duration
 	loopRequests                         int64
 	maxRSS                               int64
@@ -692,8 +718,8 @@ func day2(t *testing.T, n *packNode, uid, kc string, fig *packFigures) {
 			t.Logf("%s: agents %v -> %v", name, before, after)
 		})
 	}
-	upgrade := func(t *testing.T, version string) {
-		p := n.prepare(t, version, uid, override)
+	upgrade := func(t *testing.T, version string, more ...map[string]any) {
+		p := n.prepare(t, version, uid, append([]map[string]any{override}, more...)...)
 		up := action.NewUpgrade(n.helm(t, ns))
 		up.Namespace = ns
 		up.Timeout = 2 * time.Minute
@@ -709,9 +735,33 @@ func day2(t *testing.T, n *packNode, uid, kc string, fig *packFigures) {
 		require.NoError(t, err)
 		assert.Equal(t, "day2 day2", strings.TrimSpace(out))
 	})
-	step("pack upgrade 1.0.0 to 1.3.0", func(t *testing.T) {
-		upgrade(t, "1.3.0")
+	// The dashboard: busybox httpd in pod bb behind a Service, enabled with
+	// the 1.3.0 upgrade as a per-cluster override.
+	_, err := kubectlIn(ctx, n.c, "", nil, "label", "pod", "-n", "default", "bb", "app=bb-web", "--overwrite")
+	require.NoError(t, err)
+	applyJSON(t, n.c, map[string]any{
+		"apiVersion": "v1", "kind": "Service",
+		"metadata": map[string]any{"name": "bb-web", "namespace": "default"},
+		"spec": map[string]any{"selector": map[string]any{"app": "bb-web"},
+			"ports": []any{map[string]any{"port": 8080, "targetPort": 8080}}},
+	})
+	dashHost := "cluster-" + uid + "-dashboard." + domain
+	dashboard := map[string]any{"k8sDashboardIntegration": map[string]any{
+		"enabled": true, "useInsecurePort": true, "service": "bb-web", "namespace": "default", "port": 8080,
+	}}
+	step("pack upgrade 1.0.0 to 1.3.0, dashboard enabled", func(t *testing.T) {
+		upgrade(t, "1.3.0", dashboard)
 		assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:1.3.0", image())
+		waitRolled(t, n.c, ns)
+		var body string
+		if !assert.Eventually(t, func() bool {
+			code, b, err := n.dashboardGet(dashHost)
+			body = fmt.Sprint(code, " ", b, " ", err)
+			return err == nil && code == http.StatusOK && b == busyboxIndex
+		}, time.Minute, 250*time.Millisecond) {
+			t.Fatalf("https://%s does not serve bb's httpd through the relay: %s", dashHost, body)
+		}
+		fig.dashboard = "https://" + dashHost + "/index.html: 200, the in-cluster httpd's page"
 	})
 	step("rollback to 1.0.0", func(t *testing.T) {
 		rb := action.NewRollback(n.helm(t, ns))
@@ -719,6 +769,29 @@ func day2(t *testing.T, n *packNode, uid, kc string, fig *packFigures) {
 		rb.Timeout = 2 * time.Minute
 		require.NoError(t, rb.Run("spectro-proxy"))
 		assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:1.0.0", image())
+		waitRolled(t, n.c, ns)
+		// The relay remembers a host name that had an agent: once no agent
+		// serves it, a request gets the documented 503 "no agent connected"
+		// (README: troubleshooting); a relay that never saw it sends the TLS
+		// alert unrecognized_name.
+		gone := "no agent connected for cluster-" + uid + "-dashboard"
+		var last string
+		if !assert.Eventually(t, func() bool {
+			code, body, err := n.dashboardGet(dashHost)
+			if err != nil {
+				last = err.Error()
+				return strings.Contains(last, "unrecognized name")
+			}
+			last = fmt.Sprintf("%d %s", code, strings.TrimSpace(body))
+			if code == http.StatusServiceUnavailable && strings.Contains(body, gone) {
+				last = fmt.Sprintf("%d %q", code, gone)
+				return true
+			}
+			return false
+		}, 2*time.Minute, 250*time.Millisecond) {
+			t.Fatalf("the relay still serves %s after the rollback: %s", dashHost, last)
+		}
+		fig.dashboardGone = last
 	})
 	step("delete one agent pod", func(t *testing.T) {
 		// The rollback's old agents may still be terminating: wait for the two.
@@ -803,8 +876,12 @@ Day 2 (pack 1.0.0, passthrough), a kubectl loop through the relay during each st
 | step | time | requests | failed |
 | --- | --- | --- | --- |
 %s
+
+The upgrade to 1.3.0 carries the per-cluster override `+"`k8sDashboardIntegration: {enabled: true, useInsecurePort: true, service: bb-web, namespace: default, port: 8080}`"+`
+(busybox httpd in a real pod behind a Service):
+%s. After the rollback to 1.0.0 no agent serves the host name; the relay, which had seen it, answers %s.
 `, realNodeRelay, f.idle.Round(time.Second), runtime.NumCPU(), time.Now().UTC().Format("2006-01-02"), loadAvg(),
 		f.installPassthrough.Round(100*time.Millisecond), f.installTerminate.Round(100*time.Millisecond),
-		f.maxRSS>>20, f.restarts, f.loopRequests, strings.Join(f.day2, "\n"))
+		f.maxRSS>>20, f.restarts, f.loopRequests, strings.Join(f.day2, "\n"), f.dashboard, "`"+f.dashboardGone+"`")
 	return os.WriteFile("../docs/realnode-pack.md", []byte(b.String()), 0o644)
 }
