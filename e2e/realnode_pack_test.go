@@ -5,6 +5,8 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -18,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -31,6 +34,9 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/pack"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 )
+
+// realNodeProxy is tinyproxy's port on the node IP.
+const realNodeProxy = 3128
 
 // packNode is a real node with a relay on its node IP, on which packs are
 // installed as the platform installs them.
@@ -577,6 +583,8 @@ func TestRealNodePack(t *testing.T) {
 
 	t.Run("day 2", func(t *testing.T) { day2(t, n, ptUID, ptKC, &fig) })
 
+	t.Run("egress proxy on the node", func(t *testing.T) { egressProxy(t, n, &fig) })
+
 	t.Run("exec idle 5 minutes", func(t *testing.T) { fig.idle = idle.check(t) })
 
 	_, restarts := n.agentPods(t, tm.Namespace)
@@ -589,7 +597,101 @@ func TestRealNodePack(t *testing.T) {
 	}
 }
 
+// dashboardGet fetches /index.html from host through the relay, as a
+// browser does (SNI host, the relay's CA).
+func (n *packNode) dashboardGet(host string) (int, string, error) {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM([]byte(n.relayCA))
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return n.c.DialContext(ctx, network, n.relayAddr)
+		},
+		TLSClientConfig:   &tls.Config{ServerName: host, RootCAs: pool},
+		DisableKeepAlives: true,
+	}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: tr}
+	resp, err := hc.Get("https://" + host + "/index.html")
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// egressProxy is the egress proxy case of issue 10 with the proxy outside
+// the pod network: Debian's tinyproxy on the node IP (in the node's network
+// namespace, beside the relay), pack 1.3.0 for cluster realnode3 with the
+// per-cluster override proxy.httpsProxy pointing at it. Killing tinyproxy
+// takes the agents' tunnels down: proof that they went through it.
+func egressProxy(t *testing.T, n *packNode, fig *packFigures) {
+	ctx := context.Background()
+	bin, err := exec.LookPath("tinyproxy")
+	require.NoError(t, err, "tinyproxy (Debian's package) must be installed where the real node runs (.ci/run installs it)")
+	dir := t.TempDir()
+	_, relayPort, _ := net.SplitHostPort(n.relayAddr)
+	addr := net.JoinHostPort(n.c.NodeIP, fmt.Sprint(realNodeProxy))
+	logFile := filepath.Join(dir, "tinyproxy.log")
+	conf := fmt.Sprintf("Port %d\nListen %s\nTimeout 600\nConnectPort %s\nLogLevel Connect\nLogFile %q\nMaxClients 50\n",
+		realNodeProxy, n.c.NodeIP, relayPort, logFile)
+	confFile := filepath.Join(dir, "tinyproxy.conf")
+	require.NoError(t, os.WriteFile(confFile, []byte(conf), 0o600))
+	pctx, stop := context.WithCancel(ctx)
+	tp := n.c.NetnsCommand(pctx, bin, "-d", "-c", confFile)
+	out := &syncBuffer{}
+	tp.Stdout, tp.Stderr = out, out
+	require.NoError(t, tp.Start())
+	exited := make(chan struct{})
+	go func() { _ = tp.Wait(); close(exited) }()
+	t.Cleanup(func() { stop(); <-exited })
+	tpLog := func() string {
+		b, _ := os.ReadFile(logFile)
+		return string(b) + out.String()
+	}
+	require.Eventually(t, func() bool {
+		conn, err := n.c.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	}, 10*time.Second, 50*time.Millisecond, "tinyproxy listening on %s: %s", addr, out)
+
+	const uid = "realnode3"
+	p, took := n.install(t, "1.3.0", uid, map[string]any{"proxy": map[string]any{"httpsProxy": "http://" + addr}})
+	fig.installProxy = took
+	logs, err := kubectlIn(ctx, n.c, "", nil, "logs", "-n", p.Namespace, "deployment/spectro-proxy")
+	require.NoError(t, err)
+	assert.Contains(t, logs, "the relay connection goes through an HTTP proxy")
+	connects := strings.Count(tpLog(), "CONNECT "+n.relayAddr)
+	assert.GreaterOrEqual(t, connects, 2, "tinyproxy carried both agents' tunnels:\n%s", tpLog())
+	assert.NotContains(t, tpLog(), "10.96.0.1", "in-cluster calls (the kubernetes Service) never use the proxy")
+	kc := n.kubeconfig(t, "terminate", uid)
+	who, err := kubectlIn(ctx, n.c, kc, nil, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
+	require.NoError(t, err)
+	assert.Equal(t, "system:serviceaccount:"+p.Namespace+":spectro-proxy-kubeconfig", who)
+
+	// Proof that the tunnels went through tinyproxy: without it, none.
+	require.NoError(t, tp.Process.Signal(syscall.SIGKILL))
+	<-exited
+	killed := time.Now()
+	var ready string
+	require.Eventually(t, func() bool {
+		ready, err = kubectlIn(ctx, n.c, "", nil, "get", "pods", "-n", p.Namespace, "-l", "app.kubernetes.io/name=spectro-proxy",
+			"-o", `jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{" "}{end}`)
+		return err == nil && strings.TrimSpace(ready) == "False False"
+	}, 2*time.Minute, 250*time.Millisecond, "both agents unready once tinyproxy is gone: %q", ready)
+	fig.proxyDown = time.Since(killed)
+	_, err = kubectlIn(ctx, n.c, kc, nil, "auth", "whoami", "--request-timeout=10s")
+	assert.Error(t, err, "no tunnel, no kubectl through the relay")
+	fig.proxyConnects = connects
+	t.Logf("tinyproxy: %d CONNECTs to %s; agents unready %v after it was killed", connects, n.relayAddr, fig.proxyDown.Round(100*time.Millisecond))
+}
+
 type packFigures struct {
+	installProxy, proxyDown              time.Duration
+	proxyConnects                        int
+	dashboard, dashboardGone             string
 	installPassthrough, installTerminate time.Duration
 	loopRequests                         int64
 	maxRSS                               int64
@@ -692,8 +794,8 @@ func day2(t *testing.T, n *packNode, uid, kc string, fig *packFigures) {
 			t.Logf("%s: agents %v -> %v", name, before, after)
 		})
 	}
-	upgrade := func(t *testing.T, version string) {
-		p := n.prepare(t, version, uid, override)
+	upgrade := func(t *testing.T, version string, more ...map[string]any) {
+		p := n.prepare(t, version, uid, append([]map[string]any{override}, more...)...)
 		up := action.NewUpgrade(n.helm(t, ns))
 		up.Namespace = ns
 		up.Timeout = 2 * time.Minute
@@ -709,9 +811,33 @@ func day2(t *testing.T, n *packNode, uid, kc string, fig *packFigures) {
 		require.NoError(t, err)
 		assert.Equal(t, "day2 day2", strings.TrimSpace(out))
 	})
-	step("pack upgrade 1.0.0 to 1.3.0", func(t *testing.T) {
-		upgrade(t, "1.3.0")
+	// The dashboard: busybox httpd in pod bb behind a Service, enabled with
+	// the 1.3.0 upgrade as a per-cluster override.
+	_, err := kubectlIn(ctx, n.c, "", nil, "label", "pod", "-n", "default", "bb", "app=bb-web", "--overwrite")
+	require.NoError(t, err)
+	applyJSON(t, n.c, map[string]any{
+		"apiVersion": "v1", "kind": "Service",
+		"metadata": map[string]any{"name": "bb-web", "namespace": "default"},
+		"spec": map[string]any{"selector": map[string]any{"app": "bb-web"},
+			"ports": []any{map[string]any{"port": 8080, "targetPort": 8080}}},
+	})
+	dashHost := "cluster-" + uid + "-dashboard." + domain
+	dashboard := map[string]any{"k8sDashboardIntegration": map[string]any{
+		"enabled": true, "useInsecurePort": true, "service": "bb-web", "namespace": "default", "port": 8080,
+	}}
+	step("pack upgrade 1.0.0 to 1.3.0, dashboard enabled", func(t *testing.T) {
+		upgrade(t, "1.3.0", dashboard)
 		assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:1.3.0", image())
+		waitRolled(t, n.c, ns)
+		var body string
+		if !assert.Eventually(t, func() bool {
+			code, b, err := n.dashboardGet(dashHost)
+			body = fmt.Sprint(code, " ", b, " ", err)
+			return err == nil && code == http.StatusOK && b == busyboxIndex
+		}, time.Minute, 250*time.Millisecond) {
+			t.Fatalf("https://%s does not serve bb's httpd through the relay: %s", dashHost, body)
+		}
+		fig.dashboard = "https://" + dashHost + "/index.html: 200, the in-cluster httpd's page"
 	})
 	step("rollback to 1.0.0", func(t *testing.T) {
 		rb := action.NewRollback(n.helm(t, ns))
@@ -719,6 +845,29 @@ func day2(t *testing.T, n *packNode, uid, kc string, fig *packFigures) {
 		rb.Timeout = 2 * time.Minute
 		require.NoError(t, rb.Run("spectro-proxy"))
 		assert.Equal(t, "ghcr.io/spectroproxy/spectro-proxy-client:1.0.0", image())
+		waitRolled(t, n.c, ns)
+		// The relay remembers a host name that had an agent: once no agent
+		// serves it, a request gets the documented 503 "no agent connected"
+		// (README: troubleshooting); a relay that never saw it sends the TLS
+		// alert unrecognized_name.
+		gone := "no agent connected for cluster-" + uid + "-dashboard"
+		var last string
+		if !assert.Eventually(t, func() bool {
+			code, body, err := n.dashboardGet(dashHost)
+			if err != nil {
+				last = err.Error()
+				return strings.Contains(last, "unrecognized name")
+			}
+			last = fmt.Sprintf("%d %s", code, strings.TrimSpace(body))
+			if code == http.StatusServiceUnavailable && strings.Contains(body, gone) {
+				last = fmt.Sprintf("%d %q", code, gone)
+				return true
+			}
+			return false
+		}, 2*time.Minute, 250*time.Millisecond) {
+			t.Fatalf("the relay still serves %s after the rollback: %s", dashHost, last)
+		}
+		fig.dashboardGone = last
 	})
 	step("delete one agent pod", func(t *testing.T) {
 		// The rollback's old agents may still be terminating: wait for the two.
@@ -803,8 +952,18 @@ Day 2 (pack 1.0.0, passthrough), a kubectl loop through the relay during each st
 | step | time | requests | failed |
 | --- | --- | --- | --- |
 %s
+
+The upgrade to 1.3.0 carries the per-cluster override `+"`k8sDashboardIntegration: {enabled: true, useInsecurePort: true, service: bb-web, namespace: default, port: 8080}`"+`
+(busybox httpd in a real pod behind a Service):
+%s. After the rollback to 1.0.0 no agent serves the host name; the relay, which had seen it, answers %s.
+
+Egress proxy outside the pod network: Debian's tinyproxy on the node IP (port %d, CONNECT allowed to the relay's
+port only), pack 1.3.0 for a third cluster with the per-cluster override `+"`proxy.httpsProxy: http://<node IP>:%d`"+`.
+Install to agents Available through the proxy: %s; tinyproxy logged %d CONNECTs to the relay; kubectl through the
+relay works; once tinyproxy is killed both agents are unready after %s.
 `, realNodeRelay, f.idle.Round(time.Second), runtime.NumCPU(), time.Now().UTC().Format("2006-01-02"), loadAvg(),
 		f.installPassthrough.Round(100*time.Millisecond), f.installTerminate.Round(100*time.Millisecond),
-		f.maxRSS>>20, f.restarts, f.loopRequests, strings.Join(f.day2, "\n"))
+		f.maxRSS>>20, f.restarts, f.loopRequests, strings.Join(f.day2, "\n"), f.dashboard, "`"+f.dashboardGone+"`",
+		realNodeProxy, realNodeProxy, f.installProxy.Round(100*time.Millisecond), f.proxyConnects, f.proxyDown.Round(100*time.Millisecond))
 	return os.WriteFile("../docs/realnode-pack.md", []byte(b.String()), 0o644)
 }
