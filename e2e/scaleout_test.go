@@ -247,6 +247,7 @@ func TestScaleOut(t *testing.T) {
 	}
 	s.c, err = testcluster.Start(ctx, testcluster.Options{Kwok: true, ExtraSANs: sans})
 	require.NoError(t, err)
+	t.Logf("control plane up after %v", time.Since(began).Round(time.Millisecond))
 	t.Cleanup(func() { s.c.Stop() })
 	s.adminTLS, err = s.c.TLSConfig()
 	require.NoError(t, err)
@@ -260,7 +261,9 @@ func TestScaleOut(t *testing.T) {
 	s.writeState()
 	s.startRelays(ctx)
 	s.lb, s.lbSock, s.lbProc = s.startHAProxy(ctx, haproxy)
+	t.Logf("etcd, relays and haproxy up after %v", time.Since(began).Round(time.Millisecond))
 	s.startClusters(ctx)
+	t.Logf("agents started after %v", time.Since(began).Round(time.Millisecond))
 	require.NoError(t, s.waitSettled(ctx, 90*time.Second), "fleet never settled after start")
 	require.Empty(t, s.sweep(ctx, s.clusters[:scaleClusters], s.relayAddrs()), "every cluster answers via every replica")
 
@@ -390,6 +393,7 @@ func (s *scaleTest) writeState() {
 	require.NoError(t, err)
 	require.NoError(t, pki.WriteFiles(s.state, map[string][]byte{
 		"ca.crt": ca.CertPEM, "ca.key": ca.KeyPEM, "tls.crt": leaf.CertPEM, "tls.key": leaf.KeyPEM, "signing.key": s.key,
+		"revoked": nil,
 	}))
 	s.relayPEM = ca.CertPEM
 	s.relayCA, err = pki.Pool(ca.CertPEM)
@@ -466,7 +470,7 @@ func (s *scaleTest) startHAProxy(ctx context.Context, bin string) (addr, sock st
 		fmt.Fprintf(&servers, "  server %s %s check port %s\n", r.id, r.pub, hp)
 	}
 	conf := fmt.Sprintf(`global
-  maxconn 20000
+  maxconn 4000 # two descriptors each: within the open-files limit
   stats socket %s mode 600 level admin
 
 defaults
@@ -502,6 +506,9 @@ backend relays
 		}
 	})
 	require.NoError(t, pollUntil(ctx, 20*time.Second, func() bool {
+		if p.Exited() != nil {
+			return true
+		}
 		st, err := s.lbStatus(sock)
 		if err != nil {
 			return false
@@ -512,7 +519,8 @@ backend relays
 			}
 		}
 		return true
-	}), "haproxy never saw every replica up:\n%s", p.Tail(20))
+	}), "haproxy never saw every replica up")
+	require.NoError(t, p.Exited(), "haproxy exited:\n%s", p.Tail(20))
 	return addr, sock, p
 }
 
