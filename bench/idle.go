@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -30,6 +31,12 @@ type IdleAgents struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	n      atomic.Int64
+
+	// Set by NewFleetAgents: several relays, and redial after a drop.
+	addrs      []string
+	next       atomic.Uint64
+	redial     bool
+	reconnects atomic.Int64
 }
 
 // writeBuffers is shared by every idle agent's WebSocket: an idle
@@ -59,6 +66,32 @@ func NewIdleAgents(r *Relay) *IdleAgents {
 		cancel: cancel,
 	}
 }
+
+// NewFleetAgents prepares agents for a fleet of relays sharing r's CA and
+// signing key: each dial goes to the next of addrs and, when that one
+// refuses the connection, to the one after (a load balancer's round robin
+// and redispatch), and an agent whose tunnel drops dials again with the
+// real agent's backoff (250 ms doubling, jittered, Retry-After honoured).
+func NewFleetAgents(r *Relay, addrs []string) *IdleAgents {
+	a := NewIdleAgents(r)
+	a.addrs, a.redial = addrs, true
+	nd := &net.Dialer{Timeout: 10 * time.Second}
+	a.dialer.NetDialContext = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		start := a.next.Add(1)
+		var err error
+		for i := range uint64(len(a.addrs)) {
+			var c net.Conn
+			if c, err = nd.DialContext(ctx, network, a.addrs[(start+i)%uint64(len(a.addrs))]); err == nil {
+				return c, nil
+			}
+		}
+		return nil, err
+	}
+	return a
+}
+
+// Reconnects is how many tunnels were dialed again after a drop.
+func (a *IdleAgents) Reconnects() int { return int(a.reconnects.Load()) }
 
 // Count is how many agents are connected.
 func (a *IdleAgents) Count() int { return int(a.n.Load()) }
@@ -106,6 +139,37 @@ func (a *IdleAgents) connect(ctx context.Context, i int) error {
 	if err != nil {
 		return err
 	}
+	conn, err := a.dial(ctx, uid, tok)
+	if err != nil {
+		return fmt.Errorf("idle agent %d: %w", i, err)
+	}
+	a.n.Add(1)
+	a.wg.Go(func() {
+		for {
+			a.srv.ServeConn(a.ctx, conn)
+			a.n.Add(-1)
+			if !a.redial || a.ctx.Err() != nil {
+				return
+			}
+			if conn = a.redialLoop(uid, tok); conn == nil {
+				return
+			}
+			a.reconnects.Add(1)
+			a.n.Add(1)
+		}
+	})
+	return nil
+}
+
+// retryAfter is a refusal that says when to come back.
+type retryAfter struct {
+	after time.Duration
+	err   error
+}
+
+func (e *retryAfter) Error() string { return e.err.Error() }
+
+func (a *IdleAgents) dial(ctx context.Context, uid, tok string) (*tunnel.Conn, error) {
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+tok)
 	h.Set(tunnel.HeaderAgent, uid)
@@ -113,17 +177,38 @@ func (a *IdleAgents) connect(ctx context.Context, i int) error {
 	ws, resp, err := a.dialer.DialContext(ctx, "wss://"+Domain+tunnel.Path, h)
 	if err != nil {
 		if resp != nil {
-			return fmt.Errorf("idle agent %d: relay answered %s: %w", i, resp.Status, err)
+			err = fmt.Errorf("relay answered %s: %w", resp.Status, err)
+			if s, perr := strconv.Atoi(resp.Header.Get("Retry-After")); perr == nil && s > 0 {
+				return nil, &retryAfter{after: time.Duration(s) * time.Second, err: err}
+			}
 		}
-		return fmt.Errorf("idle agent %d: %w", i, err)
+		return nil, err
 	}
-	a.n.Add(1)
-	conn := tunnel.NewConn(ws)
-	a.wg.Go(func() {
-		defer a.n.Add(-1)
-		a.srv.ServeConn(a.ctx, conn)
-	})
-	return nil
+	return tunnel.NewConn(ws), nil
+}
+
+// redialLoop dials again as the real agent does after its tunnel dropped,
+// until it succeeds or the agents are closed (nil).
+func (a *IdleAgents) redialLoop(uid, tok string) *tunnel.Conn {
+	delay := 250 * time.Millisecond
+	for {
+		wait := delay/2 + rand.N(delay/2+1)
+		select {
+		case <-a.ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		ctx, cancel := context.WithTimeout(a.ctx, 20*time.Second)
+		conn, err := a.dial(ctx, uid, tok)
+		cancel()
+		if err == nil {
+			return conn
+		}
+		if ra, ok := err.(*retryAfter); ok && ra.after > delay {
+			delay = ra.after
+		}
+		delay = min(delay*2, 30*time.Second)
+	}
 }
 
 // Close disconnects every agent.

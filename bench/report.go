@@ -145,6 +145,7 @@ func (r *Results) Verdicts() []Verdict {
 		out = append(out, Verdict{Label: fmt.Sprintf("relay RSS per idle tunnel at %d tunnels (KiB)", p.Tunnels), Mode: "relay",
 			Target: "≤ 32 KiB", Value: kib, Met: kib <= 32})
 	}
+	out = append(out, r.Scale.verdicts()...)
 	for _, w := range r.WAN {
 		out = append(out, Verdict{Label: fmt.Sprintf("%d HTTP/2 downloads on one connection over the long link, longest pause (s)", r.Options.Parallel),
 			Mode: w.Mode, Target: fmt.Sprintf("no stall (< %v)", stallGap), Value: w.Streams.MaxGap.Seconds(), Met: !w.Stalled})
@@ -268,6 +269,10 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 		for _, w := range r.WAN {
 			fmt.Fprintf(&b, "| %s | %.1f MiB/s | %.1f MiB/s | %v |\n", w.Mode, w.Single.MiBps(), w.Streams.MiBps(), w.Streams.MaxGap.Round(time.Millisecond))
 		}
+	}
+
+	if r.Scale != nil {
+		r.Scale.writeMarkdown(&b)
 	}
 
 	fmt.Fprintf(&b, "\n## Integrity checks\n\n")

@@ -34,6 +34,10 @@ type Options struct {
 	// Skip names groups of figures not to measure: "get", "tls", "bulk",
 	// "watch" (for working on one of them).
 	Skip map[string]bool
+	// ScaleTunnels idle tunnels over 3 replicas on etcd (0: no scale
+	// case); ScaleOnly runs nothing else (`make bench-scale`).
+	ScaleTunnels int
+	ScaleOnly    bool
 
 	// Dir holds binaries and state; Binaries skips the build when set.
 	Dir      string
@@ -51,6 +55,7 @@ func Full() Options {
 		WatchRate: 1000, WatchEvents: 3000,
 		IdleTunnels: []int{1000, 10000},
 		WANDelay:    25 * time.Millisecond, WANTransfers: 4,
+		ScaleTunnels: 10000,
 	}
 }
 
@@ -148,6 +153,8 @@ type Results struct {
 	Idle IdleResult
 	// WAN is the long-link phase.
 	WAN []WANResult
+	// Scale is the scale-out case (nil when not run).
+	Scale *ScaleResult
 	// Checks lists the integrity checks that passed.
 	Checks []string
 }
@@ -206,6 +213,14 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		}
 	}
 	bins := o.Binaries
+	if o.ScaleOnly {
+		if err := runScale(ctx, o, bins, res, say); err != nil {
+			return nil, fmt.Errorf("scale case: %w", err)
+		}
+		res.Machine.LoadEnd = readLoad()
+		res.Took = time.Since(res.Started)
+		return res, nil
+	}
 	be, err := StartBackend(o.Dir, o.ListSize, []string{hostname.Host(hostname.DefaultSubdomain("pt"), Domain), hostname.Host(hostname.DefaultSubdomain("wpt"), Domain)}, o.Log)
 	if err != nil {
 		return nil, err
@@ -223,6 +238,11 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	if len(o.IdleTunnels) > 0 {
 		if err := runIdle(ctx, o, bins, res, say); err != nil {
 			return nil, err
+		}
+	}
+	if o.ScaleTunnels > 0 {
+		if err := runScale(ctx, o, bins, res, say); err != nil {
+			return nil, fmt.Errorf("scale case: %w", err)
 		}
 	}
 	res.Machine.LoadEnd = readLoad()

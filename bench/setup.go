@@ -35,9 +35,14 @@ type Relay struct {
 }
 
 // StartRelay starts the relay binary on 127.0.0.1 with its state in dir and
-// waits until it listens.
-func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
-	p, addr, err := startListening(ctx, "relay", bin, "relay listening",
+// waits until it listens. extra flags come last (a repeated flag's last
+// value wins).
+func StartRelay(ctx context.Context, bin, dir string, extra ...string) (*Relay, error) {
+	return startRelayNamed(ctx, "relay", bin, dir, extra...)
+}
+
+func startRelayNamed(ctx context.Context, name, bin, dir string, extra ...string) (*Relay, error) {
+	args := []string{
 		"--listen", "127.0.0.1:0", "--domain", Domain, "--state-dir", dir,
 		"--revocation-file", filepath.Join(dir, "revoked"),
 		// Thousands of bench agents register within seconds.
@@ -46,7 +51,8 @@ func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
 		// and 10,000 tunnels: the per-source caps that guard a shared relay
 		// would measure the caps, not the data path.
 		"--max-streams-per-source", "100000", "--max-idle-conns-per-source", "100000",
-		"--drain-timeout", "2s", "--log-level", "info")
+		"--drain-timeout", "2s", "--log-level", "info"}
+	p, addr, err := startListening(ctx, name, bin, "relay listening", append(args, extra...)...)
 	if err != nil {
 		return nil, err
 	}

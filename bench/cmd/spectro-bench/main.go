@@ -40,6 +40,8 @@ func run(args []string) error {
 	fs.StringVar(&o.Binaries.Agent, "agent-bin", "", "An agent binary to measure instead of building one from this tree.")
 	skip := fs.String("skip", "", "Comma-separated groups of figures to leave out: get, tls, bulk, watch.")
 	only := fs.Bool("skip-main", false, "Skip the comparison figures (for working on the idle or long-link phases).")
+	fs.IntVar(&o.ScaleTunnels, "scale-tunnels", o.ScaleTunnels, "Idle tunnels over 3 relay replicas on etcd in the scale case; 0 skips it.")
+	fs.BoolVar(&o.ScaleOnly, "scale-only", false, "Run only the scale case and replace its rows and section in --out, keeping the rest (make bench-scale).")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -65,6 +67,9 @@ func run(args []string) error {
 	if *only {
 		o.Reps = 0
 	}
+	if o.ScaleOnly && o.ScaleTunnels <= 0 {
+		return errors.New("--scale-only needs --scale-tunnels > 0")
+	}
 	dir, err := os.MkdirTemp("", "spectro-bench-")
 	if err != nil {
 		return err
@@ -80,16 +85,26 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.Create(*out)
-	if err != nil {
-		return err
-	}
-	if err := res.WriteMarkdown(f, "make bench"); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
+	if o.ScaleOnly {
+		old, err := os.ReadFile(*out)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		if err := os.WriteFile(*out, bench.SpliceScale(old, res), 0o644); err != nil {
+			return err
+		}
+	} else {
+		f, err := os.Create(*out)
+		if err != nil {
+			return err
+		}
+		if err := res.WriteMarkdown(f, "make bench"); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Close(); err != nil {
+			return err
+		}
 	}
 	for _, v := range res.Verdicts() {
 		met := "met"
