@@ -631,7 +631,7 @@ func (s *scaleTest) startAgents(cl *scaleCluster, n int, extra ...string) {
 				"--cluster-uid", cl.uid, "--token-file", tokFile, "--mode", string(cl.mode), "--agent-id", a.id,
 				"--api-server", s.c.URL, "--api-server-ca-file", s.c.CAFile, "--health-addr", a.health,
 				"--drain-timeout", "5s", "--log-level", "info"},
-			extra...),
+				extra...),
 			Env: append(os.Environ(), "HTTPS_PROXY=", "https_proxy=", "HTTP_PROXY=", "http_proxy=")})
 		require.NoError(t, err)
 		cl.agents = append(cl.agents, a)
