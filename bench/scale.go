@@ -215,12 +215,18 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 	// The agents keep dialing all three addresses: the dead one refuses
 	// at once and the dial moves on, as HAProxy's redispatch does before
 	// its health checks mark the server down.
+	lastSaid := time.Now()
 	err = waitCond(ctx, 3*time.Minute, func() (bool, string) {
 		n := 0
+		var errs []string
 		for _, r := range survivors {
-			if t, err := r.Tunnels(ctx); err == nil {
-				n += t
+			t, err := r.Tunnels(ctx)
+			if err != nil {
+				errs = append(errs, r.id+": "+err.Error())
+				n = -1
+				break
 			}
+			n += t
 		}
 		if n == o.ScaleTunnels && sr.Reconnected == 0 {
 			sr.Reconnected = time.Since(kill)
@@ -239,12 +245,21 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 		if keys[dead.id] == 0 && sr.Expired == 0 {
 			sr.Expired = time.Since(kill)
 		}
+		if time.Since(lastSaid) >= 5*time.Second {
+			lastSaid = time.Now()
+			say(fmt.Sprintf("scale: +%.0fs: survivors hold %d tunnels %v, etcd lists %v, %d agents connected, %d reconnects",
+				time.Since(kill).Seconds(), n, errs, keys, agents.Count(), agents.Reconnects()-reconnectsBefore))
+		}
 		return sr.Reconnected > 0 && sr.Registered > 0 && sr.Expired > 0,
 			fmt.Sprintf("survivors hold %d tunnels, etcd lists %d under them and %d under %s", n, liveKeys, keys[dead.id], dead.id)
 	})
 	sr.Reconnects = agents.Reconnects() - reconnectsBefore
 	if err != nil {
-		return fmt.Errorf("after the kill: %w", err)
+		var tails []string
+		for _, r := range survivors {
+			tails = append(tails, r.id+":\n"+r.Tail(15))
+		}
+		return fmt.Errorf("after the kill: %w\n%s", err, strings.Join(tails, "\n"))
 	}
 	sr.PutP99, sr.PutCount = histQuantile(putsBefore, putHistogram(ctx, survivors), 0.99)
 	sr.Took = time.Since(started)
