@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -37,6 +38,9 @@ type IdleAgents struct {
 	next       atomic.Uint64
 	redial     bool
 	reconnects atomic.Int64
+	// redialErrs counts failed redials by error (first 200 chars).
+	errMu      sync.Mutex
+	redialErrs map[string]int
 }
 
 // writeBuffers is shared by every idle agent's WebSocket: an idle
@@ -88,6 +92,26 @@ func NewFleetAgents(r *Relay, addrs []string) *IdleAgents {
 		return nil, err
 	}
 	return a
+}
+
+func (a *IdleAgents) noteErr(err error) {
+	msg := err.Error()
+	if len(msg) > 200 {
+		msg = msg[:200]
+	}
+	a.errMu.Lock()
+	if a.redialErrs == nil {
+		a.redialErrs = map[string]int{}
+	}
+	a.redialErrs[msg]++
+	a.errMu.Unlock()
+}
+
+// RedialErrors returns the failed redials so far, counted by error.
+func (a *IdleAgents) RedialErrors() map[string]int {
+	a.errMu.Lock()
+	defer a.errMu.Unlock()
+	return maps.Clone(a.redialErrs)
 }
 
 // Reconnects is how many tunnels were dialed again after a drop.
@@ -204,6 +228,7 @@ func (a *IdleAgents) redialLoop(uid, tok string) *tunnel.Conn {
 		if err == nil {
 			return conn
 		}
+		a.noteErr(err)
 		if ra, ok := err.(*retryAfter); ok && ra.after > delay {
 			delay = ra.after
 		}

@@ -38,6 +38,8 @@ type Options struct {
 	// case); ScaleOnly runs nothing else (`make bench-scale`).
 	ScaleTunnels int
 	ScaleOnly    bool
+	// ScaleRest is how long etcd's writes at rest are counted (default 10s).
+	ScaleRest time.Duration
 
 	// Dir holds binaries and state; Binaries skips the build when set.
 	Dir      string

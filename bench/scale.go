@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -40,7 +41,7 @@ type ScaleResult struct {
 	// relays' registry write counter summed.
 	RestWindow                       time.Duration
 	Puts, Deletes, KeepAlives, Renew float64
-	RelayWrites                      float64
+	RelayWrites                      map[string]float64 // by op
 	// Storm: one replica SIGKILLed.
 	Killed     string
 	KilledHeld int
@@ -115,7 +116,11 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 			return fmt.Errorf("replica %s: %w\n%s", r.id, err, r.Tail(20))
 		}
 	}
-	sr := &ScaleResult{Tunnels: o.ScaleTunnels, RestWindow: scaleRestWindow}
+	rest := o.ScaleRest
+	if rest <= 0 {
+		rest = scaleRestWindow
+	}
+	sr := &ScaleResult{Tunnels: o.ScaleTunnels, RestWindow: rest}
 	res.Scale = sr
 	for _, r := range relays {
 		base, err := SettledRSS(ctx, r.Pid(), 10*time.Second)
@@ -174,7 +179,7 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 		}
 	}
 
-	say(fmt.Sprintf("scale: etcd writes at rest over %v", scaleRestWindow))
+	say(fmt.Sprintf("scale: etcd writes at rest over %v", rest))
 	before, err := etcdMetrics(ctx, etcd.Endpoint())
 	if err != nil {
 		return err
@@ -183,17 +188,20 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-time.After(scaleRestWindow):
+	case <-time.After(rest):
 	}
 	after, err := etcdMetrics(ctx, etcd.Endpoint())
 	if err != nil {
 		return err
 	}
-	per := func(m string) float64 { return (after.sum(m) - before.sum(m)) / scaleRestWindow.Seconds() }
+	per := func(m string) float64 { return (after.sum(m) - before.sum(m)) / rest.Seconds() }
 	sr.Puts, sr.Deletes = per("etcd_mvcc_put_total"), per("etcd_mvcc_delete_total")
 	sr.KeepAlives = per(`grpc_server_msg_received_total{grpc_method="LeaseKeepAlive"`)
 	sr.Renew = per("etcd_debugging_lease_renewed_total")
-	sr.RelayWrites = (relayWrites(ctx, relays) - relayBefore) / scaleRestWindow.Seconds()
+	sr.RelayWrites = map[string]float64{}
+	for op, v := range relayWrites(ctx, relays) {
+		sr.RelayWrites[op] = (v - relayBefore[op]) / rest.Seconds()
+	}
 
 	// The storm: the replica holding the most tunnels dies at once.
 	victim := 0
@@ -247,8 +255,8 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 		}
 		if time.Since(lastSaid) >= 5*time.Second {
 			lastSaid = time.Now()
-			say(fmt.Sprintf("scale: +%.0fs: survivors hold %d tunnels %v, etcd lists %v, %d agents connected, %d reconnects",
-				time.Since(kill).Seconds(), n, errs, keys, agents.Count(), agents.Reconnects()-reconnectsBefore))
+			say(fmt.Sprintf("scale: +%.0fs: survivors hold %d tunnels %v, etcd lists %v, %d agents connected, %d reconnects, failed redials %v",
+				time.Since(kill).Seconds(), n, errs, keys, agents.Count(), agents.Reconnects()-reconnectsBefore, agents.RedialErrors()))
 		}
 		return sr.Reconnected > 0 && sr.Registered > 0 && sr.Expired > 0,
 			fmt.Sprintf("survivors hold %d tunnels, etcd lists %d under them and %d under %s", n, liveKeys, keys[dead.id], dead.id)
@@ -312,7 +320,10 @@ func (s *ScaleResult) writeMarkdown(b *strings.Builder) {
 	fmt.Fprintf(b, "| etcd puts (`etcd_mvcc_put_total`) | %.2f |\n| etcd deletes (`etcd_mvcc_delete_total`) | %.2f |\n", s.Puts, s.Deletes)
 	fmt.Fprintf(b, "| lease keep-alive messages (`grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\"}`) | %.2f |\n", s.KeepAlives)
 	fmt.Fprintf(b, "| leases renewed (`etcd_debugging_lease_renewed_total`) | %.2f |\n", s.Renew)
-	fmt.Fprintf(b, "| relays' registry writes (`spectro_proxy_registry_etcd_writes_total`, summed) | %.2f |\n", s.RelayWrites)
+	ops := slices.Sorted(maps.Keys(s.RelayWrites))
+	for _, op := range ops {
+		fmt.Fprintf(b, "| relays' registry writes, op %s (`spectro_proxy_registry_etcd_writes_total`, summed) | %.2f |\n", op, s.RelayWrites[op])
+	}
 	p99 := "not measured (no `spectro_proxy_registry_put_seconds` on the survivors)"
 	switch {
 	case s.PutCount > 0 && s.PutP99 < 0:
@@ -428,11 +439,25 @@ func etcdMetrics(ctx context.Context, endpoint string) (samples, error) {
 	return m, nil
 }
 
-func relayWrites(ctx context.Context, relays []*scaleRelay) float64 {
-	var t float64
+// relayWrites sums the relays' registry writes by op.
+func relayWrites(ctx context.Context, relays []*scaleRelay) map[string]float64 {
+	t := map[string]float64{}
 	for _, r := range relays {
-		if m, err := r.Metrics(ctx); err == nil {
-			t += samples(m).sum("spectro_proxy_registry_etcd_writes_total")
+		m, err := r.Metrics(ctx)
+		if err != nil {
+			continue
+		}
+		for k, v := range m {
+			rest, ok := strings.CutPrefix(k, "spectro_proxy_registry_etcd_writes_total{")
+			if !ok {
+				continue
+			}
+			op := rest
+			if i := strings.Index(rest, `op="`); i >= 0 {
+				op = rest[i+4:]
+				op = op[:strings.IndexByte(op, '"')]
+			}
+			t[op] += v
 		}
 	}
 	return t

@@ -67,7 +67,7 @@ func TestSmokeScale(t *testing.T) {
 	if help, _ := exec.Command(bins.Relay, "--help").CombinedOutput(); !strings.Contains(string(help), "-etcd-endpoints") {
 		t.Skip("this relay has no --etcd-endpoints yet (issue 13 not merged)")
 	}
-	res, err := Run(ctx, Options{ScaleTunnels: 60, ScaleOnly: true, Dir: dir, Binaries: bins, Progress: func(s string) { t.Log(s) }})
+	res, err := Run(ctx, Options{ScaleTunnels: 60, ScaleOnly: true, ScaleRest: 2 * time.Second, Dir: dir, Binaries: bins, Progress: func(s string) { t.Log(s) }})
 	require.NoError(t, err)
 	s := res.Scale
 	require.NotNil(t, s)
