@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -96,6 +97,13 @@ func NewFleetAgents(r *Relay, addrs []string) *IdleAgents {
 
 func (a *IdleAgents) noteErr(err error) {
 	msg := err.Error()
+	// One count per kind, not per socket: drop the addresses.
+	for _, op := range []string{"read tcp ", "write tcp ", "dial tcp "} {
+		if i := strings.LastIndex(msg, ": "); i >= 0 && strings.HasPrefix(msg, op) {
+			msg = op + msg[i+2:]
+			break
+		}
+	}
 	if len(msg) > 200 {
 		msg = msg[:200]
 	}
