@@ -110,6 +110,9 @@ type Etcd struct {
 	view      view
 	joinedSet bool
 	listedSet bool
+	// readyHook, when set (by tests), sees every change of Ready, which
+	// polling could miss.
+	readyHook func(ready bool)
 }
 
 // pendingOp is the wanted state of one of this replica's keys.
@@ -545,7 +548,11 @@ func (e *Etcd) grant(ctx context.Context) error {
 	}
 	n := len(e.local)
 	e.m.held.Set(1)
+	hook := e.readyHook
 	e.mu.Unlock()
+	if hook != nil {
+		hook(true)
+	}
 	e.log.Info("lease granted", "lease", fmt.Sprintf("%x", int64(resp.ID)), "ttl", resp.TTL, "tunnels", n)
 	e.kick(e.kickWrite)
 	return nil
@@ -555,11 +562,16 @@ func (e *Etcd) grant(ctx context.Context) error {
 // the lease loop grants another.
 func (e *Etcd) leaseGone(id clientv3.LeaseID) {
 	e.mu.Lock()
-	if e.lease == id {
+	gone := e.lease == id
+	if gone {
 		e.lease, e.held = 0, false
 		e.m.held.Set(0)
 	}
+	hook := e.readyHook
 	e.mu.Unlock()
+	if gone && hook != nil {
+		hook(false)
+	}
 	e.kick(e.kickLease)
 }
 
@@ -715,6 +727,7 @@ func (e *Etcd) list(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("listing %s: %w", e.cfg.Prefix, err)
 	}
 	v := newView()
+	e.log.Debug("listed the registry", "keys", len(resp.Kvs), "revision", resp.Header.Revision)
 	for _, kv := range resp.Kvs {
 		e.applyOne(&v, true, string(kv.Key), kv.Value)
 	}
@@ -751,6 +764,7 @@ func (e *Etcd) applyOne(v *view, put bool, key string, val []byte) {
 	kind, rest, _ := strings.Cut(rest, "/")
 	switch kind {
 	case "replicas":
+		e.log.Debug("replica key", "id", rest, "put", put)
 		if !put {
 			delete(v.replicas, rest)
 			return
