@@ -101,9 +101,10 @@ type Etcd struct {
 	wg        sync.WaitGroup
 
 	mu        sync.Mutex
-	lease     clientv3.LeaseID // 0: none (before the first, or after etcd dropped it)
-	held      bool             // Ready: etcd has not said the lease is gone
-	local     map[string]Tunnel
+	lease     clientv3.LeaseID             // 0: none (before the first, or after etcd dropped it)
+	held      bool                         // Ready: etcd has not said the lease is gone
+	local     map[string]map[string]Tunnel // own tunnels: label -> key -> tunnel
+	nLocal    int
 	localRev  map[string]time.Time // revocations written through this replica
 	pending   map[string]*pendingOp
 	gen       uint64 // stamps pending ops, so that a write that raced a newer op keeps it queued
@@ -173,6 +174,30 @@ func NewEtcd(cfg EtcdConfig) (*Etcd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encoding replica: %w", err)
 	}
+	cli, err := newClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Etcd{
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "registry", "replica", cfg.Self.ID),
+		cli:       cli,
+		m:         m,
+		selfVal:   string(selfVal),
+		selfKey:   cfg.Prefix + "replicas/" + cfg.Self.ID,
+		kickWrite: make(chan struct{}, 1),
+		kickLease: make(chan struct{}, 1),
+		joined:    make(chan struct{}),
+		listed:    make(chan struct{}),
+		local:     map[string]map[string]Tunnel{},
+		localRev:  map[string]time.Time{},
+		pending:   map[string]*pendingOp{},
+		view:      newView(),
+	}, nil
+}
+
+// newClient returns an etcd client for cfg; it does not connect yet.
+func newClient(cfg EtcdConfig) (*clientv3.Client, error) {
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints: cfg.Endpoints,
 		TLS:       cfg.TLS,
@@ -196,27 +221,8 @@ func NewEtcd(cfg EtcdConfig) (*Etcd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd client for %v: %w", cfg.Endpoints, err)
 	}
-	return &Etcd{
-		cfg:       cfg,
-		log:       cfg.Logger.With("component", "registry", "replica", cfg.Self.ID),
-		cli:       cli,
-		m:         m,
-		selfVal:   string(selfVal),
-		selfKey:   cfg.Prefix + "replicas/" + cfg.Self.ID,
-		kickWrite: make(chan struct{}, 1),
-		kickLease: make(chan struct{}, 1),
-		joined:    make(chan struct{}),
-		listed:    make(chan struct{}),
-		local:     map[string]Tunnel{},
-		localRev:  map[string]time.Time{},
-		pending:   map[string]*pendingOp{},
-		view:      newView(),
-	}, nil
+	return cli, nil
 }
-
-// Client is the etcd client, for what the registry does not cover (the
-// tests' raw view of etcd).
-func (e *Etcd) Client() *clientv3.Client { return e.cli }
 
 // Start takes a lease, writes the replica key, loads the view and keeps it
 // current until Close or ctx ends. It returns once the replica key is
@@ -263,11 +269,19 @@ func (e *Etcd) Announce(t Tunnel) {
 		return
 	}
 	e.mu.Lock()
-	if old, ok := e.local[key]; ok && old == t {
+	byKey := e.local[t.Label]
+	if old, ok := byKey[key]; ok && old == t {
 		e.mu.Unlock()
 		return // already there: a repeat must not write
 	}
-	e.local[key] = t
+	if byKey == nil {
+		byKey = map[string]Tunnel{}
+		e.local[t.Label] = byKey
+	}
+	if _, ok := byKey[key]; !ok {
+		e.nLocal++
+	}
+	byKey[key] = t
 	e.queueLocked(key, true, string(val))
 	e.mu.Unlock()
 	e.kick(e.kickWrite)
@@ -277,11 +291,16 @@ func (e *Etcd) Announce(t Tunnel) {
 func (e *Etcd) Withdraw(t Tunnel) {
 	key := e.tunnelKey(t)
 	e.mu.Lock()
-	if _, ok := e.local[key]; !ok {
+	byKey := e.local[t.Label]
+	if _, ok := byKey[key]; !ok {
 		e.mu.Unlock()
 		return
 	}
-	delete(e.local, key)
+	delete(byKey, key)
+	if len(byKey) == 0 {
+		delete(e.local, t.Label)
+	}
+	e.nLocal--
 	e.queueLocked(key, false, "")
 	e.mu.Unlock()
 	e.kick(e.kickWrite)
@@ -328,11 +347,8 @@ func (e *Etcd) Lookup(label string) []Holder {
 func (e *Etcd) LabelOwner(label string) (string, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	prefix := e.cfg.Prefix + "tunnels/" + label + "/" + e.cfg.Self.ID + "/"
-	for key, t := range e.local {
-		if strings.HasPrefix(key, prefix) {
-			return t.ClusterUID, true
-		}
+	for _, t := range e.local[label] {
+		return t.ClusterUID, true
 	}
 	for _, vt := range e.view.tunnels[label] {
 		if vt.replica == e.cfg.Self.ID {
@@ -377,14 +393,23 @@ func (e *Etcd) Revoke(ctx context.Context, tokenID string, expires time.Time) er
 	return writeRevocation(ctx, e.cli, e.cfg.Prefix, tokenID, expires, e.m)
 }
 
-// WriteRevocation writes a token revocation under prefix (default
-// DefaultPrefix) with cli: what Etcd.Revoke does, for a command that is no
-// relay (token revoke --etcd-endpoints).
-func WriteRevocation(ctx context.Context, cli *clientv3.Client, prefix, tokenID string, expires time.Time) error {
+// WriteRevocation writes a token revocation into the fleet's etcd (cfg's
+// Endpoints, TLS, Prefix; the rest is unused) without joining the fleet:
+// what Etcd.Revoke does, for the token revoke command. Every relay's view
+// has it within moments.
+func WriteRevocation(ctx context.Context, cfg EtcdConfig, tokenID string, expires time.Time) error {
 	if tokenID == "" || strings.Contains(tokenID, "/") {
 		return fmt.Errorf("revoking token %q: invalid token id", tokenID)
 	}
-	return writeRevocation(ctx, cli, prefix, tokenID, expires, nil)
+	if len(cfg.Endpoints) == 0 {
+		return errors.New("revoking token: no etcd endpoints")
+	}
+	cli, err := newClient(cfg)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	return writeRevocation(ctx, cli, cfg.Prefix, tokenID, expires, nil)
 }
 
 func writeRevocation(ctx context.Context, cli *clientv3.Client, prefix, tokenID string, expires time.Time, m *metrics) error {
@@ -542,11 +567,13 @@ func (e *Etcd) grant(ctx context.Context) error {
 	e.lease, e.held = resp.ID, true
 	// Rewrite everything: after a lost lease etcd has deleted it all.
 	e.queueLocked(e.selfKey, true, e.selfVal)
-	for key, t := range e.local {
-		val, _ := json.Marshal(t)
-		e.queueLocked(key, true, string(val))
+	for _, byKey := range e.local {
+		for key, t := range byKey {
+			val, _ := json.Marshal(t)
+			e.queueLocked(key, true, string(val))
+		}
 	}
-	n := len(e.local)
+	n := e.nLocal
 	e.m.held.Set(1)
 	hook := e.readyHook
 	e.mu.Unlock()

@@ -17,7 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
+	"go.uber.org/goleak"
 
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 )
@@ -232,7 +232,7 @@ var cases = []testCase{{
 		last := f.regs[len(f.regs)-1]
 		if f.isEtcd() {
 			// The token CLI writes without a relay.
-			require.NoError(t, WriteRevocation(ctx, f.raw, f.prefix, "tok-cli", time.Time{}))
+			require.NoError(t, WriteRevocation(ctx, EtcdConfig{Endpoints: []string{f.etcd.Endpoint()}, Prefix: strings.TrimSuffix(f.prefix, "/")}, "tok-cli", time.Time{}))
 			f.eventually(5*time.Second, "replica 1 sees all three revocations", func() bool {
 				return last.Revoked("tok-forever") && last.Revoked("tok-short") && last.Revoked("tok-cli")
 			})
@@ -535,7 +535,9 @@ func TestEtcd(t *testing.T) {
 	}
 	require.NoError(t, err)
 	defer e.Close()
-	raw, err := clientv3.New(clientv3.Config{Endpoints: []string{e.Endpoint()}, Logger: zap.NewNop()})
+	// The registry's client options: back within seconds after etcd's
+	// restart.
+	raw, err := newClient(EtcdConfig{Endpoints: []string{e.Endpoint()}})
 	require.NoError(t, err)
 	defer raw.Close()
 
@@ -672,3 +674,7 @@ func (l *link) close() {
 	l.cut()
 	l.wg.Wait()
 }
+
+// TestMain fails the run on goroutines left behind: Close must stop the
+// registry's loops and the etcd client's.
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
