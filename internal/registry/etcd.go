@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -503,6 +504,8 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 	var bo backoffState
 	var wait time.Duration
 	unreachableSince := time.Time{}
+	ka := &keepAliver{cli: e.cli}
+	defer ka.drop()
 	for {
 		if !e.sleep(ctx, wait, e.kickLease) {
 			return
@@ -520,13 +523,11 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 				continue
 			}
 			bo.reset()
-			wait = interval
+			wait = 0 // open the keep-alive stream now, while etcd answers
 			continue
 		}
-		tctx, cancel := context.WithTimeout(ctx, interval)
 		start := time.Now()
-		_, err := e.cli.KeepAliveOnce(tctx, id)
-		cancel()
+		err := ka.once(ctx, id, interval)
 		switch {
 		case err == nil:
 			e.m.keepalive.Observe(time.Since(start).Seconds())
@@ -552,6 +553,58 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 			wait = retry
 		}
 	}
+}
+
+// keepAliver sends keep-alives one at a time on one LeaseKeepAlive stream
+// that it keeps open between them. Not KeepAliveOnce, which opens a stream
+// per keep-alive: an etcd member that is stopping (SIGTERM: gRPC's
+// graceful stop, ~7s) refuses new streams but serves open ones, and its
+// leases go on expiring meanwhile. Not the client's KeepAlive either: it
+// hides the round trip, which is a metric.
+type keepAliver struct {
+	cli    *clientv3.Client
+	stream pb.Lease_LeaseKeepAliveClient
+	cancel context.CancelFunc
+}
+
+// once renews lease id and waits up to timeout for the answer.
+// rpctypes.ErrLeaseNotFound means etcd says the lease is gone; any other
+// error, that etcd did not answer (the stream is dropped, the next call
+// opens another).
+func (k *keepAliver) once(ctx context.Context, id clientv3.LeaseID, timeout time.Duration) error {
+	if k.stream == nil {
+		sctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		s, err := pb.NewLeaseClient(k.cli.ActiveConnection()).LeaseKeepAlive(sctx)
+		if err != nil {
+			cancel()
+			return fmt.Errorf("opening lease keep-alive stream: %w", err)
+		}
+		k.stream, k.cancel = s, cancel
+	}
+	// A partition leaves Recv waiting: cancel the stream at the timeout.
+	timer := time.AfterFunc(timeout, k.cancel)
+	err := k.stream.Send(&pb.LeaseKeepAliveRequest{ID: int64(id)})
+	var resp *pb.LeaseKeepAliveResponse
+	if err == nil {
+		resp, err = k.stream.Recv()
+	}
+	if !timer.Stop() || err != nil {
+		k.drop() // canceled, or about to be
+	}
+	if err != nil {
+		return fmt.Errorf("lease keep-alive: %w", err)
+	}
+	if resp.TTL <= 0 {
+		return rpctypes.ErrLeaseNotFound
+	}
+	return nil
+}
+
+func (k *keepAliver) drop() {
+	if k.cancel != nil {
+		k.cancel()
+	}
+	k.stream, k.cancel = nil, nil
 }
 
 // grant takes a new lease and queues every key of this replica under it.

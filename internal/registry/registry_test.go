@@ -409,15 +409,22 @@ var cases = []testCase{{
 	},
 }, {
 	name: "etcd down: view kept, ready, announce queued and written after etcd is back",
-	// etcd's graceful stop (SIGTERM) serves the open watch streams for
-	// ~7s but no new keep-alive request, while leases go on expiring: a
-	// TTL that outlasts it, so that the test sees an outage and nothing
-	// else.
-	opts:      fleetOpts{n: 2, ttl: 20 * time.Second},
+	// Shorter than etcd's graceful stop (SIGTERM: ~7s serving the open
+	// streams only, while leases go on expiring): keep-alives on the open
+	// stream keep the lease through it.
+	opts:      fleetOpts{n: 2, ttl: 4 * time.Second},
 	fleetOnly: true,
 	run: func(t *testing.T, f *fleet) {
+		var mu sync.Mutex
+		var changes []bool
+		for i := range f.regs {
+			f.et(i).mu.Lock()
+			f.et(i).readyHook = func(r bool) { mu.Lock(); changes = append(changes, r); mu.Unlock() }
+			f.et(i).mu.Unlock()
+		}
 		f.regs[0].Announce(tun("up.example", "c1", "agent1"))
 		f.eventually(5*time.Second, "replica 1 sees up.example", func() bool { return len(f.regs[1].Lookup("up.example")) == 1 })
+		leases := f.keys()
 		stopAt := time.Now()
 		require.NoError(t, f.etcd.Stop())
 		t.Logf("etcd stopped (SIGTERM) in %v", time.Since(stopAt).Round(time.Millisecond))
@@ -453,6 +460,12 @@ var cases = []testCase{{
 		for _, r := range f.regs {
 			require.True(t, r.Ready())
 		}
+		k := f.keys()
+		require.Equal(t, leases["replicas/r0"], k["replicas/r0"], "r0's lease outlived the outage")
+		require.Equal(t, leases["replicas/r1"], k["replicas/r1"], "r1's lease outlived the outage")
+		mu.Lock()
+		require.Empty(t, changes, "Ready never changed")
+		mu.Unlock()
 	},
 }, {
 	name:      "at rest only keep-alives go to etcd",
