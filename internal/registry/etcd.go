@@ -226,12 +226,13 @@ func newClient(cfg EtcdConfig) (*clientv3.Client, error) {
 }
 
 // Start takes a lease, writes the replica key, loads the view and keeps it
-// current until Close or ctx ends. It returns once the replica key is
-// written and the first view is loaded, or with ctx's error (the work
-// goes on in the background until ctx ends).
+// current until Close. It returns once the replica key is written and the
+// first view is loaded, or with ctx's error, after stopping the work.
 func (e *Etcd) Start(ctx context.Context) error {
 	e.startOnce.Do(func() {
-		bg, cancel := context.WithCancel(ctx)
+		// Not ctx: the view and the writes must outlive it (a drain
+		// starts when the relay's serving context ends); Close ends them.
+		bg, cancel := context.WithCancel(context.Background())
 		e.mu.Lock()
 		e.cancel = cancel
 		e.mu.Unlock()
@@ -247,11 +248,23 @@ func (e *Etcd) Start(ctx context.Context) error {
 		select {
 		case <-c.ch:
 		case <-ctx.Done():
+			e.stop()
 			return fmt.Errorf("joining the relay fleet on etcd %v: %s: %w", e.cfg.Endpoints, c.what, ctx.Err())
 		}
 	}
 	e.log.Info("joined the relay fleet", "endpoints", e.cfg.Endpoints, "replicas", len(e.Replicas()))
 	return nil
+}
+
+// stop ends the background work and waits for it.
+func (e *Etcd) stop() {
+	e.mu.Lock()
+	cancel := e.cancel
+	e.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	e.wg.Wait()
 }
 
 // Self is this replica.
@@ -470,13 +483,7 @@ func (e *Etcd) Ready() bool {
 func (e *Etcd) Close(ctx context.Context) error {
 	var err error
 	e.closeOnce.Do(func() {
-		e.mu.Lock()
-		cancel := e.cancel
-		e.mu.Unlock()
-		if cancel != nil {
-			cancel()
-		}
-		e.wg.Wait()
+		e.stop()
 		e.mu.Lock()
 		lease := e.lease
 		e.lease, e.held = 0, false
@@ -523,6 +530,7 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 				continue
 			}
 			bo.reset()
+			unreachableSince = time.Time{}
 			wait = 0 // open the keep-alive stream now, while etcd answers
 			continue
 		}

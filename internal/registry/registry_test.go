@@ -285,6 +285,26 @@ var cases = []testCase{{
 		}
 	},
 }, {
+	name: "the registry outlives Start's ctx, until Close",
+	opts: fleetOpts{n: 2, noStart: true},
+	run: func(t *testing.T, f *fleet) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		for _, r := range f.regs {
+			require.NoError(t, r.Start(ctx))
+		}
+		cancel() // the relay's serving context ends: its drain begins
+		f.regs[0].Announce(tun("drain.example", "c1", "agent1"))
+		require.Equal(t, "c1", owner(f.regs[0], "drain.example"))
+		if len(f.regs) > 1 {
+			f.eventually(5*time.Second, "replica 1 still sees r0's writes", func() bool {
+				return len(f.regs[1].Lookup("drain.example")) == 1
+			})
+		}
+		for _, r := range f.regs {
+			require.True(t, r.Ready())
+		}
+	},
+}, {
 	name: "ready",
 	opts: fleetOpts{n: 1, noStart: true},
 	run: func(t *testing.T, f *fleet) {
@@ -359,7 +379,9 @@ var cases = []testCase{{
 		f.et(0).readyHook = func(r bool) { mu.Lock(); changes = append(changes, r); mu.Unlock() }
 		f.et(0).mu.Unlock()
 		f.regs[0].Announce(tun("p.example", "c8", "agent1"))
-		f.eventually(5*time.Second, "replica 1 sees p.example", func() bool { return len(f.regs[1].Lookup("p.example")) == 1 })
+		f.eventually(5*time.Second, "replica 1 sees p.example, r0 sees r1", func() bool {
+			return len(f.regs[1].Lookup("p.example")) == 1 && len(f.regs[0].Replicas()) == 2
+		})
 		f.links[0].cut()
 		f.eventually(10*time.Second, "r0's lease expires: replica 1 drops r0", func() bool {
 			return len(f.regs[1].Lookup("p.example")) == 0 && len(f.regs[1].Replicas()) == 1
@@ -579,6 +601,9 @@ func TestEtcd(t *testing.T) {
 			defer func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				defer cancel()
+				for _, l := range f.links {
+					l.restore() // a failed case may have left one cut
+				}
 				for _, r := range f.regs {
 					require.NoError(t, r.Close(ctx))
 				}
