@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -398,6 +397,31 @@ var cases = []testCase{{
 		mu.Unlock()
 	},
 }, {
+	name:      "silent partition past the TTL (no RST): nothing hangs, ready, then a new lease",
+	opts:      fleetOpts{n: 2, ttl: 2 * time.Second},
+	fleetOnly: true,
+	run: func(t *testing.T, f *fleet) {
+		f.regs[0].Announce(tun("s.example", "c8", "agent1"))
+		f.eventually(5*time.Second, "replica 1 sees s.example, r0 sees r1", func() bool {
+			return len(f.regs[1].Lookup("s.example")) == 1 && len(f.regs[0].Replicas()) == 2
+		})
+		f.links[0].freeze()
+		f.eventually(10*time.Second, "r0's lease expires: replica 1 drops r0", func() bool {
+			return len(f.regs[1].Replicas()) == 1
+		})
+		start := time.Now()
+		f.regs[0].Announce(tun("t.example", "c8", "agent1"))
+		require.Equal(t, "c8", owner(f.regs[0], "t.example"))
+		require.Len(t, f.regs[0].Replicas(), 2, "r0 keeps its last view")
+		require.True(t, f.regs[0].Ready(), "merely unreachable: still ready")
+		require.Less(t, time.Since(start), 50*time.Millisecond)
+		f.links[0].restore()
+		f.eventually(20*time.Second, "replica 1 sees r0 with both tunnels", func() bool {
+			return len(f.regs[1].Lookup("s.example")) == 1 && len(f.regs[1].Lookup("t.example")) == 1
+		})
+		require.True(t, f.regs[0].Ready())
+	},
+}, {
 	name:      "compaction while partitioned: the watch restarts with a fresh list",
 	opts:      fleetOpts{n: 2},
 	fleetOnly: true,
@@ -631,23 +655,27 @@ func testLogger(t *testing.T) *slog.Logger {
 }
 
 // link is a TCP proxy between one registry and etcd that the test can cut
-// (every connection closed, new ones refused) and restore: a partition of
-// one replica while etcd and the others go on.
+// (every connection closed, new ones refused: the peer is gone) or freeze
+// (bytes held back, nothing closed: a silent partition, as a dropped route
+// is; TCP delivers the held bytes once it heals) and restore.
 type link struct {
 	t      *testing.T
 	ln     net.Listener
 	target string
 
-	mu    sync.Mutex
-	down  bool
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
+	mu     sync.Mutex
+	down   bool
+	thawed chan struct{} // closed unless frozen
+	conns  map[net.Conn]struct{}
+	wg     sync.WaitGroup
 }
 
 func newLink(t *testing.T, target string) *link {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	l := &link{t: t, ln: ln, target: target, conns: map[net.Conn]struct{}{}}
+	thawed := make(chan struct{})
+	close(thawed)
+	l := &link{t: t, ln: ln, target: target, conns: map[net.Conn]struct{}{}, thawed: thawed}
 	l.wg.Add(1)
 	go l.accept()
 	return l
@@ -668,28 +696,61 @@ func (l *link) accept() {
 			c.Close()
 			continue
 		}
-		up, err := net.DialTimeout("tcp", l.target, 2*time.Second)
-		if err != nil {
-			l.mu.Unlock()
-			c.Close()
-			continue
-		}
-		l.conns[c], l.conns[up] = struct{}{}, struct{}{}
-		l.wg.Add(2)
+		l.conns[c] = struct{}{}
+		l.wg.Add(1)
 		l.mu.Unlock()
-		pipe := func(dst, src net.Conn) {
-			defer l.wg.Done()
-			_, _ = io.Copy(dst, src)
-			dst.Close()
-			src.Close()
-			l.mu.Lock()
-			delete(l.conns, dst)
-			delete(l.conns, src)
-			l.mu.Unlock()
-		}
-		go pipe(c, up)
-		go pipe(up, c)
+		go l.serve(c)
 	}
+}
+
+func (l *link) serve(c net.Conn) {
+	defer l.wg.Done()
+	l.waitThawed() // a new connection hangs while frozen, as a SYN to nowhere
+	up, err := net.DialTimeout("tcp", l.target, 2*time.Second)
+	l.mu.Lock()
+	if err != nil || l.down {
+		l.mu.Unlock()
+		c.Close()
+		if up != nil {
+			up.Close()
+		}
+		return
+	}
+	l.conns[up] = struct{}{}
+	l.wg.Add(2)
+	l.mu.Unlock()
+	go l.pipe(c, up)
+	go l.pipe(up, c)
+}
+
+func (l *link) pipe(dst, src net.Conn) {
+	defer l.wg.Done()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		l.waitThawed()
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	dst.Close()
+	src.Close()
+	l.mu.Lock()
+	delete(l.conns, dst)
+	delete(l.conns, src)
+	l.mu.Unlock()
+}
+
+func (l *link) waitThawed() {
+	l.mu.Lock()
+	ch := l.thawed
+	l.mu.Unlock()
+	<-ch
 }
 
 func (l *link) cut() {
@@ -701,14 +762,30 @@ func (l *link) cut() {
 	}
 }
 
+func (l *link) freeze() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	select {
+	case <-l.thawed:
+		l.thawed = make(chan struct{})
+	default:
+	}
+}
+
 func (l *link) restore() {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	l.down = false
-	l.mu.Unlock()
+	select {
+	case <-l.thawed:
+	default:
+		close(l.thawed)
+	}
 }
 
 func (l *link) close() {
 	l.ln.Close()
+	l.restore()
 	l.cut()
 	l.wg.Wait()
 }
