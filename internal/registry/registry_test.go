@@ -134,7 +134,17 @@ var cases = []testCase{{
 				"tunnels/a.example/r0/c1/agent1": f.keys()["replicas/r0"],
 			}, f.keys(), "tunnel key under r0's lease")
 		}
-		f.regs[0].Withdraw(a)
+		// The same tunnel in another mode replaces it.
+		b := a
+		b.Mode = "terminate"
+		f.regs[0].Announce(b)
+		if len(f.regs) > 1 {
+			f.eventually(5*time.Second, "replica 1 sees the new mode", func() bool {
+				hs := f.regs[1].Lookup("a.example")
+				return len(hs) == 1 && hs[0].Mode == "terminate"
+			})
+		}
+		f.regs[0].Withdraw(a) // the key is label, cluster, agent: any mode withdraws it
 		require.Equal(t, "<none>", owner(f.regs[0], "a.example"), "own withdraw is visible at once")
 		if len(f.regs) > 1 {
 			f.eventually(5*time.Second, "replica 1 sees the withdraw", func() bool {
