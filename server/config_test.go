@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -23,7 +24,16 @@ func TestConfigValidate(t *testing.T) {
 		{"cert without key", Config{Domain: "proxy.example.com", TLSCertFile: "c", SigningKeyFile: "k"}, "go together"},
 		{"no certificate", Config{Domain: "proxy.example.com", SigningKeyFile: "k"}, "state-dir is required"},
 		{"no signing key", Config{Domain: "proxy.example.com", TLSCertFile: "c", TLSKeyFile: "k"}, "signing-key-file is required"},
+		{"etcd without a peer listener", Config{Domain: "proxy.example.com", StateDir: "x", EtcdEndpoints: []string{"http://etcd:2379"}}, "peer-listen is required with etcd-endpoints"},
+		{"peer listener nobody can dial", Config{Domain: "proxy.example.com", StateDir: "x", PeerListen: ":8444"}, "peer-advertise is required"},
+		{"peer listener without a CA", Config{Domain: "proxy.example.com", TLSCertFile: "c", TLSKeyFile: "k", SigningKeyFile: "s", PeerListen: "10.0.0.1:8444"}, "peer-ca-file and peer-ca-key-file are required"},
+		{"peer CA without its key", Config{Domain: "proxy.example.com", StateDir: "x", PeerListen: "10.0.0.1:8444", PeerCAFile: "ca"}, "peer-ca-file and peer-ca-key-file go together"},
+		{"advertise without a listener", Config{Domain: "proxy.example.com", StateDir: "x", PeerAdvertise: "10.0.0.1:8444"}, "peer-advertise needs peer-listen"},
+		{"etcd TLS without etcd", Config{Domain: "proxy.example.com", StateDir: "x", EtcdCAFile: "ca"}, "need etcd-endpoints"},
+		{"etcd cert without its key", Config{Domain: "proxy.example.com", StateDir: "x", EtcdEndpoints: []string{"https://etcd:2379"}, PeerListen: "10.0.0.1:8444", EtcdCertFile: "c"}, "etcd-cert-file and etcd-key-file go together"},
+		{"lease too short", Config{Domain: "proxy.example.com", StateDir: "x", LeaseTTL: time.Second}, "lease-ttl must be at least 2s"},
 	}
+	t.Setenv("POD_IP", "") // the peer-advertise default reads it
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			require.ErrorContains(t, tc.cfg.Validate(), tc.want)
