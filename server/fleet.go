@@ -173,8 +173,7 @@ func newFleet(cfg Config, m *metrics) (*fleetPart, error) {
 	case cfg.Registry != nil:
 		f.reg = cfg.Registry
 	case len(cfg.EtcdEndpoints) == 0:
-		// TODO(issue 13): registry.NewMemory(self) once it is on main.
-		f.reg = newSoloRegistry(self)
+		f.reg = fleet.NewMemory(self)
 	default:
 		reg, err := NewEtcdRegistry(cfg, self, m.reg)
 		if err != nil {
@@ -193,12 +192,14 @@ func NewEtcdRegistry(cfg Config, self fleet.Replica, metrics prometheus.Register
 	if err != nil {
 		return nil, err
 	}
-	_, _ = tlsConf, metrics
-	// TODO(issue 13): registry.NewEtcd(registry.EtcdConfig{Endpoints:
-	// cfg.EtcdEndpoints, TLS: tlsConf, Prefix: cfg.EtcdPrefix, LeaseTTL:
-	// cfg.LeaseTTL, Self: self, Logger: cfg.Logger, Metrics: metrics})
-	// once it is on main.
-	return nil, errors.New("etcd registry not built in (etcd-endpoints given): this build has only the in-memory registry")
+	reg, err := fleet.NewEtcd(fleet.EtcdConfig{
+		Endpoints: cfg.EtcdEndpoints, TLS: tlsConf, Prefix: cfg.EtcdPrefix, LeaseTTL: cfg.LeaseTTL,
+		Self: self, Logger: cfg.Logger, Metrics: metrics,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("opening the fleet's registry: %w", err)
+	}
+	return reg, nil
 }
 
 // EtcdTLS is the etcd client's TLS from PEM files: nil when none is given
@@ -350,28 +351,3 @@ func (r *registry) usable(label string) bool {
 	}
 	return false
 }
-
-// soloRegistry is the registry of a single relay: nothing to share.
-// TODO(issue 13): replace with registry.NewMemory once it is on main.
-type soloRegistry struct{ self fleet.Replica }
-
-func newSoloRegistry(self fleet.Replica) *soloRegistry { return &soloRegistry{self: self} }
-
-func (r *soloRegistry) Start(context.Context) error { return nil }
-func (r *soloRegistry) Self() fleet.Replica         { return r.self }
-func (r *soloRegistry) Announce(fleet.Tunnel)       {}
-func (r *soloRegistry) Withdraw(fleet.Tunnel)       {}
-func (r *soloRegistry) Lookup(string) []fleet.Holder {
-	return nil
-}
-
-// LabelOwner: the local registry (heldByOther) already knows every label
-// a single relay holds.
-func (r *soloRegistry) LabelOwner(string) (string, bool) { return "", false }
-func (r *soloRegistry) Replicas() []fleet.Replica        { return []fleet.Replica{r.self} }
-func (r *soloRegistry) Revoke(context.Context, string, time.Time) error {
-	return errors.New("a single relay shares no revocations: use the revocation file")
-}
-func (r *soloRegistry) Revoked(string) bool         { return false }
-func (r *soloRegistry) Ready() bool                 { return true }
-func (r *soloRegistry) Close(context.Context) error { return nil }
