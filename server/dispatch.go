@@ -74,6 +74,7 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 		// No local tunnel: another replica's, with its mode, if any.
 		if holders = s.holders(label); len(holders) > 0 {
 			mode, known = tunnel.Mode(holders[0].Mode), true
+			s.reg.remember(label, mode)
 		}
 	}
 	if !known {

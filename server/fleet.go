@@ -339,6 +339,17 @@ func (s *Server) holders(label string) []fleet.Holder {
 	return out
 }
 
+// remember notes that label is served in mode somewhere in the fleet, so
+// that once no replica holds it any more users get "agent not connected"
+// from this replica too, as from one that held it (see registry.seen).
+func (r *registry) remember(label string, mode tunnel.Mode) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.seen[label]; !ok {
+		r.seen[label] = mode
+	}
+}
+
 // usable reports whether a session that takes new streams serves label
 // (candidates without moving the round-robin start).
 func (r *registry) usable(label string) bool {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -30,6 +31,7 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/promtext"
 	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
+	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -205,7 +207,16 @@ func testLog(t *testing.T) *slog.Logger {
 func startFleetRelay(t *testing.T, f *fakeFleet, id, stateDir string) *fleetRelay {
 	t.Helper()
 	peerAddr := freeAddr(t)
-	srv, err := server.New(server.Config{
+	return startRelayWith(t, id, peerAddr, stateDir, func(c *server.Config) {
+		c.Registry = f.member(fleet.Replica{ID: id, PeerAddr: peerAddr})
+	})
+}
+
+// startRelayWith starts replica id with its peer listener on peerAddr;
+// tweak sets the registry.
+func startRelayWith(t *testing.T, id, peerAddr, stateDir string, tweak func(*server.Config)) *fleetRelay {
+	t.Helper()
+	cfg := server.Config{
 		Domain:             fleetDomain,
 		StateDir:           stateDir,
 		RevocationFile:     filepath.Join(stateDir, "revoked"),
@@ -214,8 +225,10 @@ func startFleetRelay(t *testing.T, f *fakeFleet, id, stateDir string) *fleetRela
 		DrainTimeout:       2 * time.Second,
 		ReplicaID:          id,
 		PeerListen:         peerAddr,
-		Registry:           f.member(fleet.Replica{ID: id, PeerAddr: peerAddr}),
-	})
+		PeerAdvertise:      peerAddr,
+	}
+	tweak(&cfg)
+	srv, err := server.New(cfg)
 	require.NoError(t, err)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -325,10 +338,11 @@ func issueToken(t *testing.T, stateDir, uid, subdomain string) (string, token.Cl
 	return path, claims
 }
 
-// startFleetAgent connects an agent of cluster uid to relay r.
-func startFleetAgent(t *testing.T, r *fleetRelay, stateDir, uid string, mode tunnel.Mode, be *apiBackend) {
+// startFleetAgent connects an agent of cluster uid to relay r and
+// returns its token's id.
+func startFleetAgent(t *testing.T, r *fleetRelay, stateDir, uid string, mode tunnel.Mode, be *apiBackend) string {
 	t.Helper()
-	tokFile, _ := issueToken(t, stateDir, uid, "")
+	tokFile, claims := issueToken(t, stateDir, uid, "")
 	c, err := client.New(client.Config{
 		Server: fleetDomain, RelayAddress: r.addr, RelayCAFile: filepath.Join(stateDir, "ca.crt"),
 		ClusterUID: uid, TokenFile: tokFile, Mode: mode, APIServer: be.url, APIServerCAFile: be.caFile,
@@ -341,6 +355,7 @@ func startFleetAgent(t *testing.T, r *fleetRelay, stateDir, uid string, mode tun
 	go func() { defer close(done); c.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-done })
 	require.Eventually(t, c.Ready, 10*time.Second, 10*time.Millisecond, "agent of %s never connected", uid)
+	return claims.ID
 }
 
 // userClient reaches host through relay r over HTTP/1.1 (so upgrades and
@@ -537,4 +552,70 @@ func TestFleetForwarding(t *testing.T) {
 		assert.Contains(t, body, "no agent connected")
 		assert.GreaterOrEqual(t, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="http",result="failed"}`), 1.0)
 	})
+}
+
+// The same over a real etcd (the registry's Etcd): relay B learns from
+// its watch that relay A holds the tunnels and forwards to it; a token
+// revoked in etcd (as `token revoke --etcd-endpoints` does) ends its
+// tunnel on relay A; relay A leaving withdraws its tunnels at once.
+func TestFleetOnEtcd(t *testing.T) {
+	etcd, err := testcluster.StartEtcd(context.Background(), t.TempDir(), testLog(t))
+	if errors.Is(err, testcluster.ErrBinariesMissing) {
+		t.Skip(err)
+	}
+	require.NoError(t, err)
+	t.Cleanup(etcd.Close)
+	const ptUID, tmUID = "pt", "tm"
+	ptHost, tmHost := hostname.Host(hostname.DefaultSubdomain(ptUID), fleetDomain), hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
+	stateDir := t.TempDir()
+	onEtcd := func(c *server.Config) { c.EtcdEndpoints = []string{etcd.Endpoint()}; c.LeaseTTL = 2 * time.Second }
+	a := startRelayWith(t, "relay-a", freeAddr(t), stateDir, onEtcd)
+	b := startRelayWith(t, "relay-b", freeAddr(t), stateDir, onEtcd)
+	be := newAPIBackend(t, ptHost)
+	startFleetAgent(t, a, stateDir, ptUID, tunnel.Passthrough, be)
+	tmToken := startFleetAgent(t, a, stateDir, tmUID, tunnel.Terminate, be)
+	relayPool := relayRoots(t, stateDir)
+	pt := userClient(b, ptHost, be.roots)
+	tm := userClient(b, tmHost, relayPool)
+	defer pt.CloseIdleConnections()
+	defer tm.CloseIdleConnections()
+
+	status := func(c *http.Client, url string) int {
+		resp, err := c.Get(url)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	require.Eventually(t, func() bool { return status(tm, "https://"+tmHost+"/who") == http.StatusOK }, 10*time.Second, 20*time.Millisecond,
+		"relay B forwards to relay A once its view has A's tunnels")
+	assert.Equal(t, http.StatusOK, status(pt, "https://"+ptHost+"/who"))
+	assert.Positive(t, metric(t, b.srv, `spectro_proxy_registry_replicas`), "the registry's metrics are the relay's")
+
+	cfg := server.Config{EtcdEndpoints: []string{etcd.Endpoint()}}
+	rev, err := server.NewEtcdRegistry(cfg, fleet.Replica{ID: "token-revoke"}, nil)
+	require.NoError(t, err)
+	require.NoError(t, rev.Revoke(context.Background(), tmToken, time.Time{}))
+	require.NoError(t, rev.Close(context.Background()))
+	require.Eventually(t, func() bool {
+		return metric(t, a.srv, `spectro_proxy_refusals_total{reason="session_revoked"}`) >= 1
+	}, 10*time.Second, 20*time.Millisecond, "relay A ends the revoked token's tunnel")
+	tm.CloseIdleConnections()
+	require.Eventually(t, func() bool { return status(tm, "https://"+tmHost+"/who") == http.StatusServiceUnavailable }, 10*time.Second, 20*time.Millisecond,
+		"no tunnel for the revoked cluster anywhere: relay B says so as one that held it would")
+
+	a.stop()
+	pt.CloseIdleConnections()
+	require.Eventually(t, func() bool { return status(pt, "https://"+ptHost+"/who") == 0 }, 5*time.Second, 20*time.Millisecond,
+		"relay A's keys are gone with its lease: relay B knows no holder (well before the lease TTL)")
+}
+
+func relayRoots(t *testing.T, stateDir string) *x509.CertPool {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(stateDir, "ca.crt"))
+	require.NoError(t, err)
+	p, err := pki.Pool(b)
+	require.NoError(t, err)
+	return p
 }
