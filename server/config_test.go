@@ -60,3 +60,39 @@ func TestStateDirIsCreatedOnceAndKept(t *testing.T) {
 		assert.Equal(t, b, again, "%s must survive a restart: agents and kubeconfigs trust it", f)
 	}
 }
+
+// The fleet's defaults come from the pod (downward API) when there is one.
+func TestFleetDefaults(t *testing.T) {
+	tests := []struct {
+		name                  string
+		podName, podIP        string
+		cfg                   Config
+		wantID, wantAdvertise string
+	}{
+		{name: "pod", podName: "relay-0", podIP: "10.1.2.3", cfg: Config{PeerListen: ":8444"}, wantID: "relay-0", wantAdvertise: "10.1.2.3:8444"},
+		{name: "pod IPv6", podName: "relay-0", podIP: "fd00::7", cfg: Config{PeerListen: ":8444"}, wantID: "relay-0", wantAdvertise: "[fd00::7]:8444"},
+		{name: "listener with a host", cfg: Config{PeerListen: "10.0.0.5:8444"}, wantAdvertise: "10.0.0.5:8444"},
+		{name: "listener on every address", cfg: Config{PeerListen: "0.0.0.0:8444"}, wantAdvertise: ""},
+		{name: "given", podIP: "10.1.2.3", cfg: Config{ReplicaID: "mine", PeerListen: ":8444", PeerAdvertise: "relay.internal:9000"},
+			wantID: "mine", wantAdvertise: "relay.internal:9000"},
+		{name: "no peer listener", podIP: "10.1.2.3", wantAdvertise: ""},
+	}
+	host, _ := os.Hostname()
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("POD_NAME", tc.podName)
+			t.Setenv("POD_IP", tc.podIP)
+			tc.cfg.StateDir = "/state"
+			c := tc.cfg.withDefaults()
+			want := tc.wantID
+			if want == "" {
+				want = host
+			}
+			assert.Equal(t, want, c.ReplicaID)
+			assert.Equal(t, tc.wantAdvertise, c.PeerAdvertise)
+			assert.Equal(t, "/state/ca.crt", c.PeerCAFile, "the relay's CA by default")
+			assert.Equal(t, DefaultEtcdPrefix, c.EtcdPrefix)
+			assert.Equal(t, DefaultLeaseTTL, c.LeaseTTL)
+		})
+	}
+}

@@ -161,6 +161,14 @@ func newFleet(cfg Config, m *metrics) (*fleetPart, error) {
 		}, []string{"kind"}),
 	}
 	m.reg.MustRegister(f.forwarded, f.fwdStreams, f.peerServed)
+	// Every series from the start: dashboards and alerts see a 0, not
+	// nothing, on a replica that never forwarded.
+	for _, kind := range []string{kindConn, kindHTTP} {
+		f.forwarded.WithLabelValues(kind, "ok")
+		f.forwarded.WithLabelValues(kind, "failed")
+		f.fwdStreams.WithLabelValues(kind)
+		f.peerServed.WithLabelValues(kind)
+	}
 	self := fleet.Replica{ID: cfg.ReplicaID, PeerAddr: cfg.PeerAdvertise}
 	if cfg.PeerListen != "" {
 		id, err := peer.Load(cfg.PeerCAFile, cfg.PeerCAKeyFile, cfg.ReplicaID)
