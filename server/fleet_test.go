@@ -585,6 +585,13 @@ func TestFleetForwarding(t *testing.T) {
 		assert.Equal(t, http.StatusServiceUnavailable, code, body)
 		assert.Contains(t, body, "no agent connected")
 		assert.GreaterOrEqual(t, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="http",result="failed"}`), 1.0)
+
+		pt.CloseIdleConnections()
+		_, err := pt.Get("https://" + ptHost + "/who")
+		assert.ErrorContains(t, err, "internal error", "a TLS alert: there is no HTTP to explain in")
+		assert.Equal(t, 1.0, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="conn",result="failed"}`))
+		assert.Equal(t, metric(t, b.srv, `spectro_proxy_refusals_total{reason="forward_failed"}`),
+			metric(t, b.srv, `spectro_proxy_forwarded_total{kind="http",result="failed"}`)+1, "each failed forward is a refusal")
 	})
 }
 
