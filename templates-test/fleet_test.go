@@ -1,9 +1,11 @@
 package chart_test
 
 import (
-	"crypto/x509"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +24,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/yaml"
 
+	"github.com/spectroproxy/spectro-proxy/internal/peer"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 )
 
@@ -360,26 +363,55 @@ func TestRelayPeerCA(t *testing.T) {
 	})
 }
 
-// assertUsableCA loads dir's ca.crt and ca.key as the relay does and issues
-// from it server and client certificates (a peer certificate is both) that
-// verify against the CA for their use.
+// assertUsableCA loads dir's ca.crt and ca.key as two replicas do at start
+// (internal/peer.Load) and completes the peer channel's mutual TLS handshake
+// between them; a replica whose certificate comes from another CA is refused.
 func assertUsableCA(t *testing.T, dir string) {
 	t.Helper()
-	ca, err := pki.LoadCA(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"))
+	a, err := peer.Load(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"), "relay-a")
 	require.NoError(t, err)
-	assert.True(t, ca.Cert.IsCA)
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Cert)
-	for usage, client := range map[x509.ExtKeyUsage]bool{x509.ExtKeyUsageServerAuth: false, x509.ExtKeyUsageClientAuth: true} {
-		leaf, err := ca.Issue("relay-0", []string{"relay-0"}, nil, client)
-		require.NoError(t, err)
-		tc, err := leaf.TLSCertificate()
-		require.NoError(t, err)
-		cert, err := x509.ParseCertificate(tc.Certificate[0])
-		require.NoError(t, err)
-		_, err = cert.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{usage}})
-		assert.NoError(t, err, "usage %v", usage)
+	b, err := peer.Load(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "ca.key"), "relay-b")
+	require.NoError(t, err)
+	require.NoError(t, handshake(t, a, b), "two replicas of one CA")
+
+	other, err := pki.NewCA("another-ca")
+	require.NoError(t, err)
+	stranger, err := peer.New(other, "relay-x")
+	require.NoError(t, err)
+	assert.Error(t, handshake(t, stranger, b), "a replica of another CA")
+}
+
+// handshake runs the peer channel's TLS handshake, client to server, over
+// loopback TCP; it returns the first error of either side.
+func handshake(t *testing.T, client, server *peer.Identity) error {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", server.ServerConfig())
+	require.NoError(t, err)
+	defer ln.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	srvErr := make(chan error, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			srvErr <- err
+			return
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(deadline)
+		// TLS 1.3: the server learns of a refused client certificate as it
+		// completes the handshake; the byte read proves the channel works.
+		_, err = io.ReadFull(conn, make([]byte, 1))
+		srvErr <- err
+	}()
+	conn, err := tls.DialWithDialer(&net.Dialer{Deadline: deadline}, "tcp", ln.Addr().String(), client.ClientConfig())
+	if err == nil {
+		defer conn.Close()
+		_, err = conn.Write([]byte{1})
 	}
+	if sErr := <-srvErr; sErr != nil {
+		return sErr
+	}
+	return err
 }
 
 // contractMetrics are the metric names issue 13's contract fixes for the
