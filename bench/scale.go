@@ -52,6 +52,9 @@ type ScaleResult struct {
 	Reconnected, Registered, Expired time.Duration
 	Reconnects                       int
 	RedialErrs                       map[string]int // failed redials by error
+	// Refusals and Registrations are the survivors' counters over the
+	// storm, by reason and by result.
+	Refusals, Registrations map[string]float64
 	// PutP99 is the announce put latency's 99th percentile during the
 	// storm, from the survivors' spectro_proxy_registry_put_seconds (the
 	// upper bound of its bucket); PutCount the puts it covers.
@@ -216,6 +219,8 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 	survivors := slices.Delete(slices.Clone(relays), victim, victim+1)
 	sr.Killed, sr.KilledHeld = dead.id, held[dead.id]
 	putsBefore := putHistogram(ctx, survivors)
+	refusedBefore := sumByLabel(ctx, survivors, "spectro_proxy_refusals_total", "reason")
+	registeredBefore := sumByLabel(ctx, survivors, "spectro_proxy_tunnel_registrations_total", "result")
 	reconnectsBefore := agents.Reconnects()
 	say(fmt.Sprintf("scale: SIGKILL %s holding %d tunnels", dead.id, sr.KilledHeld))
 	kill := time.Now()
@@ -265,6 +270,17 @@ func runScale(ctx context.Context, o Options, bins Binaries, res *Results, say f
 	})
 	sr.Reconnects = agents.Reconnects() - reconnectsBefore
 	sr.RedialErrs = agents.RedialErrors()
+	sr.Refusals, sr.Registrations = map[string]float64{}, map[string]float64{}
+	for k, v := range sumByLabel(ctx, survivors, "spectro_proxy_refusals_total", "reason") {
+		if d := v - refusedBefore[k]; d > 0 {
+			sr.Refusals[k] = d
+		}
+	}
+	for k, v := range sumByLabel(ctx, survivors, "spectro_proxy_tunnel_registrations_total", "result") {
+		if d := v - registeredBefore[k]; d > 0 {
+			sr.Registrations[k] = d
+		}
+	}
 	if err != nil {
 		var tails []string
 		for _, r := range survivors {
@@ -299,7 +315,7 @@ func (s *ScaleResult) verdicts() []Verdict {
 func (s *ScaleResult) writeMarkdown(b *strings.Builder) {
 	fmt.Fprintf(b, "\n## Scale-out: %d idle tunnels over %d replicas on etcd\n\n", s.Tunnels, len(s.Replicas))
 	fmt.Fprintf(b, "Three relay processes (`--etcd-endpoints`, `--lease-ttl %v`, one shared CA and signing key) on a real etcd 3.6 "+
-		"(`testcluster.StartEtcd`, one member, `--unsafe-no-fsync`); the idle agents of the section above, each dialing the next replica "+
+		"(`testcluster.StartEtcd`, one member, `--unsafe-no-fsync`); the idle agents of [Relay memory with idle tunnels](#relay-memory-with-idle-tunnels), each dialing the next replica "+
 		"in turn and the one after when a replica refuses the connection (a load balancer's round robin and redispatch), and dialing "+
 		"again after a drop with the real agent's backoff (250 ms doubling, jittered). Registration rate limits are lifted as for every "+
 		"relay in this benchmark (the default, 200 per second per replica, would add about 8 s to the storm below). Took %s.\n\n",
@@ -339,6 +355,18 @@ func (s *ScaleResult) writeMarkdown(b *strings.Builder) {
 	fmt.Fprintf(b, "| etcd lists every tunnel under a live replica (re-registered) | %.1f s |\n", s.Registered.Seconds())
 	fmt.Fprintf(b, "| the killed replica's keys are gone (its lease expired) | %.1f s |\n", s.Expired.Seconds())
 	fmt.Fprintf(b, "| announce put latency p99 during the storm (bucket bound) | %s |\n", p99)
+	counts := func(m map[string]float64) string {
+		var parts []string
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			parts = append(parts, fmt.Sprintf("%s %.0f", k, m[k]))
+		}
+		if len(parts) == 0 {
+			return "none"
+		}
+		return strings.Join(parts, ", ")
+	}
+	fmt.Fprintf(b, "| the survivors' tunnel registrations during the storm (`spectro_proxy_tunnel_registrations_total`) | %s |\n", counts(s.Registrations))
+	fmt.Fprintf(b, "| the survivors' refusals during the storm (`spectro_proxy_refusals_total`) | %s |\n", counts(s.Refusals))
 	if len(s.RedialErrs) > 0 {
 		var parts []string
 		for _, e := range slices.Sorted(maps.Keys(s.RedialErrs)) {
@@ -453,6 +481,11 @@ func etcdMetrics(ctx context.Context, endpoint string) (samples, error) {
 
 // relayWrites sums the relays' registry writes by op.
 func relayWrites(ctx context.Context, relays []*scaleRelay) map[string]float64 {
+	return sumByLabel(ctx, relays, "spectro_proxy_registry_etcd_writes_total", "op")
+}
+
+// sumByLabel sums a counter of the relays by the value of one label.
+func sumByLabel(ctx context.Context, relays []*scaleRelay, name, label string) map[string]float64 {
 	t := map[string]float64{}
 	for _, r := range relays {
 		m, err := r.Metrics(ctx)
@@ -460,16 +493,16 @@ func relayWrites(ctx context.Context, relays []*scaleRelay) map[string]float64 {
 			continue
 		}
 		for k, v := range m {
-			rest, ok := strings.CutPrefix(k, "spectro_proxy_registry_etcd_writes_total{")
+			rest, ok := strings.CutPrefix(k, name+"{")
 			if !ok {
 				continue
 			}
-			op := rest
-			if i := strings.Index(rest, `op="`); i >= 0 {
-				op = rest[i+4:]
-				op = op[:strings.IndexByte(op, '"')]
+			val := rest
+			if i := strings.Index(rest, label+`="`); i >= 0 {
+				val = rest[i+len(label)+2:]
+				val = val[:strings.IndexByte(val, '"')]
 			}
-			t[op] += v
+			t[val] += v
 		}
 	}
 	return t
