@@ -80,6 +80,13 @@ func TestSmokeScale(t *testing.T) {
 	assert.Positive(t, s.KilledHeld)
 	assert.Positive(t, s.Registered)
 	assert.Positive(t, s.Expired)
+	var md strings.Builder
+	require.NoError(t, res.WriteMarkdown(&md, "go test ./bench"))
+	assert.Contains(t, md.String(), "## Scale-out: 60 idle tunnels over 3 replicas on etcd")
+	assert.Contains(t, md.String(), "| etcd puts + deletes per second at rest (keep-alives only) | etcd | 0 |", "a row in the Targets table")
 	out := filepath.Join(dir, "results.md")
-	require.NoError(t, os.WriteFile(out, SpliceScale(nil, res), 0o600))
+	require.NoError(t, os.WriteFile(out, SpliceScale([]byte(md.String()), res), 0o600))
+	spliced, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.Equal(t, 1, strings.Count(string(spliced), "## Scale-out"))
 }
