@@ -2,6 +2,7 @@ package chart_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,9 +17,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
@@ -62,6 +65,7 @@ func TestRelayChartRunsFleet(t *testing.T) {
 	type replica struct {
 		name   string
 		health string
+		public string
 		cmd    *exec.Cmd
 		exited chan error
 	}
@@ -72,7 +76,7 @@ func TestRelayChartRunsFleet(t *testing.T) {
 		for _, p := range []string{":8443", ":8081", ":8444"} {
 			ports[p] = fmt.Sprintf("127.0.0.1:%d", freeLoopbackPort(t))
 		}
-		r.health = ports[":8081"]
+		r.health, r.public = ports[":8081"], ports[":8443"]
 		env := map[string]string{"POD_IP": "127.0.0.1"}
 		var environ []string
 		for _, e := range pod.Containers[0].Env {
@@ -129,6 +133,23 @@ func TestRelayChartRunsFleet(t *testing.T) {
 			return replicasSeen.MatchString(metrics)
 		}, 30*time.Second, 100*time.Millisecond, "%s does not see both replicas in etcd", r.name)
 	}
+
+	// Every series the dashboard and the alerts read, with the labels they
+	// group and match by, is one this relay exports. A refusal first (bytes
+	// that are no TLS), so that the refusals family has a series.
+	conn, err := net.DialTimeout("tcp", replicas[0].public, 5*time.Second)
+	require.NoError(t, err)
+	require.NoError(t, conn.SetDeadline(time.Now().Add(10*time.Second)))
+	_, _ = conn.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+	_, _ = io.Copy(io.Discard, conn)
+	conn.Close()
+	var families map[string]map[string]bool
+	require.Eventually(t, func() bool {
+		_, text := get(replicas[0].health, "/metrics")
+		families = parseExposition(text)
+		return families["spectro_proxy_refusals_total"] != nil
+	}, 10*time.Second, 100*time.Millisecond, "no refusal counted")
+	assertQueriesExported(t, families, fleetQueries(t))
 
 	for _, r := range replicas {
 		start := time.Now()
@@ -210,4 +231,122 @@ func freeLoopbackPort(t *testing.T) int {
 	require.NoError(t, err)
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// fleetQueries are the PromQL expressions of the Grafana dashboard and of
+// the PrometheusRule of a fleet.
+func fleetQueries(t *testing.T) []string {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join(relayChart, "dashboards", "relay-fleet.json"))
+	require.NoError(t, err)
+	var dash struct {
+		Panels []struct {
+			Targets []struct{ Expr string } `json:"targets"`
+		} `json:"panels"`
+	}
+	require.NoError(t, json.Unmarshal(raw, &dash))
+	var exprs []string
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			exprs = append(exprs, tg.Expr)
+		}
+	}
+	m := renderFleet(t, "metrics: {prometheusRule: {enabled: true}}")
+	var pr struct {
+		Spec struct {
+			Groups []struct {
+				Rules []struct{ Expr string } `json:"rules"`
+			} `json:"groups"`
+		} `json:"spec"`
+	}
+	require.NoError(t, yaml.Unmarshal([]byte(m.objects["PrometheusRule/"+relayName]), &pr))
+	for _, g := range pr.Spec.Groups {
+		for _, r := range g.Rules {
+			exprs = append(exprs, r.Expr)
+		}
+	}
+	require.Greater(t, len(exprs), 10)
+	return exprs
+}
+
+// parseExposition reads Prometheus text exposition into metric family →
+// label names seen on its samples (a histogram's _bucket, _sum and _count
+// samples count for the family).
+func parseExposition(text string) map[string]map[string]bool {
+	families := map[string]map[string]bool{}
+	histograms := map[string]bool{}
+	sample := regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? `)
+	label := regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="`)
+	for _, line := range strings.Split(text, "\n") {
+		if f := strings.Fields(line); len(f) == 4 && f[0] == "#" && f[1] == "TYPE" {
+			if f[3] == "histogram" || f[3] == "summary" {
+				histograms[f[2]] = true
+			}
+			continue
+		}
+		m := sample.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		name := m[1]
+		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+			if base, ok := strings.CutSuffix(name, suffix); ok && histograms[base] {
+				name = base
+			}
+		}
+		if families[name] == nil {
+			families[name] = map[string]bool{}
+		}
+		for _, l := range label.FindAllStringSubmatch(m[2], -1) {
+			families[name][l[1]] = true
+		}
+	}
+	return families
+}
+
+// assertQueriesExported checks each expression against what the relay
+// exports: every metric it reads that the code defines is exported, and
+// every label it groups or matches by is on one of those metrics (or is a
+// label Prometheus adds to the target). Metrics only the contract names yet
+// (code not merged) are logged.
+func assertQueriesExported(t *testing.T, families map[string]map[string]bool, exprs []string) {
+	t.Helper()
+	inCode := codeMetrics(t)
+	target := map[string]bool{"namespace": true, "pod": true, "job": true, "instance": true, "service": true}
+	grouping := regexp.MustCompile(`\b(?:by|without)\s*\(([^)]*)\)`)
+	matcher := regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"`)
+	for _, e := range exprs {
+		var read []string
+		for _, n := range queriedMetrics(e) {
+			if !inCode[n] {
+				t.Logf("%s: not defined by the relay's code yet (contract name)", n)
+				continue
+			}
+			if assert.Contains(t, families, n, "the relay does not export %s (%s)", n, e) {
+				read = append(read, n)
+			}
+		}
+		if len(read) == 0 {
+			continue
+		}
+		var labels []string
+		for _, g := range grouping.FindAllStringSubmatch(e, -1) {
+			for _, l := range strings.Split(g[1], ",") {
+				labels = append(labels, strings.TrimSpace(l))
+			}
+		}
+		for _, m := range matcher.FindAllStringSubmatch(e, -1) {
+			labels = append(labels, m[1])
+		}
+		for _, l := range labels {
+			if l == "" || target[l] {
+				continue
+			}
+			found := false
+			for _, n := range read {
+				found = found || families[n][l]
+			}
+			assert.True(t, found, "label %q is on none of %v (%s)", l, read, e)
+		}
+	}
 }

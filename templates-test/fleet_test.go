@@ -433,14 +433,21 @@ var contractMetrics = []string{
 	"spectro_proxy_draining",
 }
 
-// knownMetrics is contractMetrics plus every spectro_proxy_* metric the
-// relay's code names (`Name: "..."` in server/ and internal/).
+// knownMetrics is contractMetrics plus codeMetrics.
 func knownMetrics(t *testing.T) map[string]bool {
 	t.Helper()
-	known := map[string]bool{}
+	known := codeMetrics(t)
 	for _, n := range contractMetrics {
 		known[n] = true
 	}
+	return known
+}
+
+// codeMetrics are the spectro_proxy_* metrics the relay's code names
+// (`Name: "..."` in server/ and internal/, tests aside).
+func codeMetrics(t *testing.T) map[string]bool {
+	t.Helper()
+	names := map[string]bool{}
 	named := regexp.MustCompile(`Name:\s*"(spectro_proxy_[a-z0-9_]+)"`)
 	for _, root := range []string{"../server", "../internal"} {
 		require.NoError(t, filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
@@ -452,13 +459,13 @@ func knownMetrics(t *testing.T) map[string]bool {
 				return err
 			}
 			for _, m := range named.FindAllStringSubmatch(string(src), -1) {
-				known[m[1]] = true
+				names[m[1]] = true
 			}
 			return nil
 		}))
 	}
-	require.True(t, known["spectro_proxy_tunnels_connected"], "server/metrics.go was read")
-	return known
+	require.True(t, names["spectro_proxy_tunnels_connected"], "server/metrics.go was read")
+	return names
 }
 
 var metricRef = regexp.MustCompile(`spectro_proxy_[a-z0-9_]+`)
