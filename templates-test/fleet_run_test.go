@@ -2,8 +2,9 @@ package chart_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -28,39 +29,42 @@ import (
 )
 
 // TestRelayChartRunsFleet runs the real relay binary as the chart's fleet
-// Deployment starts it, twice (two pods of one Deployment), against a real
-// etcd: the container's args and env with the Kubernetes $(VAR) expansion,
-// its Secrets and ConfigMap laid out at their mount paths under a temporary
-// root. Both replicas become ready, each sees the other in the registry, and
-// each exits on SIGTERM within the pod's terminationGracePeriodSeconds.
-// What changes from a pod: the listeners bind 127.0.0.1 on free ports (tests
-// listen on loopback only) and POD_IP is 127.0.0.1.
+// Deployment (replicas: 2) starts it, once per pod, against a real etcd that
+// requires client certificates: the container's args and env with the
+// Kubernetes $(VAR) expansion, its Secrets (the etcd client TLS Secret with
+// its three keys among them) and ConfigMap laid out at their mount paths
+// under a temporary root. Both replicas become ready, each sees the other in
+// the registry, and each exits on SIGTERM within the pod's
+// terminationGracePeriodSeconds. What changes from a pod: the listeners bind
+// 127.0.0.1 on free ports (tests listen on loopback only) and POD_IP is
+// 127.0.0.1.
 func TestRelayChartRunsFleet(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the relay and starts etcd")
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	etcd, err := testcluster.StartEtcd(ctx, t.TempDir(), nil)
-	if errors.Is(err, testcluster.ErrBinariesMissing) {
+	etcdBin := filepath.Join(testcluster.DefaultBinDir(), "etcd")
+	if _, err := os.Stat(etcdBin); err != nil {
 		t.Skipf("no etcd: %v (run hack/kube-bins.sh)", err)
 	}
+	etcdCA, err := pki.NewCA("etcd-ca")
 	require.NoError(t, err)
-	t.Cleanup(etcd.Close)
+	endpoint, clientCert := startTLSEtcd(ctx, t, etcdBin, etcdCA)
 
 	bin := filepath.Join(t.TempDir(), "spectro-proxy-server")
 	out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, "../server/cmd/spectro-proxy-server").CombinedOutput()
 	require.NoError(t, err, "building the relay: %s", out)
 
-	// One replica rendered (the test etcd speaks plain http, which the chart
-	// allows only for replicas: 1); the Deployment's pods all run this spec.
-	m := renderRelay(t, fmt.Sprintf("{etcd: {endpoints: [%q]}, peer: {ca: {existingSecret: peer-ca}}}", etcd.Endpoint()))
+	m := renderRelay(t, fmt.Sprintf("{replicas: 2, etcd: {endpoints: [%q], tls: {existingSecret: etcd-client}}, peer: {ca: {existingSecret: peer-ca}}}", endpoint))
 	d := decode[appsv1.Deployment](t, m, "Deployment/"+relayName)
 	pod := d.Spec.Template.Spec
 	grace := time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second
 
 	root := t.TempDir() // the pod's filesystem
-	layOutVolumes(t, root, pod, m)
+	layOutVolumes(t, root, pod, m, map[string][]byte{
+		"ca.crt": etcdCA.CertPEM, "tls.crt": clientCert.CertPEM, "tls.key": clientCert.KeyPEM,
+	})
 
 	type replica struct {
 		name   string
@@ -166,8 +170,9 @@ func TestRelayChartRunsFleet(t *testing.T) {
 
 // layOutVolumes writes what the pod's Secret and ConfigMap volumes would
 // hold at their mount paths under root: a certificate for the domain, the
-// signing key and revocations from the render, and a fresh peer CA.
-func layOutVolumes(t *testing.T, root string, pod corev1.PodSpec, m manifest) {
+// signing key and revocations from the render, a fresh peer CA, and the
+// etcd client Secret's keys.
+func layOutVolumes(t *testing.T, root string, pod corev1.PodSpec, m manifest, etcdClient map[string][]byte) {
 	t.Helper()
 	ca, err := pki.NewCA("test-ca")
 	require.NoError(t, err)
@@ -182,6 +187,7 @@ func layOutVolumes(t *testing.T, root string, pod corev1.PodSpec, m manifest) {
 		"signing-key": {"signing.key": signing.Data["signing.key"]},
 		"revocations": {"revoked": []byte(revocations.Data["revoked"])},
 		"peer-ca":     {"ca.crt": peerCA.CertPEM, "ca.key": peerCA.KeyPEM},
+		"etcd-tls":    etcdClient,
 	}
 	vols := map[string]corev1.Volume{}
 	for _, v := range pod.Volumes {
@@ -349,4 +355,75 @@ func assertQueriesExported(t *testing.T, families map[string]map[string]bool, ex
 			assert.True(t, found, "label %q is on none of %v (%s)", l, read, e)
 		}
 	}
+}
+
+// startTLSEtcd starts a lone etcd member on 127.0.0.1 that serves clients
+// over TLS with a certificate from ca and requires client certificates from
+// ca (--client-cert-auth), as a production etcd does. It returns the client
+// URL and a client certificate for the relay, once etcd answers /health.
+func startTLSEtcd(ctx context.Context, t *testing.T, bin string, ca *pki.CA) (string, *pki.Leaf) {
+	t.Helper()
+	dir := t.TempDir()
+	server, err := ca.Issue("127.0.0.1", []string{"127.0.0.1", "localhost"}, nil, false)
+	require.NoError(t, err)
+	client, err := ca.Issue("spectro-proxy", nil, nil, true)
+	require.NoError(t, err)
+	for name, b := range map[string][]byte{"ca.crt": ca.CertPEM, "server.crt": server.CertPEM, "server.key": server.KeyPEM} {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), b, 0o600))
+	}
+	clientURL := fmt.Sprintf("https://127.0.0.1:%d", freeLoopbackPort(t))
+	peerURL := fmt.Sprintf("http://127.0.0.1:%d", freeLoopbackPort(t))
+	cmd := exec.Command(bin,
+		"--name=chart-test", "--data-dir="+filepath.Join(dir, "data"),
+		"--listen-client-urls="+clientURL, "--advertise-client-urls="+clientURL,
+		"--listen-peer-urls="+peerURL, "--initial-advertise-peer-urls="+peerURL,
+		"--initial-cluster=chart-test="+peerURL,
+		"--cert-file="+filepath.Join(dir, "server.crt"), "--key-file="+filepath.Join(dir, "server.key"),
+		"--client-cert-auth", "--trusted-ca-file="+filepath.Join(dir, "ca.crt"),
+		"--log-outputs="+filepath.Join(dir, "etcd.log"))
+	require.NoError(t, cmd.Start())
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(dir, "etcd.log"))
+			t.Logf("etcd log:\n%s", b)
+		}
+	})
+
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	pair, err := client.TLSCertificate()
+	require.NoError(t, err)
+	hc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}},
+	}}
+	defer hc.CloseIdleConnections()
+	require.Eventually(t, func() bool {
+		select {
+		case <-exited:
+			return true // reported below
+		default:
+		}
+		resp, err := hc.Get(clientURL + "/health")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, 30*time.Second, 100*time.Millisecond, "etcd never healthy")
+	select {
+	case <-exited:
+		t.Fatal("etcd exited at start (a port taken?)")
+	default:
+	}
+	require.NoError(t, ctx.Err())
+	return clientURL, client
 }
