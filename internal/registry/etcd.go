@@ -102,9 +102,9 @@ type Etcd struct {
 	wg        sync.WaitGroup
 
 	mu        sync.Mutex
-	lease     clientv3.LeaseID             // 0: none (before the first, or after etcd dropped it)
-	held      bool                         // Ready: etcd has not said the lease is gone
-	local     map[string]map[string]Tunnel // own tunnels: label -> key -> tunnel
+	lease     clientv3.LeaseID    // 0: none (before the first, or after etcd dropped it)
+	held      bool                // Ready: etcd has not said the lease is gone
+	local     map[string][]Tunnel // own tunnels by label (a slice: see view.tunnels)
 	nLocal    int
 	localRev  map[string]time.Time // revocations written through this replica
 	pending   map[string]*pendingOp
@@ -127,17 +127,34 @@ type pendingOp struct {
 // view is the fleet as last seen through the watch.
 type view struct {
 	replicas map[string]Replica
-	tunnels  map[string]map[string]viewTunnel // label -> key -> tunnel
-	revoked  map[string]time.Time
+	// label -> its tunnels: most labels have one or two, and a slice of
+	// them costs a fraction of a map (every replica holds every tunnel of
+	// the fleet).
+	tunnels map[string][]viewTunnel
+	revoked map[string]time.Time
 }
 
 type viewTunnel struct {
+	key     string // the etcd key; the other fields are substrings of it
 	replica string
-	t       Tunnel
+	cluster string
+	mode    string
 }
 
 func newView() view {
-	return view{replicas: map[string]Replica{}, tunnels: map[string]map[string]viewTunnel{}, revoked: map[string]time.Time{}}
+	return view{replicas: map[string]Replica{}, tunnels: map[string][]viewTunnel{}, revoked: map[string]time.Time{}}
+}
+
+// internMode returns the constant for the two modes, so that a view of
+// thousands of tunnels does not hold thousands of copies.
+func internMode(m string) string {
+	switch m {
+	case "passthrough":
+		return "passthrough"
+	case "terminate":
+		return "terminate"
+	}
+	return m
 }
 
 var _ Registry = (*Etcd)(nil)
@@ -190,7 +207,7 @@ func NewEtcd(cfg EtcdConfig) (*Etcd, error) {
 		kickLease: make(chan struct{}, 1),
 		joined:    make(chan struct{}),
 		listed:    make(chan struct{}),
-		local:     map[string]map[string]Tunnel{},
+		local:     map[string][]Tunnel{},
 		localRev:  map[string]time.Time{},
 		pending:   map[string]*pendingOp{},
 		view:      newView(),
@@ -274,6 +291,11 @@ func (e *Etcd) tunnelKey(t Tunnel) string {
 	return e.cfg.Prefix + "tunnels/" + t.Label + "/" + e.cfg.Self.ID + "/" + t.ClusterUID + "/" + t.AgentID
 }
 
+// sameKey: u has t's etcd key (the same label, cluster and agent).
+func (t Tunnel) sameKey(u Tunnel) bool {
+	return t.Label == u.Label && t.ClusterUID == u.ClusterUID && t.AgentID == u.AgentID
+}
+
 // Announce queues the tunnel's key; it returns at once.
 func (e *Etcd) Announce(t Tunnel) {
 	key := e.tunnelKey(t)
@@ -283,19 +305,17 @@ func (e *Etcd) Announce(t Tunnel) {
 		return
 	}
 	e.mu.Lock()
-	byKey := e.local[t.Label]
-	if old, ok := byKey[key]; ok && old == t {
+	ts := e.local[t.Label]
+	switch i := slices.IndexFunc(ts, t.sameKey); {
+	case i < 0:
+		e.local[t.Label] = append(ts, t)
+		e.nLocal++
+	case ts[i] == t:
 		e.mu.Unlock()
 		return // already there: a repeat must not write
+	default:
+		ts[i] = t // another mode
 	}
-	if byKey == nil {
-		byKey = map[string]Tunnel{}
-		e.local[t.Label] = byKey
-	}
-	if _, ok := byKey[key]; !ok {
-		e.nLocal++
-	}
-	byKey[key] = t
 	e.queueLocked(key, true, string(val))
 	e.mu.Unlock()
 	e.kick(e.kickWrite)
@@ -305,14 +325,16 @@ func (e *Etcd) Announce(t Tunnel) {
 func (e *Etcd) Withdraw(t Tunnel) {
 	key := e.tunnelKey(t)
 	e.mu.Lock()
-	byKey := e.local[t.Label]
-	if _, ok := byKey[key]; !ok {
+	ts := e.local[t.Label]
+	i := slices.IndexFunc(ts, t.sameKey)
+	if i < 0 {
 		e.mu.Unlock()
 		return
 	}
-	delete(byKey, key)
-	if len(byKey) == 0 {
+	if ts = slices.Delete(ts, i, i+1); len(ts) == 0 {
 		delete(e.local, t.Label)
+	} else {
+		e.local[t.Label] = slices.Clip(ts)
 	}
 	e.nLocal--
 	e.queueLocked(key, false, "")
@@ -345,7 +367,7 @@ func (e *Etcd) Lookup(label string) []Holder {
 		if !live || slices.ContainsFunc(hs, func(h Holder) bool { return h.Replica.ID == r.ID }) {
 			continue
 		}
-		hs = append(hs, Holder{Replica: r, ClusterUID: vt.t.ClusterUID, Mode: vt.t.Mode})
+		hs = append(hs, Holder{Replica: r, ClusterUID: vt.cluster, Mode: vt.mode})
 	}
 	e.mu.Unlock()
 	if len(hs) > 1 {
@@ -361,15 +383,15 @@ func (e *Etcd) Lookup(label string) []Holder {
 func (e *Etcd) LabelOwner(label string) (string, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	for _, t := range e.local[label] {
-		return t.ClusterUID, true
+	if ts := e.local[label]; len(ts) > 0 {
+		return ts[0].ClusterUID, true
 	}
 	for _, vt := range e.view.tunnels[label] {
 		if vt.replica == e.cfg.Self.ID {
 			continue // e.local is the truth for self
 		}
 		if _, live := e.view.replicas[vt.replica]; live {
-			return vt.t.ClusterUID, true
+			return vt.cluster, true
 		}
 	}
 	return "", false
@@ -628,10 +650,10 @@ func (e *Etcd) grant(ctx context.Context) error {
 	e.lease, e.held = resp.ID, true
 	// Rewrite everything: after a lost lease etcd has deleted it all.
 	e.queueLocked(e.selfKey, true, e.selfVal)
-	for _, byKey := range e.local {
-		for key, t := range byKey {
+	for _, ts := range e.local {
+		for _, t := range ts {
 			val, _ := json.Marshal(t)
-			e.queueLocked(key, true, string(val))
+			e.queueLocked(e.tunnelKey(t), true, string(val))
 		}
 	}
 	n := e.nLocal
@@ -874,27 +896,32 @@ func (e *Etcd) applyOne(v *view, put bool, key string, val []byte) {
 		}
 		n := len(parts)
 		label := strings.Join(parts[:n-3], "/")
+		ts := v.tunnels[label]
+		i := slices.IndexFunc(ts, func(vt viewTunnel) bool { return vt.key == key })
 		if !put {
-			if m := v.tunnels[label]; m != nil {
-				delete(m, key)
-				if len(m) == 0 {
+			if i >= 0 {
+				ts = slices.Delete(ts, i, i+1)
+				if len(ts) == 0 {
 					delete(v.tunnels, label)
+				} else {
+					v.tunnels[label] = slices.Clip(ts)
 				}
 			}
 			return
 		}
-		var t Tunnel
+		var t struct {
+			Mode string `json:"mode"`
+		}
 		if err := json.Unmarshal(val, &t); err != nil {
 			e.log.Warn("skipping bad tunnel key", "key", key, "err", err)
 			return
 		}
-		t.Label, t.ClusterUID, t.AgentID = label, parts[n-2], parts[n-1]
-		m := v.tunnels[label]
-		if m == nil {
-			m = map[string]viewTunnel{}
-			v.tunnels[label] = m
+		vt := viewTunnel{key: key, replica: parts[n-3], cluster: parts[n-2], mode: internMode(t.Mode)}
+		if i >= 0 {
+			ts[i] = vt
+			return
 		}
-		m[key] = viewTunnel{replica: parts[n-3], t: t}
+		v.tunnels[label] = append(ts, vt)
 	case "revocations":
 		if !put {
 			delete(v.revoked, rest)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
@@ -134,7 +135,17 @@ var cases = []testCase{{
 				"tunnels/a.example/r0/c1/agent1": f.keys()["replicas/r0"],
 			}, f.keys(), "tunnel key under r0's lease")
 		}
-		f.regs[0].Withdraw(a)
+		// The same tunnel in another mode replaces it.
+		b := a
+		b.Mode = "terminate"
+		f.regs[0].Announce(b)
+		if len(f.regs) > 1 {
+			f.eventually(5*time.Second, "replica 1 sees the new mode", func() bool {
+				hs := f.regs[1].Lookup("a.example")
+				return len(hs) == 1 && hs[0].Mode == "terminate"
+			})
+		}
+		f.regs[0].Withdraw(a) // the key is label, cluster, agent: any mode withdraws it
 		require.Equal(t, "<none>", owner(f.regs[0], "a.example"), "own withdraw is visible at once")
 		if len(f.regs) > 1 {
 			f.eventually(5*time.Second, "replica 1 sees the withdraw", func() bool {
@@ -512,6 +523,30 @@ var cases = []testCase{{
 		mu.Lock()
 		require.Empty(t, changes, "Ready never changed")
 		mu.Unlock()
+	},
+}, {
+	name:      "a storm of 3,300 announces is batched",
+	opts:      fleetOpts{n: 2},
+	fleetOnly: true,
+	run: func(t *testing.T, f *fleet) {
+		const n = 3300
+		start := time.Now()
+		for i := range n {
+			f.regs[0].Announce(tun(fmt.Sprintf("storm%d.example", i), fmt.Sprintf("c%d", i), "agent1"))
+		}
+		announced := time.Since(start)
+		f.eventually(60*time.Second, "replica 1 sees all 3,300", func() bool {
+			return len(f.regs[1].Lookup(fmt.Sprintf("storm%d.example", n-1))) == 1 &&
+				len(f.regs[1].Lookup("storm0.example")) == 1 && len(f.keys()) == n+2
+		})
+		seen := time.Since(start)
+		var m dto.Metric
+		require.NoError(t, f.et(0).m.put.Write(&m))
+		txns := m.GetHistogram().GetSampleCount()
+		require.LessOrEqual(t, txns, uint64(n/maxBatch+5), "batched")
+		t.Logf("3,300 announces returned in %v; all in replica 1's view after %v; %d transactions, mean %v",
+			announced.Round(time.Millisecond), seen.Round(time.Millisecond), txns,
+			(time.Duration(m.GetHistogram().GetSampleSum()*float64(time.Second)) / time.Duration(txns)).Round(time.Microsecond))
 	},
 }, {
 	name:      "at rest only keep-alives go to etcd",
