@@ -1003,7 +1003,14 @@ func (s *scaleTest) roll(ctx context.Context, i int) (time.Duration, error) {
 	select {
 	case <-r.p.Done():
 	case <-time.After(scaleShutdown + scaleDrain + 20*time.Second):
-		return 0, fmt.Errorf("%s did not exit after SIGTERM:\n%s", r.id, r.p.Tail(30))
+		// Where it hangs: the Go runtime's goroutine dump goes to its log.
+		_ = r.p.Signal(syscall.SIGQUIT)
+		select {
+		case <-r.p.Done():
+		case <-time.After(5 * time.Second):
+		}
+		return 0, fmt.Errorf("%s did not exit within %v of SIGTERM (goroutine dump in %s)",
+			r.id, scaleShutdown+scaleDrain+20*time.Second, filepath.Join(s.logs, "relay-"+r.id+".log"))
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}
