@@ -65,10 +65,12 @@ type scaleCluster struct {
 func (c *scaleCluster) host() string { return clusterHost(c.uid) }
 
 type scaleAgent struct {
-	id     string
-	health string
-	want   int // tunnels once settled, when the agent reports them
-	p      *proctest.Process
+	id       string
+	args     []string // without --health-addr
+	health   string
+	want     int // tunnels once settled, when the agent reports them
+	restarts int
+	p        *proctest.Process
 }
 
 // relaySlot is one replica: its id and ports stay across restarts.
@@ -143,6 +145,7 @@ type scaleTest struct {
 	adminTLS *tls.Config
 	key      []byte
 	requests reqLog
+	ports    map[string]bool // addresses given to processes
 }
 
 // scaleFigures are what the test measures and writes to docs/scale-out.md.
@@ -222,7 +225,7 @@ func TestScaleOut(t *testing.T) {
 	began := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	s := &scaleTest{t: t}
+	s := &scaleTest{t: t, ports: map[string]bool{}}
 	s.srvBin, s.cliBin = binaries(t)
 	// Until the registry, forwarding and drain branches are all merged the
 	// relay has no fleet to test.
@@ -420,7 +423,7 @@ func (s *scaleTest) writeState() {
 
 func (s *scaleTest) startRelays(ctx context.Context) {
 	for i := range scaleReplicas {
-		r := &relaySlot{id: fmt.Sprintf("r%d", i+1), pub: freeAddr(s.t), peer: freeAddr(s.t), health: freeAddr(s.t)}
+		r := &relaySlot{id: fmt.Sprintf("r%d", i+1), pub: s.freeAddr(), peer: s.freeAddr(), health: s.freeAddr()}
 		s.relays = append(s.relays, r)
 		require.NoError(s.t, s.startRelay(ctx, r))
 	}
@@ -480,7 +483,7 @@ func (s *scaleTest) startRelay(ctx context.Context, r *relaySlot) error {
 // connect.
 func (s *scaleTest) startHAProxy(ctx context.Context, bin string) (addr, sock string, p *proctest.Process) {
 	t := s.t
-	addr = freeAddr(t)
+	addr = s.freeAddr()
 	sock = filepath.Join(s.logs, "haproxy.sock")
 	var servers strings.Builder
 	for _, r := range s.relays {
@@ -633,20 +636,59 @@ func (s *scaleTest) startAgents(cl *scaleCluster, n int, extra ...string) {
 	tokFile := filepath.Join(s.logs, "token-"+cl.uid)
 	require.NoError(t, os.WriteFile(tokFile, []byte(tok), 0o600))
 	for j := range n {
-		a := &scaleAgent{id: fmt.Sprintf("%s-%c", cl.uid, 'a'+j), health: freeAddr(t), want: 2}
+		a := &scaleAgent{id: fmt.Sprintf("%s-%c", cl.uid, 'a'+j), want: 2}
 		if slices.Contains(extra, "--tunnels") {
 			a.want = 1
 		}
-		a.p, err = proctest.Start(proctest.Options{Name: "agent-" + a.id, Bin: s.cliBin, LogFile: filepath.Join(s.logs, "agent-"+a.id+".log"),
-			Args: append([]string{"--server", domain, "--relay-address", s.lb, "--relay-ca-file", filepath.Join(s.state, "ca.crt"),
-				"--cluster-uid", cl.uid, "--token-file", tokFile, "--mode", string(cl.mode), "--agent-id", a.id,
-				"--api-server", s.c.URL, "--api-server-ca-file", s.c.CAFile, "--health-addr", a.health,
-				"--drain-timeout", "5s", "--log-level", "info"},
-				extra...),
-			Env: append(os.Environ(), "HTTPS_PROXY=", "https_proxy=", "HTTP_PROXY=", "http_proxy=")})
-		require.NoError(t, err)
+		a.args = append([]string{"--server", domain, "--relay-address", s.lb, "--relay-ca-file", filepath.Join(s.state, "ca.crt"),
+			"--cluster-uid", cl.uid, "--token-file", tokFile, "--mode", string(cl.mode), "--agent-id", a.id,
+			"--api-server", s.c.URL, "--api-server-ca-file", s.c.CAFile,
+			"--drain-timeout", "5s", "--log-level", "info"}, extra...)
+		require.NoError(t, s.startAgent(a))
 		cl.agents = append(cl.agents, a)
 	}
+}
+
+// startAgent starts (or starts again) one agent process on a new health port.
+func (s *scaleTest) startAgent(a *scaleAgent) error {
+	a.health = s.freeAddr()
+	p, err := proctest.Start(proctest.Options{Name: "agent-" + a.id, Bin: s.cliBin, LogFile: filepath.Join(s.logs, "agent-"+a.id+".log"),
+		Args: append(slices.Clone(a.args), "--health-addr", a.health),
+		Env:  append(os.Environ(), "HTTPS_PROXY=", "https_proxy=", "HTTP_PROXY=", "http_proxy=")})
+	if err != nil {
+		return err
+	}
+	a.p = p
+	return nil
+}
+
+// agentAlive reports an agent process that exited; one whose health port
+// was taken meanwhile (by anything else on the machine) is started again on
+// another, at most 3 times.
+func (s *scaleTest) agentAlive(a *scaleAgent) error {
+	err := a.p.Exited()
+	if err == nil {
+		return nil
+	}
+	if a.restarts < 3 && strings.Contains(a.p.Tail(5), "address already in use") {
+		a.restarts++
+		return errors.Join(errors.New("agent "+a.id+" restarted: its health port was taken"), s.startAgent(a))
+	}
+	return err
+}
+
+// freeAddr is a free 127.0.0.1 port none of this test's processes was given
+// yet (the kernel may hand out a port again once its probe socket closed).
+func (s *scaleTest) freeAddr() string {
+	for range 100 {
+		a := freeAddr(s.t)
+		if !s.ports[a] {
+			s.ports[a] = true
+			return a
+		}
+	}
+	s.t.Fatal("no unused port in 100 tries")
+	return ""
 }
 
 // agentTunnels is the tunnels one agent holds once settled: 2 when agents
@@ -703,6 +745,9 @@ func (s *scaleTest) unsettled(ctx context.Context, min int) string {
 	agents := 0
 	for _, cl := range s.clusters {
 		for _, a := range cl.agents {
+			if err := s.agentAlive(a); err != nil {
+				return err.Error()
+			}
 			m, err := scrapePlain(ctx, "http://"+a.health+"/metrics")
 			if err != nil {
 				return "agent " + a.id + ": " + err.Error()
