@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -88,6 +89,16 @@ type Config struct {
 	AuthFailuresPerSecond float64
 	AuthFailureBurst      int
 
+	// ReplicaID names this relay replica in a fleet (default $POD_NAME,
+	// else the host name). Each tunnel's 101 answer carries it, so an
+	// agent can keep its two tunnels on distinct replicas.
+	ReplicaID string
+	// Replicas returns how many relay replicas are live, this one
+	// included (nil: 1, a single relay). Each tunnel's 101 answer carries
+	// it; an agent in --tunnels auto holds a second tunnel when it is
+	// more than one.
+	Replicas func() int
+
 	Logger *slog.Logger
 }
 
@@ -167,6 +178,15 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.ReplicaID == "" {
+		c.ReplicaID = os.Getenv("POD_NAME")
+	}
+	if c.ReplicaID == "" {
+		c.ReplicaID, _ = os.Hostname()
+	}
+	if c.Replicas == nil {
+		c.Replicas = func() int { return 1 }
 	}
 	c.Domain = hostname.Canonical(c.Domain)
 	if c.SigningKeyFile == "" && c.StateDir != "" {

@@ -66,6 +66,7 @@ type Server struct {
 	httpLn *connListener
 
 	draining atomic.Bool
+	drainer  *drainer       // moves and streamed responses (drain.go)
 	conns    sync.WaitGroup // raw connections being proxied or routed
 	connsMu  sync.Mutex
 	open     map[net.Conn]struct{}
@@ -117,6 +118,7 @@ func New(cfg Config) (*Server, error) {
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
 	}
+	s.drainer = newDrainer(s)
 	// Slots in use on every tunnel: back to zero once every stream ended,
 	// whichever way it ended.
 	s.m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -177,15 +179,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer close(httpsDone)
 		_ = s.https.Serve(s.httpLn)
 	}()
-	stop := context.AfterFunc(ctx, func() {
-		s.draining.Store(true)
-		if s.cfg.ShutdownDelay <= 0 {
-			ln.Close()
-			return
-		}
-		s.log.Info("relay not ready; accepting until the shutdown delay is over", "delay", s.cfg.ShutdownDelay.String())
-		time.AfterFunc(s.cfg.ShutdownDelay, func() { ln.Close() })
-	})
+	stop := context.AfterFunc(ctx, func() { s.beginDrain(ln) })
 	defer stop()
 	// Connections get a context of their own: ctx ending stops the
 	// accepting, but the streams in flight must outlive it to be drained.
@@ -236,6 +230,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 	s.log.Info("relay draining", "timeout", s.cfg.DrainTimeout.String())
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DrainTimeout)
 	defer cancel()
+	go s.endStreamedResponses(ctx)
 	// A fresh context: Shutdown with the already-cancelled serve context
 	// would skip the drain entirely.
 	if err := s.https.Shutdown(ctx); err != nil {

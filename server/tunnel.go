@@ -68,7 +68,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	ws, err := s.upgrader.Upgrade(w, r, nil)
+	ws, err := s.upgrader.Upgrade(w, r, s.tunnelHeaders())
 	if err != nil {
 		// Upgrade has already answered the client.
 		s.refuse(reasonBadRegistration, "remote", remote, "error", err.Error())
