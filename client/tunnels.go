@@ -44,8 +44,8 @@ type tunnelSlots struct {
 	mu      sync.Mutex
 	current [2]*liveTunnel // each slot's newest tunnel, while it is up
 
-	// multi is signalled when a relay reports more than one replica
-	// (auto: start the second slot); yield asks slot 1 to move off the
+	// multi is signalled when slot 0 comes up (slot 1 may start if it
+	// is wanted); yield asks slot 1 to move off the
 	// replica slot 0 has just landed on.
 	multi, yield chan struct{}
 	// bg runs tunnels' serving and graceful shutdowns; Run waits for it.
@@ -69,13 +69,19 @@ func signal(ch chan struct{}) {
 var errNoSecond = errors.New("the relay reports one replica: no second tunnel")
 
 // errSameReplica: slot 1 landed on slot 0's replica.
-var errSameReplica = errors.New("landed on the relay replica that holds the first tunnel")
+var errSameReplica = errors.New("same relay replica as the first tunnel")
 
 func (c *Client) slotAgentID(slot int) string {
 	if slot == 0 {
 		return c.cfg.AgentID
 	}
 	return c.cfg.AgentID + SecondTunnelSuffix
+}
+
+func (c *Client) slotUp(slot int) bool {
+	c.tunnels.mu.Lock()
+	defer c.tunnels.mu.Unlock()
+	return c.tunnels.current[slot] != nil
 }
 
 func (c *Client) replicaOf(slot int) string {
@@ -102,7 +108,9 @@ func (c *Client) runTunnels(ctx context.Context) {
 	if c.cfg.Tunnels != "1" {
 		wg.Go(func() {
 			for ctx.Err() == nil {
-				for !c.wantSecond() {
+				// After the first is up, so that the distinct-replica
+				// rule has the first's replica to go by.
+				for !c.wantSecond() || !c.slotUp(0) {
 					select {
 					case <-ctx.Done():
 						return
@@ -178,9 +186,6 @@ func (c *Client) connectSlot(ctx context.Context, slot int) (*liveTunnel, error)
 		return nil, err
 	}
 	c.tunnels.replicas.Store(int32(lt.replicas))
-	if lt.replicas > 1 {
-		signal(c.tunnels.multi)
-	}
 	if slot == 1 {
 		if c.cfg.Tunnels == TunnelsAuto && lt.replicas <= 1 {
 			lt.conn.Close()
@@ -188,7 +193,7 @@ func (c *Client) connectSlot(ctx context.Context, slot int) (*liveTunnel, error)
 		}
 		if first := c.replicaOf(0); lt.replica != "" && lt.replica == first {
 			lt.conn.Close()
-			return nil, fmt.Errorf("second tunnel: %w (%s); closed it", errSameReplica, first)
+			return nil, fmt.Errorf("second tunnel landed on %s: %w; closed it", first, errSameReplica)
 		}
 	}
 	return lt, nil
@@ -208,6 +213,9 @@ func (c *Client) tunnelUp(slot int, lt *liveTunnel) {
 	c.tunnels.mu.Unlock()
 	if slot == 0 && other != nil && lt.replica != "" && other.replica == lt.replica {
 		signal(c.tunnels.yield)
+	}
+	if slot == 0 {
+		signal(c.tunnels.multi) // slot 1 may start now
 	}
 	c.log.Info("tunnel up", "relay", c.cfg.relayAddr(), "proxy", c.relay.proxyName(), "hostnames", c.hostnames(),
 		"slot", slot, "agent_id", lt.agentID, "relay_replica", lt.replica, "relay_replicas", lt.replicas, "tunnels", n)
@@ -270,27 +278,29 @@ func (c *Client) serveTunnel(ctx context.Context, slot int, lt *liveTunnel) (*li
 		yield = c.tunnels.yield
 	}
 	for {
-		var stillNeeded func() bool
 		select {
 		case <-served:
 			return nil, errors.New("tunnel closed")
 		case <-ctx.Done():
 			drain()
 			return nil, nil
-		case <-move:
-			stillNeeded = func() bool { return true }
 		case <-yield:
-			// Slot 0 landed on this replica: move off it, unless slot 0
-			// has moved on again.
-			stillNeeded = func() bool { return lt.replica != "" && c.replicaOf(0) == lt.replica }
-			if !stillNeeded() {
-				continue
+			// Slot 0 landed on this tunnel's replica. A replacement
+			// dialed now under the same agent id could land on this
+			// replica too and replace this tunnel there, so this one
+			// goes first (gracefully; slot 0 serves the cluster) and
+			// the slot reconnects with backoff, as after a landing on
+			// the same replica.
+			if lt.replica == "" || c.replicaOf(0) != lt.replica {
+				continue // slot 0 has moved on again
 			}
-			c.log.Info("the first tunnel is on this tunnel's relay replica: moving the second elsewhere", "relay_replica", lt.replica)
+			c.tunnels.bg.Go(drain)
+			return nil, fmt.Errorf("the first tunnel moved onto %s, the second's: %w; closing the second", lt.replica, errSameReplica)
+		case <-move:
 		}
-		next, err := c.replace(ctx, slot, lt, served, stillNeeded)
+		next, err := c.replace(ctx, slot, lt, served)
 		if next == nil && err == nil {
-			continue // the old tunnel ended, ctx is done, or no move is needed now
+			continue // the old tunnel ended or ctx is done: the select above sees it
 		}
 		c.tunnels.bg.Go(drain)
 		return next, err
@@ -298,10 +308,10 @@ func (c *Client) serveTunnel(ctx context.Context, slot int, lt *liveTunnel) (*li
 }
 
 // replace dials a replacement for slot's tunnel old, with backoff and
-// jitter, while old still serves. It gives up (nil, nil) once old ends, ctx
-// is done or stillNeeded turns false, and returns errNoSecond when slot 1
-// is not wanted any more (old is then to be shut down).
-func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served <-chan struct{}, stillNeeded func() bool) (*liveTunnel, error) {
+// jitter, while old still serves. It gives up (nil, nil) once old ends or
+// ctx is done, and returns errNoSecond when slot 1 is not wanted any more
+// (old is then to be shut down).
+func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served <-chan struct{}) (*liveTunnel, error) {
 	delay := c.cfg.BackoffMin
 	for {
 		lt, err := c.connectSlot(ctx, slot)
@@ -329,9 +339,6 @@ func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served 
 		case <-served:
 			return nil, nil
 		case <-time.After(wait):
-		}
-		if !stillNeeded() {
-			return nil, nil
 		}
 		delay = min(delay*2, c.cfg.BackoffMax)
 	}
