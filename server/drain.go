@@ -45,11 +45,6 @@ type drainer struct {
 	mu       sync.Mutex
 	streamed map[*streamBody]struct{}
 	ending   bool // streamed responses are being ended; new ones end at once
-
-	// heldElsewhere reports whether another replica holds a tunnel for
-	// label (the fleet registry's view); nil for a relay alone, which
-	// then waits for the agents to close their old tunnels.
-	heldElsewhere func(label string) bool
 }
 
 func newDrainer(s *Server) *drainer {
@@ -77,11 +72,18 @@ func newDrainer(s *Server) *drainer {
 	return d
 }
 
-// tunnelHeaders are sent on every tunnel's 101 answer.
+// tunnelHeaders are sent on every tunnel's 101 answer: the replica and
+// the live replicas (Config.Replicas, else the registry's count).
 func (s *Server) tunnelHeaders() http.Header {
+	n := 0
+	if s.cfg.Replicas != nil {
+		n = s.cfg.Replicas()
+	} else {
+		n = len(s.fl.reg.Replicas())
+	}
 	return http.Header{
 		tunnel.HeaderReplica:  {s.cfg.ReplicaID},
-		tunnel.HeaderReplicas: {strconv.Itoa(max(1, s.cfg.Replicas()))},
+		tunnel.HeaderReplicas: {strconv.Itoa(max(1, n))},
 	}
 }
 
@@ -190,17 +192,23 @@ func (s *Server) sendMove(ctx context.Context, sess *session, timeout time.Durat
 
 // moved reports whether a session's agent has moved: it closed the
 // tunnel, sent GOAWAY on it (an agent does once its replacement is
-// registered), or the registry shows another replica holding all its
-// labels.
+// registered), or the fleet's registry shows another replica holding
+// every label of it (with two tunnels per agent, at once: the cluster is
+// reachable there already). A relay alone (the in-memory registry)
+// knows of no other replica and waits for the agent.
 func (s *Server) moved(sess *session) bool {
 	if !s.reg.holds(sess) || !sess.cc.CanTakeNewRequest() {
 		return true
 	}
-	if s.drainer.heldElsewhere == nil {
-		return false
-	}
 	for label := range sess.routes {
-		if !s.drainer.heldElsewhere(label) {
+		elsewhere := false
+		for _, h := range s.fl.reg.Lookup(label) {
+			if h.Replica.ID != s.cfg.ReplicaID && h.ClusterUID == sess.clusterUID {
+				elsewhere = true
+				break
+			}
+		}
+		if !elsewhere {
 			return false
 		}
 	}

@@ -30,9 +30,9 @@ import (
 
 const uid = "drain"
 
-// fleet is two relays that say the fleet has two replicas; the test
+// twoRelays is two relays that say the fleet has two replicas; the test
 // decides which of them the agents reach.
-func fleet(t *testing.T, drainTimeout time.Duration) (a, b *relaytest.Relay) {
+func twoRelays(t *testing.T, drainTimeout time.Duration) (a, b *relaytest.Relay) {
 	t.Helper()
 	dir := t.TempDir()
 	tweak := func(c *server.Config) {
@@ -83,7 +83,7 @@ func apiStandIn(t *testing.T, arrived chan<- struct{}, release <-chan struct{}) 
 }
 
 // userClient sends requests for the cluster to relay r directly.
-func userClient(t *testing.T, r *relaytest.Relay) *http.Client {
+func drainUser(t *testing.T, r *relaytest.Relay) *http.Client {
 	return &http.Client{Transport: &http.Transport{DialTLSContext: r.TLSDialer(t, hostname.Host(hostname.DefaultSubdomain(uid), relaytest.Domain))}}
 }
 
@@ -122,7 +122,7 @@ func sampleMin(f func() int) (stop func() int) {
 // request in flight on the old tunnel finishes, and a watch through the
 // draining relay gets a clean end of its body at an event boundary.
 func TestDrainMovesTheAgent(t *testing.T) {
-	a, b := fleet(t, 20*time.Second)
+	a, b := twoRelays(t, 20*time.Second)
 	arrived, release := make(chan struct{}, 1), make(chan struct{})
 	api, caFile := apiStandIn(t, arrived, release)
 	lb := relaytest.StartLB(t, a.Addr) // the agent's first tunnel lands on a
@@ -134,7 +134,7 @@ func TestDrainMovesTheAgent(t *testing.T) {
 	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond, "agent never reached relay a")
 	lb.SetBackends(a.Addr, b.Addr)
 
-	users := userClient(t, a)
+	users := drainUser(t, a)
 	// A request that is in flight through a's tunnel when a drains.
 	slow := make(chan error, 1)
 	go func() {
@@ -193,7 +193,7 @@ func TestDrainMovesTheAgent(t *testing.T) {
 	assert.Equal(t, 1, b.Srv.Tunnels())
 
 	// The cluster answers through b.
-	resp2, err := userClient(t, b).Get(clusterURL("/"))
+	resp2, err := drainUser(t, b).Get(clusterURL("/"))
 	require.NoError(t, err)
 	body, _ := io.ReadAll(resp2.Body)
 	resp2.Body.Close()
@@ -205,7 +205,7 @@ func TestDrainMovesTheAgent(t *testing.T) {
 // its tunnel at the end of the drain, as before. The tunnel's 101 names
 // the replica and the fleet's size.
 func TestDrainClosesAnOldAgent(t *testing.T) {
-	a, _ := fleet(t, 20*time.Second)
+	a, _ := twoRelays(t, 20*time.Second)
 	tok, err := os.ReadFile(a.IssueToken(t, uid))
 	require.NoError(t, err)
 	d := websocket.Dialer{

@@ -65,6 +65,9 @@ type Server struct {
 	https  *http.Server
 	httpLn *connListener
 
+	// fl is the relay's share of the fleet: registry, peer channel.
+	fl *fleetPart
+
 	draining atomic.Bool
 	drainer  *drainer       // moves and streamed responses (drain.go)
 	conns    sync.WaitGroup // raw connections being proxied or routed
@@ -130,6 +133,9 @@ func New(cfg Config) (*Server, error) {
 		}
 		return float64(n)
 	}))
+	if s.fl, err = newFleet(cfg, s.m); err != nil {
+		return nil, err
+	}
 	s.api, s.health = s.newAPI()
 	s.httpLn = newConnListener()
 	s.https = &http.Server{
@@ -166,6 +172,16 @@ func (s *Server) Run(ctx context.Context) error {
 // lets connections in flight finish for up to DrainTimeout, and closes the
 // rest and every tunnel.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	// Connections get a context of their own: ctx ending stops the
+	// accepting, but the streams in flight must outlive it to be drained.
+	// hardStop ends them once the drain is over.
+	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardStop()
+	leaveFleet, err := s.joinFleet(ctx, connCtx)
+	if err != nil {
+		return err
+	}
+	defer leaveFleet()
 	s.log.Info("relay listening", "addr", ln.Addr().String(), "domain", s.cfg.Domain)
 	if s.tokens.RevocationFileMissing() {
 		s.log.Error("revocation file does not exist: no token is revoked until it is created", "revocation_file", s.cfg.RevocationFile)
@@ -181,11 +197,6 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 	stop := context.AfterFunc(ctx, func() { s.beginDrain(ln) })
 	defer stop()
-	// Connections get a context of their own: ctx ending stops the
-	// accepting, but the streams in flight must outlive it to be drained.
-	// hardStop ends them once the drain is over.
-	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
-	defer hardStop()
 
 	var acceptErr error
 	for {
@@ -239,6 +250,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 		s.log.Warn("drain timeout: closing HTTPS connections still active", "error", err)
 		s.https.Close()
 	}
+	s.stopPeers(ctx)
 	done := make(chan struct{})
 	go func() { s.conns.Wait(); close(done) }()
 	select {

@@ -64,6 +64,9 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			_ = http.NewResponseController(w).EnableFullDuplex()
 		}
 	}
+	if s.forwardTerminated(w, r, label) {
+		return // no local tunnel: another replica's (forward.go)
+	}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
