@@ -23,6 +23,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -251,4 +252,39 @@ func scrape(t *testing.T, s *server.Server) string {
 	rec := httptest.NewRecorder()
 	s.HealthHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	return rec.Body.String()
+}
+
+// With a fleet registry, an agent counts as moved as soon as another
+// replica holds its labels: here its second tunnel, on b. The relay then
+// does not wait for the first tunnel's replacement (which cannot land:
+// the load balancer only knows the draining relay), and the agent keeps
+// serving through b all along.
+func TestDrainTrustsTheRegistry(t *testing.T) {
+	f := newFakeFleet()
+	dir := t.TempDir()
+	tweak := func(id string) func(*server.Config) {
+		return func(c *server.Config) {
+			c.Registry = f.member(fleet.Replica{ID: id})
+			c.DrainTimeout = 20 * time.Second
+		}
+	}
+	a := relaytest.StartRelay(t, dir, "relay-a", tweak("relay-a"))
+	b := relaytest.StartRelay(t, dir, "relay-b", tweak("relay-b"))
+	lb := relaytest.StartLB(t, a.Addr)
+	agent := relaytest.StartAgent(t, client.Config{
+		RelayAddress: lb.Addr, RelayCAFile: a.CAFile(), ClusterUID: uid, TokenFile: a.IssueToken(t, uid),
+		AgentID: "agent-0", Mode: tunnel.Passthrough, APIServer: "https://127.0.0.1:1", HealthAddr: "",
+	})
+	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 && agent.C.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond)
+	lb.SetBackends(b.Addr)
+	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 2 }, 10*time.Second, 5*time.Millisecond,
+		"the second tunnel (the registry says two replicas) on b")
+	lb.SetBackends(a.Addr)
+
+	least := sampleMin(agent.C.Tunnels)
+	start := time.Now()
+	require.NoError(t, a.Stop())
+	assert.Less(t, time.Since(start), 5*time.Second, "the drain did not wait half its timeout for a move the registry shows done")
+	assert.GreaterOrEqual(t, least(), 1, "the agent had a tunnel at every moment")
+	assert.True(t, f.holds("relay-b", hostname.DefaultSubdomain(uid)))
 }
