@@ -23,10 +23,11 @@ import (
 // (503, so an agent's dial lands on another replica), asks every agent to
 // move (a "move" stream on each tunnel), and waits, at most half the drain
 // timeout, until each agent that took the move holds its replacement
-// elsewhere. Then, once the shutdown delay is over too, it stops
-// accepting, lets requests in flight finish within the drain timeout,
+// elsewhere. Once the shutdown delay is over it stops accepting (the
+// moves go on), lets requests in flight finish within the drain timeout,
 // ends its streamed responses (watches, logs -f) at an event boundary once
-// nothing else is left (or just before the timeout), and closes the rest.
+// the agents moved and nothing else is left (or just before the timeout),
+// and closes the rest, the tunnels once the moves are over.
 // An agent too old to know "move" answers 400 and keeps its tunnel until
 // the end, as before.
 
@@ -45,6 +46,9 @@ type drainer struct {
 	mu       sync.Mutex
 	streamed map[*streamBody]struct{}
 	ending   bool // streamed responses are being ended; new ones end at once
+
+	begun atomic.Bool   // beginDrain ran
+	moved chan struct{} // closed once the moves are over
 }
 
 func newDrainer(s *Server) *drainer {
@@ -53,6 +57,7 @@ func newDrainer(s *Server) *drainer {
 			Name: "spectro_proxy_draining", Help: "1 while the relay is draining (after SIGTERM).",
 		}),
 		streamed: map[*streamBody]struct{}{},
+		moved:    make(chan struct{}),
 	}
 	s.m.reg.MustRegister(d.draining, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "spectro_proxy_drain_tunnels_remaining",
@@ -88,22 +93,32 @@ func (s *Server) tunnelHeaders() http.Header {
 }
 
 // beginDrain runs when the serve context ends: it marks the relay
-// draining, moves its agents and closes ln once both the moves and the
-// shutdown delay are over.
+// draining, starts moving its agents, and closes ln once the shutdown
+// delay is over. The moves run alongside: the drain proper (drain) does
+// not close the tunnels before they are over.
 func (s *Server) beginDrain(ln net.Listener) {
 	s.draining.Store(true)
 	s.drainer.draining.Set(1)
-	if s.cfg.ShutdownDelay > 0 {
-		s.log.Info("relay not ready; accepting until the shutdown delay is over", "delay", s.cfg.ShutdownDelay.String())
-	}
-	delay := time.NewTimer(s.cfg.ShutdownDelay)
-	moved := make(chan struct{})
-	go func() { defer close(moved); s.moveTunnels() }()
-	go func() {
-		<-moved
-		<-delay.C
+	s.drainer.begun.Store(true)
+	go func() { defer close(s.drainer.moved); s.moveTunnels() }()
+	if s.cfg.ShutdownDelay <= 0 {
 		ln.Close()
-	}()
+		return
+	}
+	s.log.Info("relay not ready; accepting until the shutdown delay is over", "delay", s.cfg.ShutdownDelay.String())
+	time.AfterFunc(s.cfg.ShutdownDelay, func() { ln.Close() })
+}
+
+// awaitMoves waits until the moves are over (they are bounded by half
+// the drain timeout) or ctx ends.
+func (s *Server) awaitMoves(ctx context.Context) {
+	if !s.drainer.begun.Load() {
+		return // Serve ended without a drain request (the listener failed)
+	}
+	select {
+	case <-s.drainer.moved:
+	case <-ctx.Done():
+	}
 }
 
 // moveTunnels asks every agent to move and waits, at most half the drain
@@ -222,13 +237,19 @@ func (r *registry) holds(sess *session) bool {
 	return r.byAgent[agentKey(sess)] == sess
 }
 
-// endStreamedResponses ends the streamed responses once the other
-// terminate-mode requests in flight are done, or shortly before ctx's
-// deadline (so they can still end cleanly before the hard stop), or when
-// ctx ends.
+// endStreamedResponses ends the streamed responses once the agents have
+// moved (a client that re-watches then finds the cluster on another
+// replica) and the other terminate-mode requests in flight are done, or
+// shortly before ctx's deadline (so they can still end cleanly before the
+// hard stop), or when ctx ends.
 func (s *Server) endStreamedResponses(ctx context.Context) {
 	grace := min(time.Second, s.cfg.DrainTimeout/4)
 	deadline, ok := ctx.Deadline()
+	if ok {
+		early, cancel := context.WithDeadline(ctx, deadline.Add(-grace))
+		s.awaitMoves(early)
+		cancel()
+	}
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for s.drainer.plain.Load() > 0 && (!ok || time.Until(deadline) > grace) {

@@ -265,6 +265,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 		s.connsMu.Unlock()
 		s.log.Warn("drain timeout: closing connections still open", "count", n)
 	}
+	s.awaitMoves(ctx) // the agents' replacements, before their old tunnels go
 	for _, sess := range s.reg.all() {
 		sess.close()
 	}
