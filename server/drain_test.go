@@ -206,7 +206,11 @@ func TestDrainMovesTheAgent(t *testing.T) {
 // its tunnel at the end of the drain, as before. The tunnel's 101 names
 // the replica and the fleet's size.
 func TestDrainClosesAnOldAgent(t *testing.T) {
-	a, _ := twoRelays(t, 20*time.Second)
+	a := relaytest.StartRelay(t, t.TempDir(), "relay-a", func(c *server.Config) {
+		c.Replicas = func() int { return 2 }
+		c.DrainTimeout = 20 * time.Second
+		c.ShutdownDelay = 500 * time.Millisecond
+	})
 	tok, err := os.ReadFile(a.IssueToken(t, uid))
 	require.NoError(t, err)
 	d := websocket.Dialer{
@@ -237,7 +241,14 @@ func TestDrainClosesAnOldAgent(t *testing.T) {
 	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 }, 5*time.Second, 5*time.Millisecond)
 
 	start := time.Now()
-	require.NoError(t, a.Stop())
+	a.Terminate()
+	// During the shutdown delay: draining, and the old agent's tunnel is
+	// one not moved.
+	require.Eventually(t, func() bool {
+		m := scrape(t, a.Srv)
+		return strings.Contains(m, "spectro_proxy_draining 1") && strings.Contains(m, "spectro_proxy_drain_tunnels_remaining 1")
+	}, 5*time.Second, 10*time.Millisecond, "drain metrics")
+	require.NoError(t, a.Wait())
 	assert.Less(t, time.Since(start), 5*time.Second, "the relay did not wait for an agent that cannot move")
 	assert.Equal(t, int32(1), moves.Load(), "the relay asked once")
 	select {
