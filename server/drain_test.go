@@ -299,3 +299,44 @@ func TestDrainTrustsTheRegistry(t *testing.T) {
 	assert.GreaterOrEqual(t, least(), 1, "the agent had a tunnel at every moment")
 	assert.True(t, f.holds("relay-b", hostname.DefaultSubdomain(uid)))
 }
+
+// A watch that crosses the peer hop ends cleanly at a line whichever
+// replica drains: the one the user reached (it forwarded the watch) or
+// the one holding the tunnel (its clean end passes through the hop).
+func TestDrainEndsForwardedWatches(t *testing.T) {
+	const tmUID = "fw"
+	host := hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
+	for _, drained := range []string{"forwarder", "holder"} {
+		t.Run(drained, func(t *testing.T) {
+			stateDir := t.TempDir()
+			f := newFakeFleet()
+			holder := startFleetRelay(t, f, "relay-a", stateDir)
+			forwarder := startFleetRelay(t, f, "relay-b", stateDir)
+			be := newAPIBackend(t)
+			startFleetAgent(t, holder, stateDir, tmUID, tunnel.Terminate, be)
+			require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(tmUID)) }, 5*time.Second, 10*time.Millisecond)
+
+			users := userClient(forwarder, host, relayRoots(t, stateDir))
+			users.Timeout = 0
+			resp, err := users.Get("https://" + host + "/watch?watch=true")
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			be.events <- `{"type":"ADDED"}`
+			lines := bufio.NewReader(resp.Body)
+			line, err := lines.ReadString('\n')
+			require.NoError(t, err)
+			assert.Equal(t, `{"type":"ADDED"}`+"\n", line)
+
+			r := forwarder
+			if drained == "holder" {
+				r = holder
+			}
+			go r.stop()
+			rest, err := io.ReadAll(lines)
+			require.NoError(t, err, "the forwarded watch ends cleanly")
+			assert.Empty(t, string(rest))
+			r.stop()
+		})
+	}
+}

@@ -64,7 +64,7 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			_ = http.NewResponseController(w).EnableFullDuplex()
 		}
 	}
-	if s.forwardTerminated(w, r, label) {
+	if s.forwardTerminated(w, r, label, streamed) {
 		return // no local tunnel: another replica's (forward.go)
 	}
 	rp := &httputil.ReverseProxy{
