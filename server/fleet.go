@@ -41,8 +41,8 @@ type fleetPart struct {
 	// started: the registry loaded its first view (readyz waits for it).
 	started atomic.Bool
 	// peerSrv serves the peer listener while Serve runs.
-	peerSrv *http.Server
-	peerLn  net.Listener
+	peerSrv  *http.Server
+	peerDone chan struct{} // closed when peerSrv.Serve returned
 
 	forwarded  *prometheus.CounterVec // kind, result
 	fwdStreams *prometheus.GaugeVec   // kind
@@ -245,9 +245,11 @@ func (s *Server) joinFleet(ctx, connCtx context.Context) (leave func(), err erro
 		if err != nil {
 			return nil, fmt.Errorf("listening for peers on %s: %w", s.cfg.PeerListen, err)
 		}
-		s.fl.peerLn = ln
-		s.fl.peerSrv = s.newPeerServer(connCtx)
-		go func() { _ = s.fl.peerSrv.Serve(tls.NewListener(ln, s.fl.id.ServerConfig())) }()
+		s.fl.peerSrv, s.fl.peerDone = s.newPeerServer(connCtx), make(chan struct{})
+		go func() {
+			defer close(s.fl.peerDone)
+			_ = s.fl.peerSrv.Serve(tls.NewListener(ln, s.fl.id.ServerConfig()))
+		}()
 		s.log.Info("peer listener", "addr", ln.Addr().String(), "advertise", s.fl.reg.Self().PeerAddr, "replica", s.cfg.ReplicaID)
 	}
 	if err := s.fl.reg.Start(ctx); err != nil {
@@ -278,6 +280,7 @@ func (s *Server) stopPeers(ctx context.Context) {
 	if err := s.fl.peerSrv.Shutdown(ctx); err != nil {
 		s.fl.peerSrv.Close()
 	}
+	<-s.fl.peerDone
 }
 
 // fleetNotReady says why the replica is not ready in the fleet, or "".

@@ -424,6 +424,34 @@ func TestFleetForwarding(t *testing.T) {
 		resp.Body.Close()
 		assert.Equal(t, "a body", string(b2))
 		assert.GreaterOrEqual(t, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="http",result="ok"}`), 2.0)
+
+		// A user cannot pose as a peer: the channel's headers a user
+		// sends are dropped before the hop.
+		req, err := http.NewRequest(http.MethodGet, "https://"+tmHost+"/who", nil)
+		require.NoError(t, err)
+		req.Header.Set(peer.HeaderSource, "203.0.113.66:1")
+		req.Header.Set(peer.HeaderHost, ptHost)
+		resp, err = tm.Do(req)
+		require.NoError(t, err)
+		b3, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		assert.Contains(t, string(b3), "host="+tmHost+" xff=127.0.0.1 ")
+
+		// HTTP/2 from the user, HTTP/1.1 between the replicas.
+		h2 := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				return (&net.Dialer{}).DialContext(ctx, network, b.addr)
+			},
+			TLSClientConfig:   &tls.Config{ServerName: tmHost, RootCAs: relayPool},
+			ForceAttemptHTTP2: true,
+		}}
+		defer h2.CloseIdleConnections()
+		resp, err = h2.Post("https://"+tmHost+"/echo", "text/plain", strings.NewReader("over h2"))
+		require.NoError(t, err)
+		b4, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		assert.Equal(t, "HTTP/2.0", resp.Proto)
+		assert.Equal(t, "over h2", string(b4))
 	})
 
 	t.Run("upgrade", func(t *testing.T) {
@@ -542,6 +570,12 @@ func TestFleetForwarding(t *testing.T) {
 		assert.Equal(t, http.StatusOK, code)
 		code, _ = get(t, tm, "https://"+tmHost+"/who")
 		assert.Equal(t, http.StatusOK, code)
+		// A body too: nothing of it was sent to the holder that is down.
+		resp, err := tm.Post("https://"+tmHost+"/echo", "text/plain", strings.NewReader("kept for the next"))
+		require.NoError(t, err)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		assert.Equal(t, "kept for the next", string(body))
 	})
 
 	t.Run("no holder left", func(t *testing.T) {
@@ -551,6 +585,13 @@ func TestFleetForwarding(t *testing.T) {
 		assert.Equal(t, http.StatusServiceUnavailable, code, body)
 		assert.Contains(t, body, "no agent connected")
 		assert.GreaterOrEqual(t, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="http",result="failed"}`), 1.0)
+
+		pt.CloseIdleConnections()
+		_, err := pt.Get("https://" + ptHost + "/who")
+		assert.ErrorContains(t, err, "internal error", "a TLS alert: there is no HTTP to explain in")
+		assert.Equal(t, 1.0, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="conn",result="failed"}`))
+		assert.Equal(t, metric(t, b.srv, `spectro_proxy_refusals_total{reason="forward_failed"}`),
+			metric(t, b.srv, `spectro_proxy_forwarded_total{kind="http",result="failed"}`)+1, "each failed forward is a refusal")
 	})
 }
 

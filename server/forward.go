@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/peer"
 	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
@@ -105,7 +106,7 @@ func (s *Server) forwardTerminated(w http.ResponseWriter, r *http.Request, label
 			streamed(resp)
 			return nil
 		},
-		ErrorHandler: s.proxyError,
+		ErrorHandler: s.forwardError,
 	}
 	rp.ServeHTTP(w, r)
 	return true
@@ -149,10 +150,31 @@ func (t *peerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	t.s.fl.forwarded.WithLabelValues(kindHTTP, "failed").Inc()
-	if body != nil {
-		body.rc.Close()
+	return nil, &forwardFailed{label: t.label, err: errors.Join(errs...)}
+}
+
+// forwardFailed: no holder took a request.
+type forwardFailed struct {
+	label string
+	err   error
+}
+
+func (e *forwardFailed) Error() string {
+	return (&noAgentError{label: e.label}).Error() + "; forwarding to the replicas that hold it: " + e.err.Error()
+}
+
+func (e *forwardFailed) Unwrap() error { return e.err }
+
+// forwardError answers as proxyError does; a request no holder took is a
+// 503 like a missing agent (kubectl retries), counted as forward_failed.
+func (s *Server) forwardError(w http.ResponseWriter, r *http.Request, err error) {
+	var ff *forwardFailed
+	if !errors.As(err, &ff) || errors.Is(err, context.Canceled) {
+		s.proxyError(w, r, err)
+		return
 	}
-	return nil, fmt.Errorf("%w; forwarding: %w", &noAgentError{label: t.label}, errors.Join(errs...))
+	s.refuse(reasonForwardFailed, "host", ff.label, "remote", r.RemoteAddr, "error", ff.err.Error())
+	kubestatus.Write(w, http.StatusServiceUnavailable, "ServiceUnavailable", "spectro-proxy: "+err.Error())
 }
 
 // onceBody lends a request body to one try after another, until a try

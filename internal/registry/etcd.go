@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -101,15 +102,19 @@ type Etcd struct {
 	wg        sync.WaitGroup
 
 	mu        sync.Mutex
-	lease     clientv3.LeaseID // 0: none (before the first, or after etcd dropped it)
-	held      bool             // Ready: etcd has not said the lease is gone
-	local     map[string]Tunnel
+	lease     clientv3.LeaseID    // 0: none (before the first, or after etcd dropped it)
+	held      bool                // Ready: etcd has not said the lease is gone
+	local     map[string][]Tunnel // own tunnels by label (a slice: see view.tunnels)
+	nLocal    int
 	localRev  map[string]time.Time // revocations written through this replica
 	pending   map[string]*pendingOp
 	gen       uint64 // stamps pending ops, so that a write that raced a newer op keeps it queued
 	view      view
 	joinedSet bool
 	listedSet bool
+	// readyHook, when set (by tests), sees every change of Ready, which
+	// polling could miss.
+	readyHook func(ready bool)
 }
 
 // pendingOp is the wanted state of one of this replica's keys.
@@ -122,17 +127,34 @@ type pendingOp struct {
 // view is the fleet as last seen through the watch.
 type view struct {
 	replicas map[string]Replica
-	tunnels  map[string]map[string]viewTunnel // label -> key -> tunnel
-	revoked  map[string]time.Time
+	// label -> its tunnels: most labels have one or two, and a slice of
+	// them costs a fraction of a map (every replica holds every tunnel of
+	// the fleet).
+	tunnels map[string][]viewTunnel
+	revoked map[string]time.Time
 }
 
 type viewTunnel struct {
+	key     string // the etcd key; the other fields are substrings of it
 	replica string
-	t       Tunnel
+	cluster string
+	mode    string
 }
 
 func newView() view {
-	return view{replicas: map[string]Replica{}, tunnels: map[string]map[string]viewTunnel{}, revoked: map[string]time.Time{}}
+	return view{replicas: map[string]Replica{}, tunnels: map[string][]viewTunnel{}, revoked: map[string]time.Time{}}
+}
+
+// internMode returns the constant for the two modes, so that a view of
+// thousands of tunnels does not hold thousands of copies.
+func internMode(m string) string {
+	switch m {
+	case "passthrough":
+		return "passthrough"
+	case "terminate":
+		return "terminate"
+	}
+	return m
 }
 
 var _ Registry = (*Etcd)(nil)
@@ -170,6 +192,30 @@ func NewEtcd(cfg EtcdConfig) (*Etcd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encoding replica: %w", err)
 	}
+	cli, err := newClient(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Etcd{
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "registry", "replica", cfg.Self.ID),
+		cli:       cli,
+		m:         m,
+		selfVal:   string(selfVal),
+		selfKey:   cfg.Prefix + "replicas/" + cfg.Self.ID,
+		kickWrite: make(chan struct{}, 1),
+		kickLease: make(chan struct{}, 1),
+		joined:    make(chan struct{}),
+		listed:    make(chan struct{}),
+		local:     map[string][]Tunnel{},
+		localRev:  map[string]time.Time{},
+		pending:   map[string]*pendingOp{},
+		view:      newView(),
+	}, nil
+}
+
+// newClient returns an etcd client for cfg; it does not connect yet.
+func newClient(cfg EtcdConfig) (*clientv3.Client, error) {
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints: cfg.Endpoints,
 		TLS:       cfg.TLS,
@@ -193,35 +239,17 @@ func NewEtcd(cfg EtcdConfig) (*Etcd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd client for %v: %w", cfg.Endpoints, err)
 	}
-	return &Etcd{
-		cfg:       cfg,
-		log:       cfg.Logger.With("component", "registry", "replica", cfg.Self.ID),
-		cli:       cli,
-		m:         m,
-		selfVal:   string(selfVal),
-		selfKey:   cfg.Prefix + "replicas/" + cfg.Self.ID,
-		kickWrite: make(chan struct{}, 1),
-		kickLease: make(chan struct{}, 1),
-		joined:    make(chan struct{}),
-		listed:    make(chan struct{}),
-		local:     map[string]Tunnel{},
-		localRev:  map[string]time.Time{},
-		pending:   map[string]*pendingOp{},
-		view:      newView(),
-	}, nil
+	return cli, nil
 }
 
-// Client is the etcd client, for what the registry does not cover (the
-// tests' raw view of etcd).
-func (e *Etcd) Client() *clientv3.Client { return e.cli }
-
 // Start takes a lease, writes the replica key, loads the view and keeps it
-// current until Close or ctx ends. It returns once the replica key is
-// written and the first view is loaded, or with ctx's error (the work
-// goes on in the background until ctx ends).
+// current until Close. It returns once the replica key is written and the
+// first view is loaded, or with ctx's error, after stopping the work.
 func (e *Etcd) Start(ctx context.Context) error {
 	e.startOnce.Do(func() {
-		bg, cancel := context.WithCancel(ctx)
+		// Not ctx: the view and the writes must outlive it (a drain
+		// starts when the relay's serving context ends); Close ends them.
+		bg, cancel := context.WithCancel(context.Background())
 		e.mu.Lock()
 		e.cancel = cancel
 		e.mu.Unlock()
@@ -237,6 +265,7 @@ func (e *Etcd) Start(ctx context.Context) error {
 		select {
 		case <-c.ch:
 		case <-ctx.Done():
+			e.stop()
 			return fmt.Errorf("joining the relay fleet on etcd %v: %s: %w", e.cfg.Endpoints, c.what, ctx.Err())
 		}
 	}
@@ -244,11 +273,27 @@ func (e *Etcd) Start(ctx context.Context) error {
 	return nil
 }
 
+// stop ends the background work and waits for it.
+func (e *Etcd) stop() {
+	e.mu.Lock()
+	cancel := e.cancel
+	e.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	e.wg.Wait()
+}
+
 // Self is this replica.
 func (e *Etcd) Self() Replica { return e.cfg.Self }
 
 func (e *Etcd) tunnelKey(t Tunnel) string {
 	return e.cfg.Prefix + "tunnels/" + t.Label + "/" + e.cfg.Self.ID + "/" + t.ClusterUID + "/" + t.AgentID
+}
+
+// sameKey: u has t's etcd key (the same label, cluster and agent).
+func (t Tunnel) sameKey(u Tunnel) bool {
+	return t.Label == u.Label && t.ClusterUID == u.ClusterUID && t.AgentID == u.AgentID
 }
 
 // Announce queues the tunnel's key; it returns at once.
@@ -260,11 +305,17 @@ func (e *Etcd) Announce(t Tunnel) {
 		return
 	}
 	e.mu.Lock()
-	if old, ok := e.local[key]; ok && old == t {
+	ts := e.local[t.Label]
+	switch i := slices.IndexFunc(ts, t.sameKey); {
+	case i < 0:
+		e.local[t.Label] = append(ts, t)
+		e.nLocal++
+	case ts[i] == t:
 		e.mu.Unlock()
 		return // already there: a repeat must not write
+	default:
+		ts[i] = t // another mode
 	}
-	e.local[key] = t
 	e.queueLocked(key, true, string(val))
 	e.mu.Unlock()
 	e.kick(e.kickWrite)
@@ -274,11 +325,18 @@ func (e *Etcd) Announce(t Tunnel) {
 func (e *Etcd) Withdraw(t Tunnel) {
 	key := e.tunnelKey(t)
 	e.mu.Lock()
-	if _, ok := e.local[key]; !ok {
+	ts := e.local[t.Label]
+	i := slices.IndexFunc(ts, t.sameKey)
+	if i < 0 {
 		e.mu.Unlock()
 		return
 	}
-	delete(e.local, key)
+	if ts = slices.Delete(ts, i, i+1); len(ts) == 0 {
+		delete(e.local, t.Label)
+	} else {
+		e.local[t.Label] = slices.Clip(ts)
+	}
+	e.nLocal--
 	e.queueLocked(key, false, "")
 	e.mu.Unlock()
 	e.kick(e.kickWrite)
@@ -309,7 +367,7 @@ func (e *Etcd) Lookup(label string) []Holder {
 		if !live || slices.ContainsFunc(hs, func(h Holder) bool { return h.Replica.ID == r.ID }) {
 			continue
 		}
-		hs = append(hs, Holder{Replica: r, ClusterUID: vt.t.ClusterUID, Mode: vt.t.Mode})
+		hs = append(hs, Holder{Replica: r, ClusterUID: vt.cluster, Mode: vt.mode})
 	}
 	e.mu.Unlock()
 	if len(hs) > 1 {
@@ -325,18 +383,15 @@ func (e *Etcd) Lookup(label string) []Holder {
 func (e *Etcd) LabelOwner(label string) (string, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	prefix := e.cfg.Prefix + "tunnels/" + label + "/" + e.cfg.Self.ID + "/"
-	for key, t := range e.local {
-		if strings.HasPrefix(key, prefix) {
-			return t.ClusterUID, true
-		}
+	if ts := e.local[label]; len(ts) > 0 {
+		return ts[0].ClusterUID, true
 	}
 	for _, vt := range e.view.tunnels[label] {
 		if vt.replica == e.cfg.Self.ID {
 			continue // e.local is the truth for self
 		}
 		if _, live := e.view.replicas[vt.replica]; live {
-			return vt.t.ClusterUID, true
+			return vt.cluster, true
 		}
 	}
 	return "", false
@@ -374,14 +429,23 @@ func (e *Etcd) Revoke(ctx context.Context, tokenID string, expires time.Time) er
 	return writeRevocation(ctx, e.cli, e.cfg.Prefix, tokenID, expires, e.m)
 }
 
-// WriteRevocation writes a token revocation under prefix (default
-// DefaultPrefix) with cli: what Etcd.Revoke does, for a command that is no
-// relay (token revoke --etcd-endpoints).
-func WriteRevocation(ctx context.Context, cli *clientv3.Client, prefix, tokenID string, expires time.Time) error {
+// WriteRevocation writes a token revocation into the fleet's etcd (cfg's
+// Endpoints, TLS, Prefix; the rest is unused) without joining the fleet:
+// what Etcd.Revoke does, for the token revoke command. Every relay's view
+// has it within moments.
+func WriteRevocation(ctx context.Context, cfg EtcdConfig, tokenID string, expires time.Time) error {
 	if tokenID == "" || strings.Contains(tokenID, "/") {
 		return fmt.Errorf("revoking token %q: invalid token id", tokenID)
 	}
-	return writeRevocation(ctx, cli, prefix, tokenID, expires, nil)
+	if len(cfg.Endpoints) == 0 {
+		return errors.New("revoking token: no etcd endpoints")
+	}
+	cli, err := newClient(cfg)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	return writeRevocation(ctx, cli, cfg.Prefix, tokenID, expires, nil)
 }
 
 func writeRevocation(ctx context.Context, cli *clientv3.Client, prefix, tokenID string, expires time.Time, m *metrics) error {
@@ -441,13 +505,7 @@ func (e *Etcd) Ready() bool {
 func (e *Etcd) Close(ctx context.Context) error {
 	var err error
 	e.closeOnce.Do(func() {
-		e.mu.Lock()
-		cancel := e.cancel
-		e.mu.Unlock()
-		if cancel != nil {
-			cancel()
-		}
-		e.wg.Wait()
+		e.stop()
 		e.mu.Lock()
 		lease := e.lease
 		e.lease, e.held = 0, false
@@ -475,6 +533,8 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 	var bo backoffState
 	var wait time.Duration
 	unreachableSince := time.Time{}
+	ka := &keepAliver{cli: e.cli}
+	defer ka.drop()
 	for {
 		if !e.sleep(ctx, wait, e.kickLease) {
 			return
@@ -492,13 +552,12 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 				continue
 			}
 			bo.reset()
-			wait = interval
+			unreachableSince = time.Time{}
+			wait = 0 // open the keep-alive stream now, while etcd answers
 			continue
 		}
-		tctx, cancel := context.WithTimeout(ctx, interval)
 		start := time.Now()
-		_, err := e.cli.KeepAliveOnce(tctx, id)
-		cancel()
+		err := ka.once(ctx, id, interval)
 		switch {
 		case err == nil:
 			e.m.keepalive.Observe(time.Since(start).Seconds())
@@ -526,6 +585,58 @@ func (e *Etcd) leaseLoop(ctx context.Context) {
 	}
 }
 
+// keepAliver sends keep-alives one at a time on one LeaseKeepAlive stream
+// that it keeps open between them. Not KeepAliveOnce, which opens a stream
+// per keep-alive: an etcd member that is stopping (SIGTERM: gRPC's
+// graceful stop, ~7s) refuses new streams but serves open ones, and its
+// leases go on expiring meanwhile. Not the client's KeepAlive either: it
+// hides the round trip, which is a metric.
+type keepAliver struct {
+	cli    *clientv3.Client
+	stream pb.Lease_LeaseKeepAliveClient
+	cancel context.CancelFunc
+}
+
+// once renews lease id and waits up to timeout for the answer.
+// rpctypes.ErrLeaseNotFound means etcd says the lease is gone; any other
+// error, that etcd did not answer (the stream is dropped, the next call
+// opens another).
+func (k *keepAliver) once(ctx context.Context, id clientv3.LeaseID, timeout time.Duration) error {
+	if k.stream == nil {
+		sctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		s, err := pb.NewLeaseClient(k.cli.ActiveConnection()).LeaseKeepAlive(sctx)
+		if err != nil {
+			cancel()
+			return fmt.Errorf("opening lease keep-alive stream: %w", err)
+		}
+		k.stream, k.cancel = s, cancel
+	}
+	// A partition leaves Recv waiting: cancel the stream at the timeout.
+	timer := time.AfterFunc(timeout, k.cancel)
+	err := k.stream.Send(&pb.LeaseKeepAliveRequest{ID: int64(id)})
+	var resp *pb.LeaseKeepAliveResponse
+	if err == nil {
+		resp, err = k.stream.Recv()
+	}
+	if !timer.Stop() || err != nil {
+		k.drop() // canceled, or about to be
+	}
+	if err != nil {
+		return fmt.Errorf("lease keep-alive: %w", err)
+	}
+	if resp.TTL <= 0 {
+		return rpctypes.ErrLeaseNotFound
+	}
+	return nil
+}
+
+func (k *keepAliver) drop() {
+	if k.cancel != nil {
+		k.cancel()
+	}
+	k.stream, k.cancel = nil, nil
+}
+
 // grant takes a new lease and queues every key of this replica under it.
 func (e *Etcd) grant(ctx context.Context) error {
 	tctx, cancel := context.WithTimeout(ctx, opTimeout)
@@ -539,13 +650,19 @@ func (e *Etcd) grant(ctx context.Context) error {
 	e.lease, e.held = resp.ID, true
 	// Rewrite everything: after a lost lease etcd has deleted it all.
 	e.queueLocked(e.selfKey, true, e.selfVal)
-	for key, t := range e.local {
-		val, _ := json.Marshal(t)
-		e.queueLocked(key, true, string(val))
+	for _, ts := range e.local {
+		for _, t := range ts {
+			val, _ := json.Marshal(t)
+			e.queueLocked(e.tunnelKey(t), true, string(val))
+		}
 	}
-	n := len(e.local)
+	n := e.nLocal
 	e.m.held.Set(1)
+	hook := e.readyHook
 	e.mu.Unlock()
+	if hook != nil {
+		hook(true)
+	}
 	e.log.Info("lease granted", "lease", fmt.Sprintf("%x", int64(resp.ID)), "ttl", resp.TTL, "tunnels", n)
 	e.kick(e.kickWrite)
 	return nil
@@ -555,11 +672,16 @@ func (e *Etcd) grant(ctx context.Context) error {
 // the lease loop grants another.
 func (e *Etcd) leaseGone(id clientv3.LeaseID) {
 	e.mu.Lock()
-	if e.lease == id {
+	gone := e.lease == id
+	if gone {
 		e.lease, e.held = 0, false
 		e.m.held.Set(0)
 	}
+	hook := e.readyHook
 	e.mu.Unlock()
+	if gone && hook != nil {
+		hook(false)
+	}
 	e.kick(e.kickLease)
 }
 
@@ -715,6 +837,7 @@ func (e *Etcd) list(ctx context.Context) (int64, error) {
 		return 0, fmt.Errorf("listing %s: %w", e.cfg.Prefix, err)
 	}
 	v := newView()
+	e.log.Debug("listed the registry", "keys", len(resp.Kvs), "revision", resp.Header.Revision)
 	for _, kv := range resp.Kvs {
 		e.applyOne(&v, true, string(kv.Key), kv.Value)
 	}
@@ -751,6 +874,7 @@ func (e *Etcd) applyOne(v *view, put bool, key string, val []byte) {
 	kind, rest, _ := strings.Cut(rest, "/")
 	switch kind {
 	case "replicas":
+		e.log.Debug("replica key", "id", rest, "put", put)
 		if !put {
 			delete(v.replicas, rest)
 			return
@@ -772,27 +896,32 @@ func (e *Etcd) applyOne(v *view, put bool, key string, val []byte) {
 		}
 		n := len(parts)
 		label := strings.Join(parts[:n-3], "/")
+		ts := v.tunnels[label]
+		i := slices.IndexFunc(ts, func(vt viewTunnel) bool { return vt.key == key })
 		if !put {
-			if m := v.tunnels[label]; m != nil {
-				delete(m, key)
-				if len(m) == 0 {
+			if i >= 0 {
+				ts = slices.Delete(ts, i, i+1)
+				if len(ts) == 0 {
 					delete(v.tunnels, label)
+				} else {
+					v.tunnels[label] = slices.Clip(ts)
 				}
 			}
 			return
 		}
-		var t Tunnel
+		var t struct {
+			Mode string `json:"mode"`
+		}
 		if err := json.Unmarshal(val, &t); err != nil {
 			e.log.Warn("skipping bad tunnel key", "key", key, "err", err)
 			return
 		}
-		t.Label, t.ClusterUID, t.AgentID = label, parts[n-2], parts[n-1]
-		m := v.tunnels[label]
-		if m == nil {
-			m = map[string]viewTunnel{}
-			v.tunnels[label] = m
+		vt := viewTunnel{key: key, replica: parts[n-3], cluster: parts[n-2], mode: internMode(t.Mode)}
+		if i >= 0 {
+			ts[i] = vt
+			return
 		}
-		m[key] = viewTunnel{replica: parts[n-3], t: t}
+		v.tunnels[label] = append(ts, vt)
 	case "revocations":
 		if !put {
 			delete(v.revoked, rest)
