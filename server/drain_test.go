@@ -83,9 +83,14 @@ func apiStandIn(t *testing.T, arrived chan<- struct{}, release <-chan struct{}) 
 	return srv.URL, caFile
 }
 
-// userClient sends requests for the cluster to relay r directly.
-func drainUser(t *testing.T, r *relaytest.Relay) *http.Client {
-	return &http.Client{Transport: &http.Transport{DialTLSContext: r.TLSDialer(t, hostname.Host(hostname.DefaultSubdomain(uid), relaytest.Domain))}}
+// drainUser sends requests for the cluster to relay r directly, over
+// HTTP/1.1 or, with h2, HTTP/2 (as kubectl does).
+func drainUser(t *testing.T, r *relaytest.Relay, h2 bool) *http.Client {
+	host := hostname.Host(hostname.DefaultSubdomain(uid), relaytest.Domain)
+	if !h2 {
+		return &http.Client{Transport: &http.Transport{DialTLSContext: r.TLSDialer(t, host)}}
+	}
+	return &http.Client{Transport: &http.Transport{DialTLSContext: r.TLSDialer(t, host, "h2"), ForceAttemptHTTP2: true}}
 }
 
 func clusterURL(path string) string {
@@ -121,8 +126,15 @@ func sampleMin(f func() int) (stop func() int) {
 // second relay is up: the agent's replacement tunnel lands on the other
 // relay before the old one closes (the agent never has zero tunnels), a
 // request in flight on the old tunnel finishes, and a watch through the
-// draining relay gets a clean end of its body at an event boundary.
+// draining relay gets a clean end of its body at an event boundary, over
+// HTTP/1.1 (the last chunk) and HTTP/2 (END_STREAM).
 func TestDrainMovesTheAgent(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		t.Run(map[bool]string{false: "http1", true: "h2"}[h2], func(t *testing.T) { testDrainMovesTheAgent(t, h2) })
+	}
+}
+
+func testDrainMovesTheAgent(t *testing.T, h2 bool) {
 	a, b := twoRelays(t, 20*time.Second)
 	arrived, release := make(chan struct{}, 1), make(chan struct{})
 	api, caFile := apiStandIn(t, arrived, release)
@@ -135,7 +147,7 @@ func TestDrainMovesTheAgent(t *testing.T) {
 	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond, "agent never reached relay a")
 	lb.SetBackends(a.Addr, b.Addr)
 
-	users := drainUser(t, a)
+	users := drainUser(t, a, h2)
 	// A request that is in flight through a's tunnel when a drains.
 	slow := make(chan error, 1)
 	go func() {
@@ -155,6 +167,7 @@ func TestDrainMovesTheAgent(t *testing.T) {
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, map[bool]int{false: 1, true: 2}[h2], resp.ProtoMajor)
 	watch := bufio.NewReader(resp.Body)
 	_, err = watch.ReadString('\n')
 	require.NoError(t, err)
@@ -194,7 +207,7 @@ func TestDrainMovesTheAgent(t *testing.T) {
 	assert.Equal(t, 1, b.Srv.Tunnels())
 
 	// The cluster answers through b.
-	resp2, err := drainUser(t, b).Get(clusterURL("/"))
+	resp2, err := drainUser(t, b, h2).Get(clusterURL("/"))
 	require.NoError(t, err)
 	body, _ := io.ReadAll(resp2.Body)
 	resp2.Body.Close()

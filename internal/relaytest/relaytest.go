@@ -113,9 +113,12 @@ func (r *Relay) IssueToken(t testing.TB, uid string) string {
 }
 
 // TLSDialer dials the relay at addr for host (SNI), trusting the relays'
-// CA.
-func (r *Relay) TLSDialer(t testing.TB, host string) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	conf := &tls.Config{ServerName: host, RootCAs: r.CAPool(t), NextProtos: []string{"http/1.1"}}
+// CA, offering protos in ALPN (HTTP/1.1 when none).
+func (r *Relay) TLSDialer(t testing.TB, host string, protos ...string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if len(protos) == 0 {
+		protos = []string{"http/1.1"}
+	}
+	conf := &tls.Config{ServerName: host, RootCAs: r.CAPool(t), NextProtos: protos}
 	relayAddr := r.Addr
 	return func(ctx context.Context, _, _ string) (net.Conn, error) {
 		d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: conf}
