@@ -133,15 +133,13 @@ func (s *Server) moveTunnels() {
 	defer cancel()
 	s.log.Info("asking agents to move to another relay replica", "tunnels", len(sessions), "wait", bound.String())
 	var (
-		mu             sync.Mutex
-		accepted       []*session
-		old, failed    int
-		wg             sync.WaitGroup
-		sem            = make(chan struct{}, moveConcurrency)
-		timeout        = min(s.cfg.StreamTimeout, bound)
-		started        = time.Now()
-		errOldAgent    = errors.New("agent does not know move")
-		errMoveFailure = errors.New("move not delivered")
+		mu          sync.Mutex
+		accepted    []*session
+		old, failed int
+		wg          sync.WaitGroup
+		sem         = make(chan struct{}, moveConcurrency)
+		timeout     = min(s.cfg.StreamTimeout, bound)
+		started     = time.Now()
 	)
 	for _, sess := range sessions {
 		sem <- struct{}{}
@@ -156,10 +154,10 @@ func (s *Server) moveTunnels() {
 			case errors.Is(err, tunnel.ErrRefused):
 				old++
 				s.log.Info("agent does not know move (an older build): its tunnel is closed at the end of the drain",
-					"cluster", sess.clusterUID, "agent", sess.agentID, "error", errors.Join(errOldAgent, err))
+					"cluster", sess.clusterUID, "agent", sess.agentID, "answer", err.Error())
 			default:
 				failed++
-				s.log.Warn("asking an agent to move", "cluster", sess.clusterUID, "agent", sess.agentID, "error", errors.Join(errMoveFailure, err))
+				s.log.Warn("asking an agent to move: not delivered", "cluster", sess.clusterUID, "agent", sess.agentID, "error", err)
 			}
 		})
 	}
