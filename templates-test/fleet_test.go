@@ -172,11 +172,12 @@ func TestRelayFleet(t *testing.T) {
 	}
 
 	// The pod outlives its own drain: agents moved (at most half the drain
-	// timeout), the shutdown delay, requests in flight (the drain timeout).
+	// timeout) while the shutdown delay runs, then requests in flight (the
+	// drain timeout).
 	delay := parseDuration(t, flagValue(t, c.Args, "--shutdown-delay"))
 	drain := parseDuration(t, flagValue(t, c.Args, "--drain-timeout"))
 	grace := time.Duration(*pod.TerminationGracePeriodSeconds) * time.Second
-	assert.GreaterOrEqual(t, grace, delay+drain+drain/2, "terminationGracePeriodSeconds %v", grace)
+	assert.GreaterOrEqual(t, grace, max(delay, drain/2)+drain, "terminationGracePeriodSeconds %v", grace)
 	assert.Nil(t, c.Lifecycle, "no preStop: the relay's --shutdown-delay keeps it serving while endpoints drop it")
 
 	// Spread across nodes (and zones) by default, best effort.
@@ -282,7 +283,9 @@ func TestRelayFleetOptions(t *testing.T) {
 		pod := decode[appsv1.Deployment](t, renderFleet(t, "drain: {shutdownDelaySeconds: 10, timeoutSeconds: 60}"), "Deployment/"+relayName).Spec.Template.Spec
 		assert.Contains(t, pod.Containers[0].Args, "--shutdown-delay=10s")
 		assert.Contains(t, pod.Containers[0].Args, "--drain-timeout=60s")
-		assert.Equal(t, int64(10+60+30+5), *pod.TerminationGracePeriodSeconds)
+		assert.Equal(t, int64(30+60+5), *pod.TerminationGracePeriodSeconds, "the move wait (30s) outlasts the delay")
+		pod = decode[appsv1.Deployment](t, renderFleet(t, "drain: {shutdownDelaySeconds: 20, timeoutSeconds: 10}"), "Deployment/"+relayName).Spec.Template.Spec
+		assert.Equal(t, int64(20+10+5), *pod.TerminationGracePeriodSeconds, "the delay outlasts the move wait (5s)")
 	})
 	t.Run("single relay unchanged", func(t *testing.T) {
 		m := renderRelay(t, "{}")
@@ -430,14 +433,21 @@ var contractMetrics = []string{
 	"spectro_proxy_draining",
 }
 
-// knownMetrics is contractMetrics plus every spectro_proxy_* metric the
-// relay's code names (`Name: "..."` in server/ and internal/).
+// knownMetrics is contractMetrics plus codeMetrics.
 func knownMetrics(t *testing.T) map[string]bool {
 	t.Helper()
-	known := map[string]bool{}
+	known := codeMetrics(t)
 	for _, n := range contractMetrics {
 		known[n] = true
 	}
+	return known
+}
+
+// codeMetrics are the spectro_proxy_* metrics the relay's code names
+// (`Name: "..."` in server/ and internal/, tests aside).
+func codeMetrics(t *testing.T) map[string]bool {
+	t.Helper()
+	names := map[string]bool{}
 	named := regexp.MustCompile(`Name:\s*"(spectro_proxy_[a-z0-9_]+)"`)
 	for _, root := range []string{"../server", "../internal"} {
 		require.NoError(t, filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
@@ -449,13 +459,13 @@ func knownMetrics(t *testing.T) map[string]bool {
 				return err
 			}
 			for _, m := range named.FindAllStringSubmatch(string(src), -1) {
-				known[m[1]] = true
+				names[m[1]] = true
 			}
 			return nil
 		}))
 	}
-	require.True(t, known["spectro_proxy_tunnels_connected"], "server/metrics.go was read")
-	return known
+	require.True(t, names["spectro_proxy_tunnels_connected"], "server/metrics.go was read")
+	return names
 }
 
 var metricRef = regexp.MustCompile(`spectro_proxy_[a-z0-9_]+`)

@@ -96,40 +96,13 @@ func (e *Etcd) Start(ctx context.Context) error {
 	}
 	clientURL := e.Endpoint()
 	peerURL := "http://127.0.0.1:" + itoa(e.peerPort)
-	p, err := startProcess("etcd", e.bin, []string{
-		"--name=etcd",
-		"--data-dir=" + e.dataDir,
-		"--listen-client-urls=" + clientURL,
-		"--advertise-client-urls=" + clientURL,
-		"--listen-peer-urls=" + peerURL,
-		"--initial-advertise-peer-urls=" + peerURL,
-		"--initial-cluster=etcd=" + peerURL,
-		"--unsafe-no-fsync", // test data: durability is not worth the fsyncs
-		"--log-level=warn",
-	}, filepath.Dir(e.dataDir), e.logFile, nil, e.log, childEnv())
+	p, err := startProcess("etcd", e.bin, etcdArgs("etcd", e.dataDir, clientURL, peerURL),
+		filepath.Dir(e.dataDir), e.logFile, nil, e.log, childEnv())
 	if err != nil {
 		return err
 	}
 	e.p = p
-	return poll(ctx, 50*time.Millisecond, "etcd /health", func(ctx context.Context) (bool, error) {
-		if err := p.exited(); err != nil {
-			return true, err
-		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, clientURL+"/health", nil)
-		if err != nil {
-			return true, err
-		}
-		resp, err := e.http.Do(req)
-		if err != nil {
-			return false, err
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode == http.StatusOK && strings.Contains(string(body), `"true"`) {
-			return true, nil
-		}
-		return false, fmt.Errorf("etcd /health: %s: %s", resp.Status, body)
-	})
+	return waitEtcd(ctx, e.http, p, clientURL)
 }
 
 // Stop ends etcd with SIGTERM (SIGKILL after 10s) and keeps its data, so
@@ -167,4 +140,42 @@ func (e *Etcd) kill() {
 		_ = e.p.stop(etcdStopGrace)
 		e.p = nil
 	}
+}
+
+// etcdArgs are a single-member test etcd's flags.
+func etcdArgs(name, dataDir, clientURL, peerURL string) []string {
+	return []string{
+		"--name=" + name,
+		"--data-dir=" + dataDir,
+		"--listen-client-urls=" + clientURL,
+		"--advertise-client-urls=" + clientURL,
+		"--listen-peer-urls=" + peerURL,
+		"--initial-advertise-peer-urls=" + peerURL,
+		"--initial-cluster=" + name + "=" + peerURL,
+		"--unsafe-no-fsync", // test data: durability is not worth the fsyncs
+		"--log-level=warn",
+	}
+}
+
+// waitEtcd polls etcd's /health until it says true, or p exits.
+func waitEtcd(ctx context.Context, hc *http.Client, p *process, clientURL string) error {
+	return poll(ctx, 50*time.Millisecond, "etcd /health", func(ctx context.Context) (bool, error) {
+		if err := p.exited(); err != nil {
+			return true, err
+		}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, clientURL+"/health", nil)
+		if err != nil {
+			return true, err
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return false, err
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK && strings.Contains(string(body), `"true"`) {
+			return true, nil
+		}
+		return false, fmt.Errorf("etcd /health: %s: %s", resp.Status, body)
+	})
 }

@@ -131,14 +131,14 @@ asked next (whoever may create namespaces may normally read them).
 
 {{/*
 terminationGracePeriodSeconds: what the relay may take after SIGTERM. It
-moves its agents first (bounded by half the drain timeout), keeps accepting
-for the shutdown delay, then lets requests in flight finish within the drain
-timeout; 5 seconds of margin on top so kubelet's SIGKILL never cuts a drain
-that keeps to its own bounds.
+moves its agents (at most half the drain timeout) while the shutdown delay
+runs, both counted from SIGTERM; once both are over it stops accepting and
+lets requests in flight finish within the drain timeout. 5 seconds of margin
+on top, so kubelet's SIGKILL never cuts a drain that keeps to its bounds.
 */}}
 {{- define "spectro-proxy-server.terminationGracePeriod" -}}
 {{- $t := int .Values.drain.timeoutSeconds -}}
-{{- add (int .Values.drain.shutdownDelaySeconds) $t (div (add $t 1) 2) 5 -}}
+{{- add (max (int .Values.drain.shutdownDelaySeconds) (div (add $t 1) 2)) $t 5 -}}
 {{- end -}}
 
 {{/*
