@@ -96,6 +96,11 @@ type Config struct {
 	// ReplicaID names this replica among the live ones (default: env
 	// POD_NAME, else the host name).
 	ReplicaID string
+	// Replicas returns how many relay replicas are live, this one
+	// included (nil: the registry's count). Each tunnel's 101 answer
+	// carries it; an agent in --tunnels auto holds a second tunnel when
+	// it is more than one.
+	Replicas func() int
 	// EtcdEndpoints is the registry's etcd cluster; empty: a single relay
 	// with an in-memory registry.
 	EtcdEndpoints []string

@@ -253,14 +253,20 @@ func (s *Server) joinFleet(ctx, connCtx context.Context) (leave func(), err erro
 		s.log.Info("peer listener", "addr", ln.Addr().String(), "advertise", s.fl.reg.Self().PeerAddr, "replica", s.cfg.ReplicaID)
 	}
 	if err := s.fl.reg.Start(ctx); err != nil {
-		s.stopPeers(context.Background())
+		// Close stops what Start began (the etcd client, its retries).
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.stopPeers(ctx)
+		_ = s.fl.reg.Close(ctx)
 		return nil, fmt.Errorf("joining the fleet's registry: %w", err)
 	}
 	s.fl.started.Store(true)
 	return func() {
-		s.stopPeers(context.Background())
+		// The drain stopped the peer listener already; this bounds what
+		// is left of it (Serve returning another way).
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		s.stopPeers(ctx)
 		if err := s.fl.reg.Close(ctx); err != nil {
 			s.log.Warn("leaving the fleet's registry", "error", err)
 		}

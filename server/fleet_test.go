@@ -660,3 +660,37 @@ func relayRoots(t *testing.T, stateDir string) *x509.CertPool {
 	require.NoError(t, err)
 	return p
 }
+
+// failingStart is the fake fleet's member whose Start fails (etcd
+// unreachable until the serve context ended).
+type failingStart struct {
+	*fakeMember
+	closed bool
+}
+
+func (f *failingStart) Start(context.Context) error { return errors.New("etcd unreachable") }
+func (f *failingStart) Close(ctx context.Context) error {
+	f.closed = true
+	return f.fakeMember.Close(ctx)
+}
+
+// A relay that cannot join the fleet does not serve: Serve says why, and
+// what Start began is stopped, the peer listener's port released.
+func TestFleetJoinFails(t *testing.T) {
+	stateDir := t.TempDir()
+	peerAddr := freeAddr(t)
+	reg := &failingStart{fakeMember: newFakeFleet().member(fleet.Replica{ID: "r", PeerAddr: peerAddr}).(*fakeMember)}
+	srv, err := server.New(server.Config{Domain: fleetDomain, StateDir: stateDir, ReplicaID: "r",
+		PeerListen: peerAddr, PeerAdvertise: peerAddr, Registry: reg, Logger: testLog(t)})
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	err = srv.Serve(context.Background(), ln)
+	require.ErrorContains(t, err, "joining the fleet's registry: etcd unreachable")
+	assert.True(t, reg.closed)
+	assert.False(t, ready(srv))
+	again, err := net.Listen("tcp", peerAddr)
+	require.NoError(t, err, "the peer listener's port is free again")
+	again.Close()
+}

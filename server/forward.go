@@ -70,8 +70,9 @@ func (s *Server) forwardConn(ctx context.Context, c *sni.Conn, name, label strin
 
 // forwardTerminated forwards r to a replica holding label's tunnel when
 // this one has no usable session for it and r did not itself come from a
-// peer; it reports whether it did (and answered w).
-func (s *Server) forwardTerminated(w http.ResponseWriter, r *http.Request, label string) bool {
+// peer; it reports whether it did (and answered w). streamed sees the
+// response first (the drain ends a forwarded watch cleanly too).
+func (s *Server) forwardTerminated(w http.ResponseWriter, r *http.Request, label string, streamed func(*http.Response)) bool {
 	if peerReceived(r.Context()) || s.reg.usable(label) {
 		return false
 	}
@@ -101,7 +102,11 @@ func (s *Server) forwardTerminated(w http.ResponseWriter, r *http.Request, label
 		// As for local tunnels: streamed responses (watches, logs -f)
 		// are flushed at every write by ReverseProxy itself.
 		FlushInterval: 0,
-		ErrorHandler:  s.forwardError,
+		ModifyResponse: func(resp *http.Response) error {
+			streamed(resp)
+			return nil
+		},
+		ErrorHandler: s.forwardError,
 	}
 	rp.ServeHTTP(w, r)
 	return true

@@ -69,6 +69,7 @@ type Server struct {
 	fl *fleetPart
 
 	draining atomic.Bool
+	drainer  *drainer       // moves and streamed responses (drain.go)
 	conns    sync.WaitGroup // raw connections being proxied or routed
 	connsMu  sync.Mutex
 	open     map[net.Conn]struct{}
@@ -120,6 +121,7 @@ func New(cfg Config) (*Server, error) {
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
 	}
+	s.drainer = newDrainer(s)
 	// Slots in use on every tunnel: back to zero once every stream ended,
 	// whichever way it ended.
 	s.m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -193,15 +195,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer close(httpsDone)
 		_ = s.https.Serve(s.httpLn)
 	}()
-	stop := context.AfterFunc(ctx, func() {
-		s.draining.Store(true)
-		if s.cfg.ShutdownDelay <= 0 {
-			ln.Close()
-			return
-		}
-		s.log.Info("relay not ready; accepting until the shutdown delay is over", "delay", s.cfg.ShutdownDelay.String())
-		time.AfterFunc(s.cfg.ShutdownDelay, func() { ln.Close() })
-	})
+	stop := context.AfterFunc(ctx, func() { s.beginDrain(ln) })
 	defer stop()
 
 	var acceptErr error
@@ -247,6 +241,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 	s.log.Info("relay draining", "timeout", s.cfg.DrainTimeout.String())
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DrainTimeout)
 	defer cancel()
+	go s.endStreamedResponses(ctx)
 	// A fresh context: Shutdown with the already-cancelled serve context
 	// would skip the drain entirely.
 	if err := s.https.Shutdown(ctx); err != nil {
@@ -270,6 +265,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 		s.connsMu.Unlock()
 		s.log.Warn("drain timeout: closing connections still open", "count", n)
 	}
+	s.awaitMoves(ctx) // the agents' replacements, before their old tunnels go
 	for _, sess := range s.reg.all() {
 		sess.close()
 	}

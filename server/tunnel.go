@@ -25,7 +25,11 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	src := sourceOf(remote)
 	if s.draining.Load() {
 		s.refuse(reasonDraining, "remote", remote)
-		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "relay is shutting down")
+		// Retry soon: through the load balancer the next dial lands on
+		// another replica, and a moving agent's old tunnel only lasts
+		// half the drain timeout (the agent's backoff jitter spreads a
+		// fleet).
+		s.retryLater(w, http.StatusServiceUnavailable, 1, "relay is shutting down")
 		return
 	}
 	// A source that keeps failing is turned away before its token is even
@@ -72,7 +76,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	ws, err := s.upgrader.Upgrade(w, r, nil)
+	ws, err := s.upgrader.Upgrade(w, r, s.tunnelHeaders())
 	if err != nil {
 		// Upgrade has already answered the client.
 		s.refuse(reasonBadRegistration, "remote", remote, "error", err.Error())
