@@ -129,6 +129,7 @@ func (c *Client) runTunnels(ctx context.Context) {
 // the relay reports a single replica), reconnecting with backoff.
 func (c *Client) runSlot(ctx context.Context, slot int) {
 	delay := c.cfg.BackoffMin
+	same := 0 // landings on the other slot's replica in a row
 	var next *liveTunnel
 	for {
 		if ctx.Err() != nil {
@@ -167,6 +168,7 @@ func (c *Client) runSlot(ctx context.Context, slot int) {
 		if time.Since(started) > 30*time.Second {
 			delay = c.cfg.BackoffMin
 		}
+		delay = sameReplicaDelay(delay, err, &same)
 		wait := retryWait(delay, err)
 		c.log.Warn("tunnel down; reconnecting", "slot", slot, "error", err, "retry_in", wait.Round(time.Millisecond).String())
 		select {
@@ -313,11 +315,12 @@ func (c *Client) serveTunnel(ctx context.Context, slot int, lt *liveTunnel) (*li
 // (old is then to be shut down).
 func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served <-chan struct{}) (*liveTunnel, error) {
 	delay := c.cfg.BackoffMin
+	same := 0
 	for {
 		lt, err := c.connectSlot(ctx, slot)
 		if err == nil && old.replica != "" && lt.replica == old.replica {
 			lt.conn.Close()
-			lt, err = nil, fmt.Errorf("replacement landed on the same relay replica %s", old.replica)
+			lt, err = nil, fmt.Errorf("replacement landed on %s, the old tunnel's: %w", old.replica, errSameReplica)
 		}
 		if err == nil {
 			c.log.Info("replacement tunnel registered; shutting the old one down gracefully", "slot", slot,
@@ -330,6 +333,7 @@ func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served 
 		if errors.Is(err, errNoSecond) {
 			return nil, err
 		}
+		delay = sameReplicaDelay(delay, err, &same)
 		wait := retryWait(delay, err)
 		c.log.Warn("dialing a replacement tunnel; the old one keeps serving", "slot", slot, "error", err,
 			"retry_in", wait.Round(time.Millisecond).String())
@@ -342,4 +346,30 @@ func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served 
 		}
 		delay = min(delay*2, c.cfg.BackoffMax)
 	}
+}
+
+// Landing on the replica the agent must avoid is no failure of the relay:
+// a load balancer that spreads connections sends the next dial elsewhere,
+// so the first sameReplicaQuickTries retries wait at most
+// sameReplicaRetryMax instead of the growing backoff (which after a
+// replica's loss kept agents on one tunnel for 40-95 s in TestScaleOut).
+// Past them the backoff grows as usual: a load balancer with client
+// affinity would send every dial to the same replica.
+const (
+	sameReplicaRetryMax   = time.Second
+	sameReplicaQuickTries = 8
+)
+
+// sameReplicaDelay returns the delay before the next dial after err, and
+// counts landings on the same replica in a row in *same.
+func sameReplicaDelay(delay time.Duration, err error, same *int) time.Duration {
+	if !errors.Is(err, errSameReplica) {
+		*same = 0
+		return delay
+	}
+	*same++
+	if *same <= sameReplicaQuickTries {
+		return min(delay, sameReplicaRetryMax)
+	}
+	return delay
 }
