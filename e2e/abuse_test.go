@@ -57,7 +57,11 @@ func TestAbuseSlowlorisOnPublicPort(t *testing.T) {
 	const (
 		perSource = 100
 		conns     = 300
-		hello     = time.Second
+		// Long enough that all 300 sockets are open before the first
+		// times out, even on a loaded machine (CI once took over 1s to
+		// open them, so early ones timed out and freed slots for later
+		// ones: 140/160 instead of 200/100).
+		hello = 5 * time.Second
 	)
 	r := startRelay(t, "127.0.0.1:0", "", func(c *server.Config) {
 		c.HelloTimeout = hello
@@ -67,6 +71,7 @@ func TestAbuseSlowlorisOnPublicPort(t *testing.T) {
 	start := time.Now()
 	held := make([]net.Conn, 0, conns)
 	for range conns {
+		require.Less(t, time.Since(start), hello, "opening the sockets took longer than the hello timeout: the split below would not hold")
 		c, err := net.Dial("tcp", r.addr)
 		require.NoError(t, err)
 		// Half a record header, then silence.
