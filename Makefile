@@ -15,7 +15,7 @@ kube-bins: ## Build (once, cached by version in ~/.cache/spectro-proxy) etcd, ku
 	bash hack/kube-bins.sh
 
 test: kube-bins ## Run every test: unit, fuzz seeds, chart, and e2e against a real API server with kubectl
-	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 # Built and exec'd rather than `go run`: go exits on SIGTERM without passing
 # it on, which would leave the control plane running.
