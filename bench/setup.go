@@ -36,8 +36,8 @@ type Relay struct {
 
 // StartRelay starts the relay binary on 127.0.0.1 with its state in dir and
 // waits until it listens.
-func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
-	p, addr, err := startListening(ctx, "relay", bin, "relay listening",
+func StartRelay(ctx context.Context, bin, dir string, extra ...string) (*Relay, error) {
+	p, addr, err := startListening(ctx, "relay", bin, "relay listening", append([]string{
 		"--listen", "127.0.0.1:0", "--domain", Domain, "--state-dir", dir,
 		"--revocation-file", filepath.Join(dir, "revoked"),
 		// Thousands of bench agents register within seconds.
@@ -46,7 +46,7 @@ func StartRelay(ctx context.Context, bin, dir string) (*Relay, error) {
 		// and 10,000 tunnels: the per-source caps that guard a shared relay
 		// would measure the caps, not the data path.
 		"--max-streams-per-source", "100000", "--max-idle-conns-per-source", "100000",
-		"--drain-timeout", "2s", "--log-level", "info")
+		"--drain-timeout", "2s", "--log-level", "info"}, extra...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -108,8 +108,9 @@ type Agent struct {
 
 // StartAgent starts the agent binary for cluster uid in mode, dialing the
 // relay at relayAddr (the relay itself, or a delay line in front of it),
-// and waits until a request through it reaches the backend.
-func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, mode string, be *Backend) (*Agent, error) {
+// and waits until a request through it reaches the backend. extra flags
+// come last (a flag given twice takes the later value).
+func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, mode string, be *Backend, extra ...string) (*Agent, error) {
 	tok, err := r.Token(uid)
 	if err != nil {
 		return nil, err
@@ -118,11 +119,11 @@ func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, 
 	if err := os.WriteFile(tokFile, []byte(tok), 0o600); err != nil {
 		return nil, fmt.Errorf("writing token: %w", err)
 	}
-	p, err := startProc("agent-"+uid, bin, nil,
+	p, err := startProc("agent-"+uid, bin, nil, append([]string{
 		"--server", Domain, "--relay-address", relayAddr, "--relay-ca-file", filepath.Join(r.StateDir, "ca.crt"),
-		"--cluster-uid", uid, "--token-file", tokFile, "--mode", mode, "--agent-id", "bench-"+uid,
-		"--api-server", "https://"+be.Addr, "--api-server-ca-file", be.CAFile,
-		"--health-addr=", "--drain-timeout", "2s", "--log-level", "warn")
+		"--cluster-uid", uid, "--token-file", tokFile, "--mode", mode, "--agent-id", "bench-" + uid,
+		"--api-server", "https://" + be.Addr, "--api-server-ca-file", be.CAFile,
+		"--health-addr=", "--drain-timeout", "2s", "--log-level", "warn"}, extra...)...)
 	if err != nil {
 		return nil, err
 	}

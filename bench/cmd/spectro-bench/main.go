@@ -40,6 +40,8 @@ func run(args []string) error {
 	fs.StringVar(&o.Binaries.Agent, "agent-bin", "", "An agent binary to measure instead of building one from this tree.")
 	skip := fs.String("skip", "", "Comma-separated groups of figures to leave out: get, tls, bulk, watch.")
 	only := fs.Bool("skip-main", false, "Skip the comparison figures (for working on the idle or long-link phases).")
+	fs.StringVar(&o.ProfileDir, "profile", "", "When set, run relay and agents with --pprof and, after the repetitions, save their CPU and allocation profiles under small-GET loads (both modes, HTTP/1.1 and HTTP/2, 1 and 64 concurrent) into this directory.")
+	fs.DurationVar(&o.ProfileDuration, "profile-duration", o.ProfileDuration, "How long each profiled load runs.")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -91,13 +93,25 @@ func run(args []string) error {
 	if err := f.Close(); err != nil {
 		return err
 	}
+	fmt.Fprintf(os.Stderr, "targets (ratio to the floor measured in this run; load %s at start, %s at end, %d cores):\n", res.Machine.LoadStart, res.Machine.LoadEnd, res.Machine.Cores)
 	for _, v := range res.Verdicts() {
 		met := "met"
 		if !v.Met {
 			met = "NOT MET"
 		}
-		fmt.Fprintf(os.Stderr, "%-70s %-12s %8.2f  %-16s %s\n", v.Label, v.Mode, v.Value, v.Target, met)
+		detail := ""
+		if v.Floor != "" {
+			detail = fmt.Sprintf("(%s %s vs %s %s %s)", v.Mode, trim(v.Measured), v.Floor, trim(v.FloorValue), v.Unit)
+		}
+		fmt.Fprintf(os.Stderr, "%-66s %-11s %6.2f  %-16s %-8s %s\n", v.Label, v.Mode, v.Value, v.Target, met, detail)
 	}
 	fmt.Fprintf(os.Stderr, "wrote %s in %s\n", *out, time.Since(start).Round(time.Second))
 	return nil
+}
+
+func trim(v float64) string {
+	if v >= 100 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
 }

@@ -59,6 +59,7 @@ func agent(args []string) error {
 	fs.StringVar(&cfg.Namespace, "namespace", "", "The ConfigMap's namespace (default $POD_NAMESPACE, else the pod's service account namespace).")
 	fs.StringVar(&cfg.ServiceAccountTokenFile, "service-account-token-file", client.InClusterTokenFile, "The service account token the agent writes the ConfigMap with.")
 	fs.StringVar(&cfg.HealthAddr, "health-addr", client.DefaultHealthAddr, "Serve /healthz, /readyz and /metrics here; empty disables.")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	fs.StringVar(&cfg.AgentID, "agent-id", "", "This replica's id (default $POD_NAME, else the host name).")
 	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", tunnel.DefaultReadIdle, "After this long without a frame from the relay, ping it.")
 	fs.DurationVar(&cfg.Liveness.Ping, "tunnel-ping-timeout", tunnel.DefaultPing, "Reconnect when the relay does not answer a ping within this long.")

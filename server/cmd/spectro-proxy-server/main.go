@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
+	"github.com/spectroproxy/spectro-proxy/internal/profiling"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -74,6 +75,7 @@ func serve(args []string) error {
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "On SIGTERM, keep accepting for this long with /readyz failing, so load balancers stop sending connections first; then drain.")
 	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", server.DefaultRegistrationsPerSecond, "New tunnels accepted per second; the rest are told to retry later.")
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
+	pprofOn := fs.Bool("pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
@@ -95,7 +97,11 @@ func serve(args []string) error {
 		if err != nil {
 			return fmt.Errorf("listening for health checks on %s: %w", *healthAddr, err)
 		}
-		hs := &http.Server{Handler: s.HealthHandler(), ReadHeaderTimeout: 5 * time.Second}
+		h := s.HealthHandler()
+		if *pprofOn {
+			h = profiling.Wrap(h)
+		}
+		hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ln)
 		defer hs.Close()
 	}
