@@ -49,8 +49,9 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		s.m.streams.WithLabelValues("upgrade").Inc()
 		defer s.m.streams.WithLabelValues("upgrade").Dec()
 	} else {
-		s.m.streams.WithLabelValues("http").Inc()
-		defer s.m.streams.WithLabelValues("http").Dec()
+		g := s.m.streams.WithLabelValues("http") // one label lookup per request, not two
+		g.Inc()
+		defer g.Dec()
 		if r.ProtoMajor == 1 {
 			// The response streams back while the request body may still
 			// be arriving (an upstream that answers early, or echoes).
