@@ -362,9 +362,11 @@ const notes = `
   reverse proxy on both sides.
 - **Where the CPU goes.** Relay and agent add two TLS legs (the tunnel) to the client's and backend's, plus WebSocket
   framing and masking; terminate mode adds a third TLS leg (the relay terminates, the agent re-encrypts). Write syscalls
-  were a third of relay and agent CPU until tunnel messages were written with one syscall each (` + "`tunnel.BatchConn`" + `);
-  what remains is mostly the kernel's loopback copies, AES-GCM and memmove. Relay and agent CPU per GiB is the fair
-  figure for capacity planning.
+  were a third of relay and agent CPU until tunnel messages were written with one syscall each (` + "`tunnel.BatchConn`" + `),
+  and small requests paid a tunnel message and a syscall each for their headers until tunnel writes were queued and
+  sent together (` + "`tunnel.Conn.Write`" + `); what remains is mostly the kernel's loopback copies, AES-GCM and memmove.
+  Relay and agent CPU per GiB is the fair figure for capacity planning. Per small request, by process:
+  [performance.md](performance.md).
 - **Idle tunnels.** An idle tunnel holds a TLS connection, a WebSocket with a 512-byte read buffer and one goroutine
   waiting for the agent: HTTP/2 (x/net's 8 KiB of buffers, framer, HPACK state and read loop) starts on the tunnel's
   first use, and WebSocket pings watch the tunnel until then. Per tunnel: 52.3 KiB at 10,000 when this work started; at
