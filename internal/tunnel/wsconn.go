@@ -81,14 +81,8 @@ type Conn struct {
 
 	pongs atomic.Uint64 // WebSocket pongs received (AwaitData's liveness)
 
-	// Writes are queued and sent by a flusher goroutine (see Write).
-	writeMu  sync.Mutex
-	written  sync.Cond  // on writeMu: the queue was taken, or the flusher ended (a value: no allocation per idle tunnel)
-	pending  *[]byte    // pooled; bytes accepted and not yet taken by the flusher
-	flushing bool       // a flusher goroutine runs
-	writeErr error      // the first failed send (or Close): the connection is broken
-	deadline time.Time  // SetWriteDeadline's; the flusher applies it to each send
-	batch    *BatchConn // under the TLS connection, when there is one
+	wq    writeQueue // writes are queued and sent by a flusher goroutine (see Write)
+	batch *BatchConn // under the TLS connection, when there is one
 
 	closeOnce sync.Once
 	closeErr  error
@@ -105,7 +99,6 @@ func NewConn(ws *websocket.Conn) *Conn {
 	ws.SetReadLimit(MaxMessageSize)
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Conn{ws: ws, closed: ctx, cancel: cancel, batch: batchOf(ws.NetConn())}
-	c.written.L = &c.writeMu
 	ws.SetPongHandler(func(string) error { c.pongs.Add(1); return nil })
 	return c
 }
@@ -178,87 +171,31 @@ func (c *Conn) ReadErr() error {
 	return c.readErr
 }
 
-// maxPending is how many bytes Write queues before it waits for the
-// flusher: one full message.
-const maxPending = maxWriteMessage
-
-// pendingBuffers are the write queues; a tunnel holds one only while bytes
-// wait, so idle tunnels hold none.
-var pendingBuffers = sync.Pool{New: func() any {
-	b := make([]byte, 0, 32<<10)
-	return &b
-}}
-
-// Write queues p and returns; a flusher goroutine, started when the queue
-// was empty, sends what has queued up as one message (one TLS write, one
-// syscall with a BatchConn under TLS), and ends when nothing is left.
-//
-// The HTTP/2 framers above flush after every request's and response's
-// headers, each holding their connection's write lock through the whole
-// send: writing in the caller, every small request cost a WebSocket frame,
-// a TLS record and a write syscall of its own on each side of the tunnel
-// (profiles of `make bench` small GETs, terminate mode: a quarter to a third
-// of relay and agent CPU). Queued, what concurrent streams write while a
-// send is under way leaves together; a lone write costs a goroutine start,
-// not a wait.
-//
-// Past maxPending queued bytes Write waits for the flusher, so a slow peer
-// holds up writers as before. A failed send is returned by the next Write
-// (x/net's HTTP/2 buffers its writes the same way); Close sends what is
-// queued first.
+// Write queues p and returns (see writeQueue); the flusher sends what has
+// queued up as one message, one TLS write and, with a BatchConn under TLS,
+// one syscall. A failed send is returned by the next Write; Close sends
+// what is queued first.
 func (c *Conn) Write(p []byte) (n int, err error) {
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
-	for len(p) > 0 {
-		for c.writeErr == nil && c.pending != nil && len(*c.pending) >= maxPending {
-			c.written.Wait()
-		}
-		if c.writeErr != nil {
-			return n, c.writeErr
-		}
-		if c.pending == nil {
-			c.pending = pendingBuffers.Get().(*[]byte)
-		}
-		chunk := p[:min(len(p), maxPending-len(*c.pending))]
-		*c.pending = append(*c.pending, chunk...)
-		n += len(chunk)
-		p = p[len(chunk):]
-		if !c.flushing {
-			c.flushing = true
+	for {
+		m, start, err := c.wq.write(p[n:])
+		n += m
+		if start {
 			go c.flush()
 		}
-	}
-	return n, nil
-}
-
-// flush sends queued bytes until none are left.
-func (c *Conn) flush() {
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
-	for c.writeErr == nil && c.pending != nil {
-		buf, deadline := c.pending, c.deadline
-		c.pending = nil
-		c.written.Broadcast() // room for writers waiting on a full queue
-		c.writeMu.Unlock()
-		// gorilla's deadline is not safe beside its writer: only the
-		// flusher sets it, from what SetWriteDeadline stored.
-		_ = c.ws.SetWriteDeadline(deadline)
-		err := c.send(*buf)
-		*buf = (*buf)[:0]
-		pendingBuffers.Put(buf)
-		c.writeMu.Lock()
-		if err != nil && c.writeErr == nil {
-			c.writeErr = err
+		if err != nil || n == len(p) {
+			return n, err
 		}
 	}
-	c.flushing = false
-	c.written.Broadcast()
 }
+
+func (c *Conn) flush() { c.wq.run(c.send) }
 
 // send writes p as one or more binary messages, with one write syscall per
 // message when a BatchConn is under the TLS connection. Only the flusher
-// calls it (gorilla allows one writer of data messages at a time).
-func (c *Conn) send(p []byte) (err error) {
+// calls it: gorilla allows one writer of data messages at a time, and its
+// write deadline is not safe beside that writer, so it is set here.
+func (c *Conn) send(p []byte, deadline time.Time) (err error) {
+	_ = c.ws.SetWriteDeadline(deadline)
 	if c.batch != nil {
 		c.batch.begin()
 		defer func() {
@@ -277,27 +214,6 @@ func (c *Conn) send(p []byte) (err error) {
 	return nil
 }
 
-// drainWrites waits until the flusher has sent what was queued (or failed,
-// bounded by deadline) and refuses writes from then on.
-func (c *Conn) drainWrites(deadline time.Time) {
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
-	if c.flushing {
-		// A peer that reads nothing would hold the send forever: the
-		// socket's deadline ends the send under way, the stored one
-		// any after it.
-		c.deadline = deadline
-		_ = c.ws.NetConn().SetWriteDeadline(deadline)
-		for c.flushing {
-			c.written.Wait()
-		}
-	}
-	if c.writeErr == nil {
-		c.writeErr = net.ErrClosed
-	}
-	c.written.Broadcast()
-}
-
 // Close sends a close frame and closes the underlying connection. It is safe
 // to call more than once.
 func (c *Conn) Close() error {
@@ -305,7 +221,7 @@ func (c *Conn) Close() error {
 		c.cancel()
 		// What was written before Close goes first (a GOAWAY, the end
 		// of a stream).
-		c.drainWrites(time.Now().Add(time.Second))
+		c.wq.drain(time.Now().Add(time.Second), func(d time.Time) { _ = c.ws.NetConn().SetWriteDeadline(d) })
 		// WriteControl is safe beside a concurrent WriteMessage.
 		_ = c.ws.WriteControl(websocket.CloseMessage,
 			websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""),
@@ -331,9 +247,7 @@ func (c *Conn) SetReadDeadline(t time.Time) error { return c.ws.SetReadDeadline(
 // bounds little: HTTP/2 pings (liveness) find a tunnel whose peer stopped
 // reading, and Close bounds the last send.
 func (c *Conn) SetWriteDeadline(t time.Time) error {
-	c.writeMu.Lock()
-	c.deadline = t
-	c.writeMu.Unlock()
+	c.wq.setDeadline(t)
 	return nil
 }
 
