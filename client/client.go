@@ -33,7 +33,8 @@ type Client struct {
 	relay   *relayDialer
 	dialer  *websocket.Dialer
 	metrics *metrics
-	ready   atomic.Bool
+	// tunnels holds the agent's tunnel slots (tunnels.go).
+	tunnels tunnelSlots
 	// mode is the API server route's mode once chosen (a tunnel.Mode), and
 	// modeErr why it is not chosen yet (an error), both for /readyz.
 	mode, modeErr atomic.Value
@@ -48,6 +49,7 @@ func New(cfg Config) (*Client, error) {
 		return nil, fmt.Errorf("invalid agent config: %w", err)
 	}
 	c := &Client{cfg: cfg, log: cfg.Logger, metrics: newMetrics()}
+	c.tunnels.init()
 	routes, err := buildRoutes(&cfg)
 	if err != nil {
 		return nil, err
@@ -87,18 +89,22 @@ func New(cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// Ready reports whether a tunnel is up.
-func (c *Client) Ready() bool { return c.ready.Load() }
+// Ready reports whether a tunnel is up (and the agent is not stopping).
+func (c *Client) Ready() bool { return c.tunnels.up.Load() > 0 && !c.tunnels.stopping.Load() }
+
+// Tunnels returns how many tunnels are connected now: two on distinct
+// relay replicas, or one; for a moment three while one moves.
+func (c *Client) Tunnels() int { return int(c.tunnels.up.Load()) }
 
 // Connects returns how many tunnels have been established so far.
 func (c *Client) Connects() int64 { return c.connects.Load() }
 
 // Run first settles the API server route's mode (decideMode: in auto mode
 // it waits for the API server), starts publishing the kubeconfig skeleton
-// in the background when configured, then keeps a tunnel up until ctx is
-// done, and drains: the relay is told
-// (GOAWAY) to open no new streams here, and streams in flight get up to
-// DrainTimeout to finish.
+// in the background when configured, then keeps its tunnels up (one, or
+// two on distinct relay replicas: see tunnels.go) until ctx is done, and
+// drains: the relay is told (GOAWAY) to open no new streams here, and
+// streams in flight get up to DrainTimeout to finish.
 func (c *Client) Run(ctx context.Context) error {
 	if c.cfg.HealthAddr != "" {
 		ln, err := net.Listen("tcp", c.cfg.HealthAddr)
@@ -125,36 +131,24 @@ func (c *Client) Run(ctx context.Context) error {
 		defer cancel()
 		wg.Go(func() { c.publish(pctx, mode) })
 	}
-	delay := c.cfg.BackoffMin
-	for {
-		started := time.Now()
-		err := c.connectOnce(ctx)
-		if ctx.Err() != nil {
-			return nil
-		}
-		// A tunnel that stayed up a while resets the backoff: after a relay
-		// restart the agent should be back in well under 5 s.
-		if time.Since(started) > 30*time.Second {
-			delay = c.cfg.BackoffMin
-		}
-		wait := jitter(delay)
-		var ra *retryAfterError
-		if errors.As(err, &ra) && ra.after > wait {
-			wait = ra.after + jitter(delay)
-		}
-		c.log.Warn("tunnel down; reconnecting", "error", err, "retry_in", wait.Round(time.Millisecond).String())
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(wait):
-		}
-		delay = min(delay*2, c.cfg.BackoffMax)
-	}
+	c.runTunnels(ctx)
+	return nil
 }
 
 // jitter spreads d over [d/2, d) so a fleet does not retry in lockstep.
 func jitter(d time.Duration) time.Duration {
 	return d/2 + rand.N(d/2+1)
+}
+
+// retryWait is how long to wait before the next dial: the backoff delay
+// with jitter, or longer when the relay asked for it (Retry-After).
+func retryWait(delay time.Duration, err error) time.Duration {
+	wait := jitter(delay)
+	var ra *retryAfterError
+	if errors.As(err, &ra) && ra.after > wait {
+		wait = ra.after + jitter(delay)
+	}
+	return wait
 }
 
 type retryAfterError struct {
@@ -165,51 +159,8 @@ type retryAfterError struct {
 func (e *retryAfterError) Error() string { return e.err.Error() }
 func (e *retryAfterError) Unwrap() error { return e.err }
 
-func (c *Client) connectOnce(ctx context.Context) error {
-	conn, err := c.dial(ctx)
-	if err != nil {
-		return err
-	}
-	c.connects.Add(1)
-	c.metrics.connects.Inc()
-	c.metrics.tunnelUp.Set(1)
-	c.ready.Store(true)
-	defer func() {
-		c.ready.Store(false)
-		c.metrics.tunnelUp.Set(0)
-	}()
-	c.log.Info("tunnel up", "relay", c.cfg.relayAddr(), "proxy", c.relay.proxyName(), "hostnames", c.hostnames())
-
-	srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), c.cfg.MaxStreams, c.cfg.Liveness)
-	hardStop, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.ServeConn(hardStop, conn)
-	}()
-	select {
-	case <-served:
-		return errors.New("tunnel closed")
-	case <-ctx.Done():
-	}
-	c.ready.Store(false)
-	c.log.Info("draining tunnel", "timeout", c.cfg.DrainTimeout.String())
-	dctx, dcancel := context.WithTimeout(context.Background(), c.cfg.DrainTimeout)
-	defer dcancel()
-	_ = srv.Shutdown(dctx)
-	select {
-	case <-served:
-	case <-dctx.Done():
-		c.log.Warn("drain timeout: closing tunnel with streams still open")
-		cancel()
-		<-served
-	}
-	return nil
-}
-
-// dial opens the WebSocket tunnel and authenticates.
-func (c *Client) dial(ctx context.Context) (net.Conn, error) {
+// dial opens the WebSocket tunnel under agentID and authenticates.
+func (c *Client) dial(ctx context.Context, agentID string) (*liveTunnel, error) {
 	tok, err := os.ReadFile(c.cfg.TokenFile)
 	if err != nil {
 		return nil, fmt.Errorf("reading tunnel token: %w", err)
@@ -220,7 +171,7 @@ func (c *Client) dial(ctx context.Context) (net.Conn, error) {
 	}
 	h := http.Header{}
 	h.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	h.Set(tunnel.HeaderAgent, c.cfg.AgentID)
+	h.Set(tunnel.HeaderAgent, agentID)
 	h.Set(tunnel.HeaderRoutes, tunnel.FormatRoutes(routes))
 	u := "wss://" + net.JoinHostPort(c.cfg.Server, strconv.Itoa(c.cfg.Port)) + tunnel.Path
 	ws, resp, err := c.dialer.DialContext(ctx, u, h)
@@ -236,7 +187,9 @@ func (c *Client) dial(ctx context.Context) (net.Conn, error) {
 		}
 		return nil, err
 	}
-	return tunnel.NewConn(ws), nil
+	// A relay that predates replicas sends neither header: one replica.
+	n, _ := strconv.Atoi(resp.Header.Get(tunnel.HeaderReplicas))
+	return &liveTunnel{conn: tunnel.NewConn(ws), agentID: agentID, replica: resp.Header.Get(tunnel.HeaderReplica), replicas: max(1, n)}, nil
 }
 
 func (c *Client) hostnames() []string {

@@ -81,8 +81,13 @@ type Config struct {
 	// HealthAddr (for measuring; off by default).
 	Pprof bool
 	// AgentID names this replica; a reconnect with the same id replaces its
-	// stale session at the relay.
+	// stale session at the relay. A second tunnel registers as
+	// AgentID + SecondTunnelSuffix.
 	AgentID string
+	// Tunnels is how many tunnels the agent holds, on distinct relay
+	// replicas: TunnelsAuto (when empty: two when the relay reports more
+	// than one replica), "1" or "2".
+	Tunnels string
 
 	Liveness     tunnel.Liveness
 	MaxStreams   uint32
@@ -104,6 +109,13 @@ const (
 	DefaultBackoffMin   = 250 * time.Millisecond
 	DefaultBackoffMax   = 30 * time.Second
 	DefaultHealthAddr   = ":8081"
+	// TunnelsAuto holds a second tunnel when the relay reports more than
+	// one replica.
+	TunnelsAuto = "auto"
+	// SecondTunnelSuffix makes the second tunnel's agent id, so both
+	// tunnels of one agent can sit in one replica's registry without one
+	// replacing the other.
+	SecondTunnelSuffix = "~1"
 )
 
 // WithDefaults returns c with every unset field filled in, from the
@@ -153,6 +165,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.AgentID == "" {
 		c.AgentID, _ = os.Hostname()
+	}
+	if c.Tunnels == "" {
+		c.Tunnels = TunnelsAuto
 	}
 	c.Liveness = c.Liveness.WithDefaults()
 	if c.MaxStreams == 0 {
@@ -232,6 +247,11 @@ func (c *Config) Validate() error {
 	}
 	if c.AgentID == "" {
 		errs = append(errs, errors.New("agent-id is required (POD_NAME and the host name are empty)"))
+	}
+	switch c.Tunnels {
+	case TunnelsAuto, "1", "2":
+	default:
+		errs = append(errs, fmt.Errorf("tunnels %q: want auto, 1 or 2", c.Tunnels))
 	}
 	if c.BackoffMin <= 0 || c.BackoffMax < c.BackoffMin {
 		errs = append(errs, errors.New("backoff bounds must be positive with min <= max"))

@@ -12,6 +12,7 @@ type metrics struct {
 	reg       *prometheus.Registry
 	mode      *prometheus.GaugeVec
 	tunnelUp  prometheus.Gauge
+	tunnels   prometheus.Gauge
 	connects  prometheus.Counter
 	published prometheus.Gauge
 	pubErrs   prometheus.Counter
@@ -25,7 +26,10 @@ func newMetrics() *metrics {
 			Help: "1 for the mode the API server route registered with (passthrough or terminate); no series until it is chosen.",
 		}, []string{"mode"}),
 		tunnelUp: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "spectro_proxy_agent_tunnel_up", Help: "1 while a tunnel to the relay is up.",
+			Name: "spectro_proxy_agent_tunnel_up", Help: "1 while a tunnel to the relay is up (any of them).",
+		}),
+		tunnels: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "spectro_proxy_agent_tunnels", Help: "Tunnels to the relay connected now (two on distinct relay replicas with --tunnels 2 or auto on a fleet; one more for a moment while one moves).",
 		}),
 		connects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "spectro_proxy_agent_tunnel_connects_total", Help: "Tunnels established to the relay.",
@@ -37,7 +41,7 @@ func newMetrics() *metrics {
 			Name: "spectro_proxy_agent_kubeconfig_publish_errors_total", Help: "Failed attempts to write the kubeconfig skeleton ConfigMap.",
 		}),
 	}
-	m.reg.MustRegister(m.mode, m.tunnelUp, m.connects, m.published, m.pubErrs,
+	m.reg.MustRegister(m.mode, m.tunnelUp, m.tunnels, m.connects, m.published, m.pubErrs,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

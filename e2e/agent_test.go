@@ -24,6 +24,7 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/proctest"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
 // Names the chart uses (release "spectro-proxy"): the agent's service
@@ -113,6 +114,30 @@ func chartAgent(t *testing.T, cliBin string, c *testcluster.Cluster, r *relayBin
 	return p, health
 }
 
+// assertMode checks that a ready agent says the mode it chose everywhere
+// it says it: /readyz, /metrics and its log.
+func assertMode(t *testing.T, agent *proctest.Process, health string, mode tunnel.Mode) {
+	t.Helper()
+	waitHTTP(t, "http://"+health+"/readyz", 200)
+	_, body := httpGet(t, "http://"+health+"/readyz")
+	assert.Equal(t, "ok mode="+string(mode)+"\n", body)
+	_, metrics := httpGet(t, "http://"+health+"/metrics")
+	assert.Contains(t, metrics, `spectro_proxy_agent_mode{mode="`+string(mode)+`"} 1`)
+	assert.Contains(t, agent.Output(), "registering "+string(mode))
+}
+
+// adminKubeconfig writes the passthrough kubeconfig `kubeconfig --from`
+// makes of the admin's, dialing the relay, and returns its path.
+func (r *relayBinary) adminKubeconfig(t *testing.T, cliBin string, c *testcluster.Cluster) string {
+	t.Helper()
+	kc, err := exec.Command(cliBin, "kubeconfig", "--mode", "passthrough", "--server", domain, "--port", r.port,
+		"--cluster-uid", kubeUID, "--connect", r.addr, "--from", c.AdminKubeconfig).Output()
+	require.NoError(t, err)
+	kcFile := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, os.WriteFile(kcFile, kc, 0o600))
+	return kcFile
+}
+
 func httpGet(t *testing.T, url string) (int, string) {
 	t.Helper()
 	resp, err := http.Get(url)
@@ -177,20 +202,10 @@ func TestChartAgentAutoPassthrough(t *testing.T) {
 	r := startRelayBinary(t, srvBin)
 	saToken := chartNamespace(t, c, "cluster-"+kubeUID)
 	agent, health := chartAgent(t, cliBin, c, r, kubeUID, r.issue(t, srvBin, kubeUID), saToken)
-	waitHTTP(t, "http://"+health+"/readyz", 200)
-
-	_, body := httpGet(t, "http://"+health+"/readyz")
-	assert.Equal(t, "ok mode=passthrough\n", body)
-	_, metrics := httpGet(t, "http://"+health+"/metrics")
-	assert.Contains(t, metrics, `spectro_proxy_agent_mode{mode="passthrough"} 1`)
-	assert.Contains(t, agent.Output(), "registering passthrough")
+	assertMode(t, agent, health, tunnel.Passthrough)
 
 	// The user's client certificate, end to end.
-	kc, err := exec.Command(cliBin, "kubeconfig", "--mode", "passthrough", "--server", domain, "--port", r.port,
-		"--cluster-uid", kubeUID, "--connect", r.addr, "--from", c.AdminKubeconfig).Output()
-	require.NoError(t, err)
-	kcFile := filepath.Join(t.TempDir(), "kubeconfig")
-	require.NoError(t, os.WriteFile(kcFile, kc, 0o600))
+	kcFile := r.adminKubeconfig(t, cliBin, c)
 	out, err := kubectl(context.Background(), kcFile, nil, nil, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
 	require.NoError(t, err)
 	assert.Equal(t, testcluster.AdminUser, out)
@@ -219,12 +234,7 @@ func TestChartAgentAutoTerminate(t *testing.T) {
 	r := startRelayBinary(t, srvBin)
 	saToken := chartNamespace(t, c, ns)
 	agent, health := chartAgent(t, cliBin, c, r, uid, r.issue(t, srvBin, uid), saToken)
-	waitHTTP(t, "http://"+health+"/readyz", 200)
-	_, body := httpGet(t, "http://"+health+"/readyz")
-	assert.Equal(t, "ok mode=terminate\n", body)
-	_, metrics := httpGet(t, "http://"+health+"/metrics")
-	assert.Contains(t, metrics, `spectro_proxy_agent_mode{mode="terminate"} 1`)
-	assert.Contains(t, agent.Output(), "registering terminate")
+	assertMode(t, agent, health, tunnel.Terminate)
 
 	// What NOTES tells the user: a bounded token from the TokenRequest API.
 	ctx := context.Background()
@@ -347,11 +357,7 @@ func TestChartAgentEgressProxy(t *testing.T) {
 	assert.Contains(t, tp.log(), "CONNECT "+r.addr, "tinyproxy carried the tunnel")
 	assert.NotContains(t, tp.log(), strconv.Itoa(c.Port), "in-cluster calls never use the proxy")
 
-	kc, err := exec.Command(cliBin, "kubeconfig", "--mode", "passthrough", "--server", domain, "--port", r.port,
-		"--cluster-uid", kubeUID, "--connect", r.addr, "--from", c.AdminKubeconfig).Output()
-	require.NoError(t, err)
-	kcFile := filepath.Join(t.TempDir(), "kubeconfig")
-	require.NoError(t, os.WriteFile(kcFile, kc, 0o600))
+	kcFile := r.adminKubeconfig(t, cliBin, c)
 	out, err := kubectl(context.Background(), kcFile, nil, nil, "get", "namespaces", "-o", "name")
 	require.NoError(t, err)
 	assert.Contains(t, out, "namespace/kube-system")

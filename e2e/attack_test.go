@@ -171,6 +171,37 @@ func (l *load) String() string {
 	return fmt.Sprintf("%d ok, %d failed (first error: %v)", l.ok.Load(), l.failed.Load(), l.firstErr)
 }
 
+// attack is the common frame of an attack on a scene: loads on the victim
+// and the bystander and the process's RSS, watched from before the attack.
+type attack struct {
+	sc                *scene
+	rss               *peakRSS
+	victim, bystander *load
+}
+
+func (sc *scene) attack() *attack {
+	return &attack{
+		sc:        sc,
+		rss:       watchRSS(),
+		victim:    startLoad(sc.victimC, "https://"+sc.victim+"/small"),
+		bystander: startLoad(sc.bystanderC, "https://"+sc.bystander+"/small"),
+	}
+}
+
+// finish waits for the victim to recover, ends both loads and checks what
+// every attack must leave: no bystander request failed and RSS grew within
+// rssBound. It returns the recovery time and the growth (MiB).
+func (a *attack) finish(t *testing.T) (recovery time.Duration, grewMiB float64) {
+	t.Helper()
+	recovery = recovered(t, a.sc.victimC, "https://"+a.sc.victim+"/small")
+	a.victim.end()
+	a.bystander.end()
+	grewMiB = a.rss.growth()
+	assert.Zero(t, a.bystander.failed.Load(), "bystander: %v", a.bystander)
+	assert.LessOrEqual(t, grewMiB, rssBound)
+	return recovery, grewMiB
+}
+
 // recovered waits until a request of the victim's client succeeds and
 // returns how long it took.
 func recovered(t *testing.T, c *http.Client, url string) time.Duration {
@@ -289,9 +320,7 @@ func headerEcho(t *testing.T) string {
 func TestAbuseUserDrivesTunnelProtocol(t *testing.T) {
 	sc := newScene(t, nil, headerEcho(t))
 	roots := sc.r.caPool(t)
-	rss := watchRSS()
-	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
-	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+	at := sc.attack()
 
 	// An HTTP/2 CONNECT to the dashboard host, naming the API server's
 	// route as its :authority and the tunnel's upgrade stream kind, with
@@ -339,16 +368,11 @@ func TestAbuseUserDrivesTunnelProtocol(t *testing.T) {
 	assert.Equal(t, http.StatusMethodNotAllowed, tresp.StatusCode)
 
 	tc.Close()
-	took := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
-	victim.end()
-	bystander.end()
-	grew := rss.growth()
-	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
-	assert.LessOrEqual(t, grew, rssBound)
+	took, grew := at.finish(t)
 	assert.Equal(t, float64(2), sc.r.metrics(t)[refusals("method_not_allowed")])
 	figure(t, "HTTP/2 CONNECT to a dashboard host naming the API route, forged Spectro-Proxy-Stream and X-Forwarded-For, 400 MiB request line",
 		fmt.Sprintf("before (issue 11): forwarded, agent 13 MiB -> 1.1 GiB; now 405 at the relay, forged headers dropped, process RSS %+.0f MiB; victim recovered in %v (%v), bystander %v",
-			grew, took.Round(time.Millisecond), victim, bystander),
+			grew, took.Round(time.Millisecond), at.victim, at.bystander),
 		"405; RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
 }
 
@@ -406,9 +430,7 @@ func TestAbuseOversizedUpgradeResponse(t *testing.T) {
 	dash, written := hugeUpgrader(t)
 	sc := newScene(t, nil, dash)
 	roots := sc.r.caPool(t)
-	rss := watchRSS()
-	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
-	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+	at := sc.attack()
 
 	hc := httpClient(sc.r, sc.victimDash, roots, false)
 	defer hc.CloseIdleConnections()
@@ -421,17 +443,12 @@ func TestAbuseOversizedUpgradeResponse(t *testing.T) {
 		resp.Body.Close()
 		assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
 	}
-	took := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
-	victim.end()
-	bystander.end()
-	grew := rss.growth()
-	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
-	assert.LessOrEqual(t, grew, rssBound)
+	took, grew := at.finish(t)
 	assert.Equal(t, float64(attempts), sc.r.metrics(t)[refusals("upstream_headers_too_large")])
 	assert.Less(t, written.Load(), int64(attempts)*(100<<20), "the dashboard could not push its 400 MiB")
 	figure(t, fmt.Sprintf("a dashboard answering %d upgrades with a 400 MiB header line", attempts),
 		fmt.Sprintf("before (issue 11): relay 13 MiB -> 1.1-1.7 GiB; now 502 each, stream closed at 64 KiB (upstream_headers_too_large), %.1f MiB written by the dashboard in all, process RSS %+.0f MiB; victim recovered in %v (%v), bystander %v",
-			float64(written.Load())/(1<<20), grew, took.Round(time.Millisecond), victim, bystander),
+			float64(written.Load())/(1<<20), grew, took.Round(time.Millisecond), at.victim, at.bystander),
 		"502; RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
 }
 
@@ -511,9 +528,7 @@ func TestAbuseUpgradeSlotsReleased(t *testing.T) {
 func TestAbuseClientsThatNeverRead(t *testing.T) {
 	const conns, requests, stall = 20, 4, time.Second
 	sc := newSceneMode(t, func(c *server.Config) { c.WriteStallTimeout = stall }, "", tunnel.Passthrough)
-	rss := watchRSS()
-	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
-	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+	at := sc.attack()
 
 	// Passthrough connections that pipeline requests for 10 MiB each and
 	// read nothing.
@@ -539,15 +554,10 @@ func TestAbuseClientsThatNeverRead(t *testing.T) {
 	for _, c := range held {
 		c.Close()
 	}
-	took := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
-	victim.end()
-	bystander.end()
-	grew := rss.growth()
-	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
-	assert.LessOrEqual(t, grew, rssBound)
+	took, grew := at.finish(t)
 	figure(t, fmt.Sprintf("%d passthrough connections pipelining %d requests for 10 MiB each and reading nothing", conns, requests),
 		fmt.Sprintf("before (issue 11): relay 13 -> 286 MiB, the cluster's new requests timed out; now all cut by the %v write-stall timeout after %v, process RSS %+.0f MiB; victim %v (recovered in %v), bystander %v",
-			stall, cut.Round(10*time.Millisecond), grew, victim, took.Round(time.Millisecond), bystander),
+			stall, cut.Round(10*time.Millisecond), grew, at.victim, took.Round(time.Millisecond), at.bystander),
 		"RSS growth <= 64 MiB; bystander 0 failed; victim recovers within 2s")
 }
 
@@ -557,9 +567,7 @@ func TestAbuseOneSourceTakesAllStreams(t *testing.T) {
 		c.MaxStreamsPerTunnel = maxStreams
 		c.MaxStreamsPerSource = perSource
 	}, "", tunnel.Passthrough)
-	rss := watchRSS()
-	victim := startLoad(sc.victimC, "https://"+sc.victim+"/small")
-	bystander := startLoad(sc.bystanderC, "https://"+sc.bystander+"/small")
+	at := sc.attack()
 	var mu sync.Mutex
 	var held []net.Conn
 	defer func() {
@@ -590,17 +598,12 @@ func TestAbuseOneSourceTakesAllStreams(t *testing.T) {
 		c.Close()
 	}
 	mu.Unlock()
-	rec := recovered(t, sc.victimC, "https://"+sc.victim+"/small")
-	victim.end()
-	bystander.end()
-	grew := rss.growth()
+	rec, grew := at.finish(t)
 	assert.Equal(t, perSource, carried)
 	assert.Equal(t, float64(n-perSource), sc.r.metrics(t)[refusals("too_many_streams_from_source")])
-	assert.Zero(t, bystander.failed.Load(), "bystander: %v", bystander)
-	assert.LessOrEqual(t, grew, rssBound)
 	figure(t, fmt.Sprintf("%d idle passthrough TLS connections from one source to one cluster (%d slots per tunnel)", n, maxStreams),
 		fmt.Sprintf("before (issue 11): 1000 in under 3s took every slot, kubectl got tls: internal error; now %d carried, %d refused (too_many_streams_from_source) in %v, another source served; process RSS %+.0f MiB; victim %v (recovered in %v), bystander %v",
-			carried, refused.Load(), took.Round(time.Millisecond), grew, victim, rec.Round(time.Millisecond), bystander),
+			carried, refused.Load(), took.Round(time.Millisecond), grew, at.victim, rec.Round(time.Millisecond), at.bystander),
 		fmt.Sprintf("%d per source; bystander 0 failed", perSource))
 }
 

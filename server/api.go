@@ -21,6 +21,10 @@ func (s *Server) newAPI() (api, health *http.ServeMux) {
 			http.Error(w, "draining", http.StatusServiceUnavailable)
 			return
 		}
+		if why := s.fleetNotReady(); why != "" {
+			http.Error(w, why, http.StatusServiceUnavailable)
+			return
+		}
 		fmt.Fprintln(w, "ok")
 	})
 	health.Handle("/metrics", promhttp.HandlerFor(s.m.reg, promhttp.HandlerOpts{}))

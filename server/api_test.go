@@ -14,6 +14,10 @@ import (
 func TestAPIRoutes(t *testing.T) {
 	s, err := New(Config{Domain: "proxy.test", StateDir: t.TempDir()})
 	require.NoError(t, err)
+	rec := httptest.NewRecorder()
+	s.HealthHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+	assert.Equal(t, http.StatusServiceUnavailable, rec.Code, "not ready before the registry's first view (Serve starts it)")
+	s.fl.started.Store(true)
 	tests := []struct {
 		path       string
 		api, probe int
@@ -40,7 +44,7 @@ func TestAPIRoutes(t *testing.T) {
 		})
 	}
 	s.draining.Store(true)
-	rec := httptest.NewRecorder()
+	rec = httptest.NewRecorder()
 	s.HealthHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
 	assert.Equal(t, http.StatusServiceUnavailable, rec.Code, "not ready while draining")
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -88,6 +89,43 @@ type Config struct {
 	AuthFailuresPerSecond float64
 	AuthFailureBurst      int
 
+	// The fleet: several replicas behind one load balancer sharing a
+	// registry, forwarding users' connections to the replica holding the
+	// cluster's tunnel (see fleet.go).
+
+	// ReplicaID names this replica among the live ones (default: env
+	// POD_NAME, else the host name).
+	ReplicaID string
+	// Replicas returns how many relay replicas are live, this one
+	// included (nil: the registry's count). Each tunnel's 101 answer
+	// carries it; an agent in --tunnels auto holds a second tunnel when
+	// it is more than one.
+	Replicas func() int
+	// EtcdEndpoints is the registry's etcd cluster; empty: a single relay
+	// with an in-memory registry.
+	EtcdEndpoints []string
+	// EtcdCAFile, EtcdCertFile and EtcdKeyFile are the etcd client's TLS
+	// (all optional: no CA = system roots, no certificate = none sent).
+	EtcdCAFile, EtcdCertFile, EtcdKeyFile string
+	// EtcdPrefix is the key prefix of the fleet in etcd.
+	EtcdPrefix string
+	// LeaseTTL is the replica's etcd lease: a replica that dies is out of
+	// the fleet's view after this long.
+	LeaseTTL time.Duration
+	// PeerListen is the address of the internal mTLS listener other
+	// replicas forward to ("" = none; required with EtcdEndpoints).
+	PeerListen string
+	// PeerAdvertise is host:port other replicas dial (default: env POD_IP
+	// with PeerListen's port, else PeerListen when it names a host).
+	PeerAdvertise string
+	// PeerCAFile and PeerCAKeyFile are the CA each replica issues its own
+	// peer certificate from at start, and verifies peers against (default:
+	// StateDir's ca.crt and ca.key).
+	PeerCAFile, PeerCAKeyFile string
+	// Registry is the fleet's shared view; nil: built from the fields above
+	// (in memory without EtcdEndpoints, else on etcd).
+	Registry fleet.Registry
+
 	Logger *slog.Logger
 }
 
@@ -112,6 +150,8 @@ const (
 	DefaultMaxIdleConnsPerSource     = 256
 	DefaultDrainTimeout              = 25 * time.Second
 	DefaultRegistrationsPerSecond    = 200
+	DefaultEtcdPrefix                = "/spectro-proxy/"
+	DefaultLeaseTTL                  = 10 * time.Second
 	// StateSigningKey is the signing key's name in the state dir.
 	StateSigningKey = "signing.key"
 )
@@ -172,6 +212,7 @@ func (c Config) withDefaults() Config {
 	if c.SigningKeyFile == "" && c.StateDir != "" {
 		c.SigningKeyFile = filepath.Join(c.StateDir, StateSigningKey)
 	}
+	c.fleetDefaults()
 	return c
 }
 
@@ -202,5 +243,5 @@ func (c *Config) Validate() error {
 		c.AuthFailuresPerSecond < 0 || c.RegistrationsPerSecond < 0 || c.MaxStreamsPerSource < 0 || c.MaxSessionsPerCluster < 0 || c.MaxIdleConnsPerSource < 0 {
 		return errors.New("limits must not be negative")
 	}
-	return nil
+	return c.validateFleet()
 }

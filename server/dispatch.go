@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -68,6 +69,14 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 		return
 	}
 	cands, mode, known := s.reg.candidates(label)
+	var holders []fleet.Holder
+	if len(cands) == 0 {
+		// No local tunnel: another replica's, with its mode, if any.
+		if holders = s.holders(label); len(holders) > 0 {
+			mode, known = tunnel.Mode(holders[0].Mode), true
+			s.reg.remember(label, mode)
+		}
+	}
 	if !known {
 		s.refuse(reasonUnknownHost, "host", name, "remote", conn.RemoteAddr().String())
 		_ = sni.WriteAlert(conn, sni.AlertUnrecognizedName)
@@ -78,6 +87,10 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 		// TLS ends here; HTTP requests then go down the tunnel one stream
 		// each (and "agent not connected" can be said in HTTP).
 		s.handOff(pc)
+		return
+	}
+	if len(holders) > 0 {
+		s.forwardConn(ctx, pc, name, label, holders)
 		return
 	}
 	s.passthrough(ctx, pc, label, cands)

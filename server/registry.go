@@ -145,17 +145,17 @@ func (r *registry) add(s *session, maxPerCluster int) (replaced *session, err er
 	return replaced, nil
 }
 
-// remove unregisters s; removing a session twice, or one that was
-// replaced, is harmless.
-func (r *registry) remove(s *session) {
+// remove unregisters s and reports whether it was registered; removing a
+// session twice, or one that was replaced, is harmless.
+func (r *registry) remove(s *session) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.removeLocked(s)
+	return r.removeLocked(s)
 }
 
-func (r *registry) removeLocked(s *session) {
+func (r *registry) removeLocked(s *session) bool {
 	if r.byAgent[agentKey(s)] != s {
-		return // removed already, or replaced (which removed it)
+		return false // removed already, or replaced (which removed it)
 	}
 	delete(r.byAgent, agentKey(s))
 	if r.perCluster[s.clusterUID]--; r.perCluster[s.clusterUID] <= 0 {
@@ -175,6 +175,7 @@ func (r *registry) removeLocked(s *session) {
 			r.byLabel[label] = list
 		}
 	}
+	return true
 }
 
 // candidates returns the sessions for label in the order to try them

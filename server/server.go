@@ -65,7 +65,11 @@ type Server struct {
 	https  *http.Server
 	httpLn *connListener
 
+	// fl is the relay's share of the fleet: registry, peer channel.
+	fl *fleetPart
+
 	draining atomic.Bool
+	drainer  *drainer       // moves and streamed responses (drain.go)
 	conns    sync.WaitGroup // raw connections being proxied or routed
 	connsMu  sync.Mutex
 	open     map[net.Conn]struct{}
@@ -117,6 +121,7 @@ func New(cfg Config) (*Server, error) {
 		upgrader: tunnel.NewUpgrader(),
 		open:     map[net.Conn]struct{}{},
 	}
+	s.drainer = newDrainer(s)
 	// Slots in use on every tunnel: back to zero once every stream ended,
 	// whichever way it ended.
 	s.m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -128,6 +133,9 @@ func New(cfg Config) (*Server, error) {
 		}
 		return float64(n)
 	}))
+	if s.fl, err = newFleet(cfg, s.m); err != nil {
+		return nil, err
+	}
 	s.api, s.health = s.newAPI()
 	s.httpLn = newConnListener()
 	s.https = &http.Server{
@@ -164,6 +172,16 @@ func (s *Server) Run(ctx context.Context) error {
 // lets connections in flight finish for up to DrainTimeout, and closes the
 // rest and every tunnel.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	// Connections get a context of their own: ctx ending stops the
+	// accepting, but the streams in flight must outlive it to be drained.
+	// hardStop ends them once the drain is over.
+	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer hardStop()
+	leaveFleet, err := s.joinFleet(ctx, connCtx)
+	if err != nil {
+		return err
+	}
+	defer leaveFleet()
 	s.log.Info("relay listening", "addr", ln.Addr().String(), "domain", s.cfg.Domain)
 	if s.tokens.RevocationFileMissing() {
 		s.log.Error("revocation file does not exist: no token is revoked until it is created", "revocation_file", s.cfg.RevocationFile)
@@ -177,21 +195,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		defer close(httpsDone)
 		_ = s.https.Serve(s.httpLn)
 	}()
-	stop := context.AfterFunc(ctx, func() {
-		s.draining.Store(true)
-		if s.cfg.ShutdownDelay <= 0 {
-			ln.Close()
-			return
-		}
-		s.log.Info("relay not ready; accepting until the shutdown delay is over", "delay", s.cfg.ShutdownDelay.String())
-		time.AfterFunc(s.cfg.ShutdownDelay, func() { ln.Close() })
-	})
+	stop := context.AfterFunc(ctx, func() { s.beginDrain(ln) })
 	defer stop()
-	// Connections get a context of their own: ctx ending stops the
-	// accepting, but the streams in flight must outlive it to be drained.
-	// hardStop ends them once the drain is over.
-	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
-	defer hardStop()
 
 	var acceptErr error
 	for {
@@ -236,6 +241,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 	s.log.Info("relay draining", "timeout", s.cfg.DrainTimeout.String())
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DrainTimeout)
 	defer cancel()
+	go s.endStreamedResponses(ctx)
 	// A fresh context: Shutdown with the already-cancelled serve context
 	// would skip the drain entirely.
 	if err := s.https.Shutdown(ctx); err != nil {
@@ -244,6 +250,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 		s.log.Warn("drain timeout: closing HTTPS connections still active", "error", err)
 		s.https.Close()
 	}
+	s.stopPeers(ctx)
 	done := make(chan struct{})
 	go func() { s.conns.Wait(); close(done) }()
 	select {
@@ -258,6 +265,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 		s.connsMu.Unlock()
 		s.log.Warn("drain timeout: closing connections still open", "count", n)
 	}
+	s.awaitMoves(ctx) // the agents' replacements, before their old tunnels go
 	for _, sess := range s.reg.all() {
 		sess.close()
 	}

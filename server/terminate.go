@@ -43,12 +43,17 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		// reads the others): each write to it must finish in time.
 		w = &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), d: s.cfg.WriteStallTimeout}
 	}
+	// streamed lets the drain end a watch's response at an event boundary.
+	streamed := func(*http.Response) {}
 	if isUpgrade(r) {
 		s.conns.Add(1) // hijacked connections are ours to drain
 		defer s.conns.Done()
 		s.m.streams.WithLabelValues("upgrade").Inc()
 		defer s.m.streams.WithLabelValues("upgrade").Dec()
 	} else {
+		req := s.drainer.enter()
+		defer req.done()
+		streamed = func(resp *http.Response) { s.streamResponse(r, resp, req) }
 		g := s.m.streams.WithLabelValues("http") // one label lookup per request, not two
 		g.Inc()
 		defer g.Dec()
@@ -59,6 +64,9 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			// body once the response starts, truncating both.
 			_ = http.NewResponseController(w).EnableFullDuplex()
 		}
+	}
+	if s.forwardTerminated(w, r, label, streamed) {
+		return // no local tunnel: another replica's (forward.go)
 	}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -84,6 +92,7 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		// one site).
 		ModifyResponse: func(resp *http.Response) error {
 			stripCookieDomains(resp.Header)
+			streamed(resp)
 			return nil
 		},
 		ErrorHandler: s.proxyError,

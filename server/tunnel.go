@@ -25,7 +25,11 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	src := sourceOf(remote)
 	if s.draining.Load() {
 		s.refuse(reasonDraining, "remote", remote)
-		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "relay is shutting down")
+		// Retry soon: through the load balancer the next dial lands on
+		// another replica, and a moving agent's old tunnel only lasts
+		// half the drain timeout (the agent's backoff jitter spreads a
+		// fleet).
+		s.retryLater(w, http.StatusServiceUnavailable, 1, "relay is shutting down")
 		return
 	}
 	// A source that keeps failing is turned away before its token is even
@@ -62,13 +66,17 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("cluster %s has %d tunnels connected already", claims.ClusterUID, s.cfg.MaxSessionsPerCluster))
 		return
 	}
-	if label := s.reg.heldByOther(routes, claims.ClusterUID); label != "" {
+	label := s.reg.heldByOther(routes, claims.ClusterUID)
+	if label == "" {
+		label = s.heldInFleet(routes, claims.ClusterUID) // on another replica
+	}
+	if label != "" {
 		s.refuseTunnel(w, http.StatusConflict, reasonLabelConflict,
 			fmt.Sprintf("host name %s is served by another cluster's agent", hostname.Host(label, s.cfg.Domain)), remote)
 		return
 	}
 
-	ws, err := s.upgrader.Upgrade(w, r, nil)
+	ws, err := s.upgrader.Upgrade(w, r, s.tunnelHeaders())
 	if err != nil {
 		// Upgrade has already answered the client.
 		s.refuse(reasonBadRegistration, "remote", remote, "error", err.Error())
@@ -103,6 +111,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	}
 	s.m.regs.WithLabelValues(result).Inc()
 	s.m.tunnels.Inc()
+	s.announce(sess, old)
 	// A token's TTL bounds its sessions too, not only its registrations.
 	expiry := func() {}
 	if claims.ExpiresAt != 0 {
@@ -121,7 +130,9 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	// tunnel, which is most of what an idle tunnel costs.
 	conn.AfterClose(func() {
 		expiry()
-		s.reg.remove(sess)
+		if s.reg.remove(sess) {
+			s.withdraw(sess) // not when replaced: the successor holds the keys
+		}
 		s.m.tunnels.Dec()
 		cc.Close()
 		readErr := conn.ReadErr()
@@ -166,6 +177,8 @@ func (s *Server) authorize(w http.ResponseWriter, r *http.Request) (registration
 		return fail(http.StatusUnauthorized, reasonExpiredToken, err.Error())
 	case err != nil:
 		return fail(http.StatusUnauthorized, reasonBadToken, err.Error())
+	case s.revokedInFleet(claims.ID):
+		return fail(http.StatusUnauthorized, reasonRevokedToken, fmt.Sprintf("token %s is revoked", claims.ID))
 	}
 	routes, err := tunnel.ParseRoutes(r.Header.Get(tunnel.HeaderRoutes))
 	if err != nil {
@@ -224,6 +237,10 @@ func (s *Server) checkRevocations(ctx context.Context) {
 		case <-tick.C:
 		}
 		for _, sess := range s.reg.all() {
+			if s.revokedInFleet(sess.tokenID) {
+				s.endSession(sess, reasonSessionRevoked)
+				continue
+			}
 			revoked, err := s.tokens.Revoked(sess.tokenID)
 			if err != nil {
 				// Live sessions stay: new registrations are refused

@@ -127,6 +127,7 @@ func TestAgentTyped(t *testing.T) {
 				"--health-addr=:8081",
 				"--agent-id=$(POD_NAME)",
 				"--log-level=info",
+				"--tunnels=auto",
 			}, c.Args)
 			require.Len(t, c.Env, 2)
 			assert.Equal(t, "POD_NAME", c.Env[0].Name)
@@ -488,10 +489,12 @@ topologySpreadConstraints: [{maxSkew: 1, topologyKey: topology.kubernetes.io/zon
 networkPolicy: {enabled: true}
 k8sDashboardIntegration: {enabled: true}
 global: {imageRegistry: registry.local}
+tunnels: 2
 `))
 	d := decode[appsv1.Deployment](t, m, "Deployment/spectro-proxy")
 	pod := d.Spec.Template.Spec
 	c := pod.Containers[0]
+	assert.Contains(t, c.Args, "--tunnels=2", "an integer value is a flag value too")
 	env := map[string]string{}
 	for _, e := range c.Env {
 		env[e.Name] = e.Value
@@ -747,6 +750,7 @@ func TestRejections(t *testing.T) {
 		{"vm scheme", "vmDashboardIntegration: {scheme: ftp}", "at '/vmDashboardIntegration/scheme': value must be one of 'https', 'http'"},
 		{"alias is boolean", "vmwareDashboard: {enabled: yes-please}", "at '/vmwareDashboard/enabled': got string, want boolean"},
 		{"log level", "logLevel: trace", "at '/logLevel': value must be one of 'debug', 'info', 'warn', 'error'"},
+		{"tunnels", "tunnels: 3", "at '/tunnels': value must be one of 'auto', '1', '2', 1, 2"},
 		{"extra arg not a flag", "extraArgs: [relay]", "at '/extraArgs/0': 'relay' does not match pattern '^--'"},
 		{"pull policy", "image: {pullPolicy: Sometimes}", "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"},
 		{"dashboard enabled type", `k8sDashboardIntegration: {enabled: "true"}`, "at '/k8sDashboardIntegration/enabled': got string, want boolean"},

@@ -57,4 +57,13 @@ func TestArgsAreRealFlags(t *testing.T) {
 		m := renderRelay(t, "{}")
 		check(t, "spectro-proxy-server", decode[appsv1.Deployment](t, m, "Deployment/"+relayName))
 	})
+	t.Run("relay fleet", func(t *testing.T) {
+		// Until the fleet code of issue 13 is built in, the relay has none of
+		// its flags; once it has one, the chart's must all be real.
+		if !regexp.MustCompile(`(?m)^  -etcd-endpoints(\s|$)`).MatchString(usage(t, dir, "spectro-proxy-server")) {
+			t.Skip("the relay has no --etcd-endpoints yet (issue 13's registry not merged)")
+		}
+		m := renderFleet(t, "{}")
+		check(t, "spectro-proxy-server", decode[appsv1.Deployment](t, m, "Deployment/"+relayName))
+	})
 }

@@ -70,6 +70,7 @@ func TestRelayTyped(t *testing.T) {
 		"--listen=:8443",
 		"--health-addr=:8081",
 		"--shutdown-delay=5s",
+		"--drain-timeout=25s",
 		"--domain=proxy.example.com",
 		"--tls-cert-file=/etc/spectro-proxy/tls/tls.crt",
 		"--tls-key-file=/etc/spectro-proxy/tls/tls.key",

@@ -40,8 +40,11 @@ type Holder struct {
 // Registry is the shared view. Every method is safe for concurrent use.
 type Registry interface {
 	// Start joins the fleet: takes a lease, writes the replica's own key,
-	// loads the view and keeps it current (watch) until Close or ctx ends.
-	// It returns once the first view is loaded, or with ctx's error.
+	// loads the view and keeps it current (watch) until Close. It returns
+	// once the first view is loaded, or with ctx's error (then the work
+	// stops; Close still releases what was taken). ctx bounds Start alone:
+	// the view must stay current through a drain that begins when the
+	// serving context ends.
 	Start(ctx context.Context) error
 	// Self is this replica.
 	Self() Replica

@@ -399,35 +399,11 @@ func (c *Cluster) startEtcd(ctx context.Context) (string, error) {
 		}
 		clientURL := "http://127.0.0.1:" + itoa(clientPort)
 		peerURL := "http://127.0.0.1:" + itoa(peerPort)
-		p, err := c.start("etcd", []string{
-			"--name=testcluster",
-			"--data-dir=" + filepath.Join(c.Dir, "etcd"),
-			"--listen-client-urls=" + clientURL,
-			"--advertise-client-urls=" + clientURL,
-			"--listen-peer-urls=" + peerURL,
-			"--initial-advertise-peer-urls=" + peerURL,
-			"--initial-cluster=testcluster=" + peerURL,
-			"--unsafe-no-fsync", // test data: durability is not worth the fsyncs
-			"--log-level=warn",
-		})
+		p, err := c.start("etcd", etcdArgs("testcluster", filepath.Join(c.Dir, "etcd"), clientURL, peerURL))
 		if err != nil {
 			return "", err
 		}
-		err = poll(ctx, 50*time.Millisecond, "etcd /health", func(ctx context.Context) (bool, error) {
-			if err := p.exited(); err != nil {
-				return true, err
-			}
-			resp, err := c.httpClient.Get(clientURL + "/health")
-			if err != nil {
-				return false, err
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK && strings.Contains(string(body), `"true"`) {
-				return true, nil
-			}
-			return false, fmt.Errorf("etcd /health: %s: %s", resp.Status, body)
-		})
+		err = waitEtcd(ctx, c.httpClient, p, clientURL)
 		if err != nil && p.portInUse() && attempt < 3 {
 			c.log.Warn("etcd port was taken, retrying", "attempt", attempt)
 			c.dropLast()

@@ -25,12 +25,25 @@ const (
 	HeaderStream = "Spectro-Proxy-Stream"
 	// HeaderError carries the agent's reason when it refuses a stream.
 	HeaderError = "Spectro-Proxy-Error"
+	// HeaderReplica names the relay replica that accepted a tunnel, and
+	// HeaderReplicas says how many replicas are live; both are on the
+	// relay's 101 answer. The agent keeps its two tunnels on distinct
+	// replicas, and holds two only when there is more than one.
+	HeaderReplica  = "Spectro-Proxy-Replica"
+	HeaderReplicas = "Spectro-Proxy-Replicas"
 
 	// StreamTCP is a raw byte stream to the route's target (TLS passthrough).
 	StreamTCP = "tcp"
 	// StreamUpgrade is an HTTP/1.1 request with Upgrade, written first on the
 	// stream, then raw bytes both ways once the target answers 101.
 	StreamUpgrade = "http-upgrade"
+	// StreamMove is the relay asking the agent to move the tunnel it comes
+	// on: the relay is draining. The agent answers 200, dials a
+	// replacement (a draining relay refuses it, so it lands on another
+	// replica) and once that is registered shuts the old tunnel down
+	// gracefully. Its :authority is one of the tunnel's labels, so an
+	// agent that predates it answers 400 (unknown stream kind).
+	StreamMove = "move"
 )
 
 // Mode is how the relay treats a route's public connections.

@@ -3,7 +3,7 @@
 //
 //	spectro-proxy-server --domain proxy.example.com --state-dir /var/lib/spectro-proxy
 //	spectro-proxy-server token issue --cluster-uid UID --state-dir /var/lib/spectro-proxy
-//	spectro-proxy-server token revoke --id ID --revocation-file FILE
+//	spectro-proxy-server token revoke --id ID (--revocation-file FILE | --etcd-endpoints URLS)
 package main
 
 import (
@@ -17,11 +17,13 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
 	"github.com/spectroproxy/spectro-proxy/internal/profiling"
+	"github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -74,6 +76,13 @@ func serve(args []string) error {
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", server.DefaultDrainTimeout, "On SIGTERM, how long connections in flight may take to finish.")
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "On SIGTERM, keep accepting for this long with /readyz failing, so load balancers stop sending connections first; then drain.")
 	fs.Float64Var(&cfg.RegistrationsPerSecond, "registrations-per-second", server.DefaultRegistrationsPerSecond, "New tunnels accepted per second; the rest are told to retry later.")
+	fs.StringVar(&cfg.ReplicaID, "replica-id", "", "This replica's name in the fleet (default $POD_NAME, else the host name).")
+	etcdEndpoints := etcdFlags(fs, &cfg)
+	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", server.DefaultLeaseTTL, "The replica's etcd lease: a replica that dies leaves the fleet's view after this long.")
+	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "The address of the internal listener other replicas forward users' connections to (mutual TLS from the relay's CA), e.g. :8444; required with --etcd-endpoints.")
+	fs.StringVar(&cfg.PeerAdvertise, "peer-advertise", "", "host:port other replicas dial to reach --peer-listen (default $POD_IP with its port, else --peer-listen when it names a host).")
+	fs.StringVar(&cfg.PeerCAFile, "peer-ca-file", "", "The CA each replica issues its peer certificate from at start and verifies peers against (default <state-dir>/ca.crt).")
+	fs.StringVar(&cfg.PeerCAKeyFile, "peer-ca-key-file", "", "The key of --peer-ca-file (default <state-dir>/ca.key).")
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
 	pprofOn := fs.Bool("pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
@@ -81,6 +90,7 @@ func serve(args []string) error {
 		return err
 	}
 	cfg.MaxStreamsPerTunnel = uint32(*maxStreams)
+	cfg.EtcdEndpoints = splitList(*etcdEndpoints)
 	logger, err := newLogger(*logLevel)
 	if err != nil {
 		return err
@@ -146,17 +156,74 @@ func tokenRevoke(args []string) error {
 	id := fs.String("id", "", "The id of the token to revoke (printed by token issue).")
 	file := fs.String("revocation-file", "", "The relay's revocation file.")
 	comment := fs.String("comment", "", "Why, for the record.")
+	var cfg server.Config
+	etcdEndpoints := etcdFlags(fs, &cfg)
+	ttl := fs.Duration("ttl", 0, "With --etcd-endpoints: how long the revocation is kept (past the token's expiry it is moot); 0 means forever.")
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
-	if *file == "" {
-		return errors.New("--revocation-file is required")
+	cfg.EtcdEndpoints = splitList(*etcdEndpoints)
+	if *file == "" && len(cfg.EtcdEndpoints) == 0 {
+		return errors.New("--revocation-file or --etcd-endpoints is required")
 	}
-	if err := token.Revoke(*file, *id, *comment); err != nil {
+	if *id == "" {
+		return errors.New("--id is required")
+	}
+	if *file != "" {
+		if err := token.Revoke(*file, *id, *comment); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "revoked token %s in %s; relays reading it refuse it from their next check\n", *id, *file)
+	}
+	if len(cfg.EtcdEndpoints) > 0 {
+		if err := revokeInEtcd(cfg, *id, *ttl); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "revoked token %s in etcd; every relay of the fleet refuses it from its next check\n", *id)
+	}
+	return nil
+}
+
+// revokeInEtcd writes the revocation into the fleet's registry.
+func revokeInEtcd(cfg server.Config, id string, ttl time.Duration) error {
+	host, _ := os.Hostname()
+	reg, err := server.NewEtcdRegistry(cfg, registry.Replica{ID: "token-revoke@" + host}, nil)
+	if err != nil {
 		return err
 	}
-	fmt.Fprintf(os.Stderr, "revoked token %s; running relays refuse it from their next check\n", *id)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	defer reg.Close(ctx)
+	var expires time.Time
+	if ttl > 0 {
+		expires = time.Now().Add(ttl)
+	}
+	if err := reg.Revoke(ctx, id, expires); err != nil {
+		return fmt.Errorf("revoking token %s in etcd: %w", id, err)
+	}
 	return nil
+}
+
+// etcdFlags defines the etcd client's flags (the relay's and token
+// revoke's) into cfg; the endpoints come back as the raw comma list.
+func etcdFlags(fs *flag.FlagSet, cfg *server.Config) *string {
+	endpoints := fs.String("etcd-endpoints", "", "Comma-separated etcd client URLs of the fleet's registry (https:// with TLS); empty: a single relay with an in-memory registry.")
+	fs.StringVar(&cfg.EtcdCAFile, "etcd-ca-file", "", "A PEM CA to verify etcd's certificate (system roots when empty).")
+	fs.StringVar(&cfg.EtcdCertFile, "etcd-cert-file", "", "A client certificate for etcd (with --etcd-key-file).")
+	fs.StringVar(&cfg.EtcdKeyFile, "etcd-key-file", "", "The key of --etcd-cert-file.")
+	fs.StringVar(&cfg.EtcdPrefix, "etcd-prefix", server.DefaultEtcdPrefix, "The prefix of the fleet's keys in etcd.")
+	return endpoints
+}
+
+// splitList splits a comma-separated list, dropping blanks.
+func splitList(s string) []string {
+	var out []string
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 func newLogger(level string) (*slog.Logger, error) {

@@ -1,0 +1,355 @@
+package server_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/spectroproxy/spectro-proxy/client"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
+	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+	"github.com/spectroproxy/spectro-proxy/server"
+)
+
+const uid = "drain"
+
+// twoRelays is two relays that say the fleet has two replicas; the test
+// decides which of them the agents reach.
+func twoRelays(t *testing.T, drainTimeout time.Duration) (a, b *relaytest.Relay) {
+	t.Helper()
+	dir := t.TempDir()
+	tweak := func(c *server.Config) {
+		c.Replicas = func() int { return 2 }
+		c.DrainTimeout = drainTimeout
+	}
+	a = relaytest.StartRelay(t, dir, "relay-a", tweak)
+	b = relaytest.StartRelay(t, dir, "relay-b", tweak)
+	return a, b
+}
+
+// apiStandIn is a TLS server standing in for the API server: /slow
+// tells arrived and answers when release is closed, /api/v1/pods?watch=true streams one
+// JSON line every 20 ms until the client goes.
+func apiStandIn(t *testing.T, arrived chan<- struct{}, release <-chan struct{}) (url, caFile string) {
+	t.Helper()
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/slow":
+			arrived <- struct{}{}
+			select {
+			case <-release:
+				fmt.Fprint(w, "slow done")
+			case <-r.Context().Done():
+			}
+		case r.URL.Query().Get("watch") == "true":
+			w.Header().Set("Content-Type", "application/json")
+			rc := http.NewResponseController(w)
+			for i := 0; ; i++ {
+				fmt.Fprintf(w, `{"type":"ADDED","object":{"n":%d,"pad":"%s"}}`+"\n", i, strings.Repeat("x", 100))
+				if rc.Flush() != nil {
+					return
+				}
+				select {
+				case <-r.Context().Done():
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		default:
+			fmt.Fprint(w, "ok")
+		}
+	}))
+	t.Cleanup(srv.Close)
+	caFile = filepath.Join(t.TempDir(), "ca.crt")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600))
+	return srv.URL, caFile
+}
+
+// drainUser sends requests for the cluster to relay r directly, over
+// HTTP/1.1 or, with h2, HTTP/2 (as kubectl does).
+func drainUser(t *testing.T, r *relaytest.Relay, h2 bool) *http.Client {
+	host := hostname.Host(hostname.DefaultSubdomain(uid), relaytest.Domain)
+	if !h2 {
+		return &http.Client{Transport: &http.Transport{DialTLSContext: r.TLSDialer(t, host)}}
+	}
+	return &http.Client{Transport: &http.Transport{DialTLSContext: r.TLSDialer(t, host, "h2"), ForceAttemptHTTP2: true}}
+}
+
+func clusterURL(path string) string {
+	return "https://" + hostname.Host(hostname.DefaultSubdomain(uid), relaytest.Domain) + path
+}
+
+// sampleMin records the least value f takes until the returned stop is
+// called, sampled every millisecond.
+func sampleMin(f func() int) (stop func() int) {
+	least := atomic.Int64{}
+	least.Store(int64(f()))
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			if n := int64(f()); n < least.Load() {
+				least.Store(n)
+			}
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() int { close(done); <-finished; return int(least.Load()) }
+}
+
+// A relay told to stop (its serve context ends, as on SIGTERM) while a
+// second relay is up: the agent's replacement tunnel lands on the other
+// relay before the old one closes (the agent never has zero tunnels), a
+// request in flight on the old tunnel finishes, and a watch through the
+// draining relay gets a clean end of its body at an event boundary, over
+// HTTP/1.1 (the last chunk) and HTTP/2 (END_STREAM).
+func TestDrainMovesTheAgent(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		t.Run(map[bool]string{false: "http1", true: "h2"}[h2], func(t *testing.T) { testDrainMovesTheAgent(t, h2) })
+	}
+}
+
+func testDrainMovesTheAgent(t *testing.T, h2 bool) {
+	a, b := twoRelays(t, 20*time.Second)
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	api, caFile := apiStandIn(t, arrived, release)
+	lb := relaytest.StartLB(t, a.Addr) // the agent's first tunnel lands on a
+	agent := relaytest.StartAgent(t, client.Config{
+		RelayAddress: lb.Addr, RelayCAFile: a.CAFile(), ClusterUID: uid, TokenFile: a.IssueToken(t, uid),
+		AgentID: "agent-0", Mode: tunnel.Terminate, APIServer: api, APIServerCAFile: caFile, Tunnels: "1",
+		HealthAddr: "", DrainTimeout: 10 * time.Second,
+	})
+	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond, "agent never reached relay a")
+	lb.SetBackends(a.Addr, b.Addr)
+
+	users := drainUser(t, a, h2)
+	// A request that is in flight through a's tunnel when a drains.
+	slow := make(chan error, 1)
+	go func() {
+		resp, err := users.Get(clusterURL("/slow"))
+		if err == nil {
+			var body []byte
+			body, err = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err == nil && (resp.StatusCode != http.StatusOK || string(body) != "slow done") {
+				err = fmt.Errorf("slow request: %s %q", resp.Status, body)
+			}
+		}
+		slow <- err
+	}()
+	// A watch through a.
+	resp, err := users.Get(clusterURL("/api/v1/pods?watch=true"))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, map[bool]int{false: 1, true: 2}[h2], resp.ProtoMajor)
+	watch := bufio.NewReader(resp.Body)
+	_, err = watch.ReadString('\n')
+	require.NoError(t, err)
+
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the slow request never reached the API server")
+	}
+
+	least := sampleMin(agent.C.Tunnels)
+	a.Terminate()
+	// b registers the replacement a moment before the agent reads its 101.
+	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 2 }, 15*time.Second, 5*time.Millisecond,
+		"the replacement tunnel never reached relay b")
+	// The slow request still holds the old tunnel.
+	assert.Equal(t, 1, a.Srv.Tunnels(), "the old tunnel is still up while its request runs")
+	metrics := scrape(t, a.Srv)
+	assert.Contains(t, metrics, "spectro_proxy_draining 1")
+	close(release)
+	require.NoError(t, <-slow, "the request in flight on the old tunnel finishes")
+
+	// The watch ends cleanly, on a line boundary: no error, no partial
+	// event.
+	rest, err := io.ReadAll(watch)
+	require.NoError(t, err, "the watch's body ends cleanly")
+	if len(rest) > 0 {
+		assert.True(t, strings.HasSuffix(string(rest), "\n"), "the watch ends at an event boundary: %q", rest)
+	}
+	for line := range strings.Lines(string(rest)) {
+		assert.True(t, strings.HasPrefix(line, `{"type":"ADDED"`), "whole events only: %q", line)
+	}
+
+	require.NoError(t, a.Wait())
+	require.Eventually(t, func() bool { return agent.C.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond)
+	assert.GreaterOrEqual(t, least(), 1, "the agent had a tunnel at every moment")
+	assert.Equal(t, 1, b.Srv.Tunnels())
+
+	// The cluster answers through b.
+	resp2, err := drainUser(t, b, h2).Get(clusterURL("/"))
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp2.Body)
+	resp2.Body.Close()
+	assert.Equal(t, "ok", string(body))
+}
+
+// An agent that predates move answers it with 400: the relay does not
+// wait for it (the drain takes far less than half its timeout) and closes
+// its tunnel at the end of the drain, as before. The tunnel's 101 names
+// the replica and the fleet's size.
+func TestDrainClosesAnOldAgent(t *testing.T) {
+	a := relaytest.StartRelay(t, t.TempDir(), "relay-a", func(c *server.Config) {
+		c.Replicas = func() int { return 2 }
+		c.DrainTimeout = 20 * time.Second
+		c.ShutdownDelay = 500 * time.Millisecond
+	})
+	tok, err := os.ReadFile(a.IssueToken(t, uid))
+	require.NoError(t, err)
+	d := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", a.Addr)
+		},
+		TLSClientConfig: &tls.Config{ServerName: relaytest.Domain, RootCAs: a.CAPool(t)},
+	}
+	h := http.Header{}
+	h.Set("Authorization", "Bearer "+string(tok))
+	h.Set(tunnel.HeaderAgent, "old-agent")
+	h.Set(tunnel.HeaderRoutes, hostname.DefaultSubdomain(uid)+"=terminate")
+	ws, resp, err := d.DialContext(t.Context(), "wss://"+relaytest.Domain+tunnel.Path, h)
+	require.NoError(t, err)
+	assert.Equal(t, "relay-a", resp.Header.Get(tunnel.HeaderReplica))
+	assert.Equal(t, "2", resp.Header.Get(tunnel.HeaderReplicas))
+	conn := tunnel.NewConn(ws)
+	// The old agent's stream handler: "move" is an unknown stream kind.
+	var moves atomic.Int32
+	srv := tunnel.NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get(tunnel.HeaderStream) == tunnel.StreamMove {
+			moves.Add(1)
+		}
+		tunnel.RefuseStream(w, http.StatusBadRequest, "unknown stream kind")
+	}), 100, tunnel.Liveness{}.WithDefaults())
+	served := make(chan struct{})
+	go func() { defer close(served); srv.ServeConn(context.Background(), conn) }()
+	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 }, 5*time.Second, 5*time.Millisecond)
+
+	start := time.Now()
+	a.Terminate()
+	// During the shutdown delay: draining, and the old agent's tunnel is
+	// one not moved.
+	require.Eventually(t, func() bool {
+		m := scrape(t, a.Srv)
+		return strings.Contains(m, "spectro_proxy_draining 1") && strings.Contains(m, "spectro_proxy_drain_tunnels_remaining 1")
+	}, 5*time.Second, 10*time.Millisecond, "drain metrics")
+	require.NoError(t, a.Wait())
+	assert.Less(t, time.Since(start), 5*time.Second, "the relay did not wait for an agent that cannot move")
+	assert.Equal(t, int32(1), moves.Load(), "the relay asked once")
+	select {
+	case <-served:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the old agent's tunnel was not closed at the end of the drain")
+	}
+}
+
+func scrape(t *testing.T, s *server.Server) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	s.HealthHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	return rec.Body.String()
+}
+
+// With a fleet registry, an agent counts as moved as soon as another
+// replica holds its labels: here its second tunnel, on b. The relay then
+// does not wait for the first tunnel's replacement (which cannot land:
+// the load balancer only knows the draining relay), and the agent keeps
+// serving through b all along.
+func TestDrainTrustsTheRegistry(t *testing.T) {
+	f := newFakeFleet()
+	dir := t.TempDir()
+	tweak := func(id string) func(*server.Config) {
+		return func(c *server.Config) {
+			c.Registry = f.member(fleet.Replica{ID: id})
+			c.DrainTimeout = 20 * time.Second
+		}
+	}
+	a := relaytest.StartRelay(t, dir, "relay-a", tweak("relay-a"))
+	b := relaytest.StartRelay(t, dir, "relay-b", tweak("relay-b"))
+	lb := relaytest.StartLB(t, a.Addr)
+	agent := relaytest.StartAgent(t, client.Config{
+		RelayAddress: lb.Addr, RelayCAFile: a.CAFile(), ClusterUID: uid, TokenFile: a.IssueToken(t, uid),
+		AgentID: "agent-0", Mode: tunnel.Passthrough, APIServer: "https://127.0.0.1:1", HealthAddr: "",
+	})
+	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 && agent.C.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond)
+	lb.SetBackends(b.Addr)
+	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 2 }, 10*time.Second, 5*time.Millisecond,
+		"the second tunnel (the registry says two replicas) on b")
+	lb.SetBackends(a.Addr)
+
+	least := sampleMin(agent.C.Tunnels)
+	start := time.Now()
+	require.NoError(t, a.Stop())
+	assert.Less(t, time.Since(start), 5*time.Second, "the drain did not wait half its timeout for a move the registry shows done")
+	assert.GreaterOrEqual(t, least(), 1, "the agent had a tunnel at every moment")
+	assert.True(t, f.holds("relay-b", hostname.DefaultSubdomain(uid)))
+}
+
+// A watch that crosses the peer hop ends cleanly at a line whichever
+// replica drains: the one the user reached (it forwarded the watch) or
+// the one holding the tunnel (its clean end passes through the hop).
+func TestDrainEndsForwardedWatches(t *testing.T) {
+	const tmUID = "fw"
+	host := hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
+	for _, drained := range []string{"forwarder", "holder"} {
+		t.Run(drained, func(t *testing.T) {
+			stateDir := t.TempDir()
+			f := newFakeFleet()
+			holder := startFleetRelay(t, f, "relay-a", stateDir)
+			forwarder := startFleetRelay(t, f, "relay-b", stateDir)
+			be := newAPIBackend(t)
+			startFleetAgent(t, holder, stateDir, tmUID, tunnel.Terminate, be)
+			require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(tmUID)) }, 5*time.Second, 10*time.Millisecond)
+
+			users := userClient(forwarder, host, relayRoots(t, stateDir))
+			users.Timeout = 0
+			resp, err := users.Get("https://" + host + "/watch?watch=true")
+			require.NoError(t, err)
+			defer resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			be.events <- `{"type":"ADDED"}`
+			lines := bufio.NewReader(resp.Body)
+			line, err := lines.ReadString('\n')
+			require.NoError(t, err)
+			assert.Equal(t, `{"type":"ADDED"}`+"\n", line)
+
+			r := forwarder
+			if drained == "holder" {
+				r = holder
+			}
+			go r.stop()
+			rest, err := io.ReadAll(lines)
+			require.NoError(t, err, "the forwarded watch ends cleanly")
+			assert.Empty(t, string(rest))
+			r.stop()
+		})
+	}
+}
