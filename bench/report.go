@@ -182,7 +182,7 @@ func (r *Results) Verdicts() []Verdict {
 		out = append(out, v)
 	}
 	for _, p := range r.Idle.Points {
-		if p.Tunnels < 10000 {
+		if p.Tunnels < 9900 { // 10,000 asked for; up to 1% may still be reconnecting (runIdle)
 			continue // the target is set at 10,000; smaller counts are in the detail table
 		}
 		kib := p.PerTunnel / 1024

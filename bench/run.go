@@ -483,8 +483,18 @@ func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say fu
 		if err := agents.Grow(ctx, n, 32); err != nil {
 			return err
 		}
+		up := n
 		if err := relay.WaitTunnels(ctx, n, time.Minute); err != nil {
-			return err
+			// On a busy machine an agent or two may still be
+			// re-registering after a missed liveness check; the memory
+			// of the tunnels that are up is still the figure, per tunnel
+			// up. Fewer than 99% up is a broken run.
+			got, terr := relay.Tunnels(ctx)
+			if terr != nil || got < n*99/100 {
+				return err
+			}
+			say(fmt.Sprintf("idle tunnels: %d of %d up after a minute; measuring those", got, n))
+			up = got
 		}
 		rss, err := SettledRSS(ctx, relay.Pid(), 30*time.Second)
 		if err != nil {
@@ -494,7 +504,7 @@ func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say fu
 		if err != nil {
 			return err
 		}
-		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: n, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(n),
+		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: up, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(up),
 			HeapInuse: int64(m["go_memstats_heap_inuse_bytes"]), StackInuse: int64(m["go_memstats_stack_inuse_bytes"]), Goroutines: int(m["go_goroutines"])})
 	}
 	return nil
