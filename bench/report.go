@@ -13,9 +13,6 @@ type figure struct {
 	key, label, unit string
 	// lower means a smaller value is better (latency, CPU).
 	lower bool
-	// target is the ratio to direct the proxy must reach (0: none):
-	// at most target when lower, at least target otherwise.
-	target float64
 	// perConn marks figures of new connections: floor+TLS makes a TLS
 	// handshake between its forwarders per connection, which a tunnel
 	// does not, so it is no floor for them.
@@ -23,32 +20,86 @@ type figure struct {
 }
 
 var figures = []figure{
-	{"get_h1_c1_p50", "small GET p50, HTTP/1.1, 1 concurrent", "µs", true, 1.6, false},
-	{"get_h1_c1_p99", "small GET p99, HTTP/1.1, 1 concurrent", "µs", true, 0, false},
-	{"get_h1_c1_rps", "small GET req/s, HTTP/1.1, 1 concurrent", "req/s", false, 0, false},
-	{"get_h1_c64_p50", "small GET p50, HTTP/1.1, 64 concurrent", "µs", true, 0, false},
-	{"get_h1_c64_p99", "small GET p99, HTTP/1.1, 64 concurrent", "µs", true, 0, false},
-	{"get_h1_c64_rps", "small GET req/s, HTTP/1.1, 64 concurrent", "req/s", false, 0.75, false},
-	{"get_h2_c1_p50", "small GET p50, HTTP/2, 1 concurrent", "µs", true, 1.6, false},
-	{"get_h2_c1_p99", "small GET p99, HTTP/2, 1 concurrent", "µs", true, 0, false},
-	{"get_h2_c1_rps", "small GET req/s, HTTP/2, 1 concurrent", "req/s", false, 0, false},
-	{"get_h2_c64_p50", "small GET p50, HTTP/2, 64 concurrent", "µs", true, 0, false},
-	{"get_h2_c64_p99", "small GET p99, HTTP/2, 64 concurrent", "µs", true, 0, false},
-	{"get_h2_c64_rps", "small GET req/s, HTTP/2, 64 concurrent", "req/s", false, 0.75, false},
-	{"tls_c1_cps", "new TLS connections/s, 1 concurrent", "conn/s", false, 0.75, true},
-	{"tls_c8_cps", "new TLS connections/s, 8 concurrent", "conn/s", false, 0.75, true},
-	{"dl_1_mibps", "10 MiB download, 1 stream", "MiB/s", false, 0.60, false},
-	{"ul_1_mibps", "10 MiB upload, 1 stream", "MiB/s", false, 0.55, false},
-	{"dl_conns_mibps", "10 MiB download, 8 connections", "MiB/s", false, 0, false},
-	{"ul_conns_mibps", "10 MiB upload, 8 connections", "MiB/s", false, 0, false},
-	{"dl_h2_mibps", "10 MiB download, 8 HTTP/2 streams on 1 connection", "MiB/s", false, 0.85, false},
-	{"ul_h2_mibps", "10 MiB upload, 8 HTTP/2 streams on 1 connection", "MiB/s", false, 0, false},
-	{"watch_p50", "watch event latency p50 at 1000 events/s", "µs", true, 1.5, false},
-	{"watch_p99", "watch event latency p99 at 1000 events/s", "µs", true, 0, false},
+	{"get_h1_c1_p50", "small GET p50, HTTP/1.1, 1 concurrent", "µs", true, false},
+	{"get_h1_c1_p99", "small GET p99, HTTP/1.1, 1 concurrent", "µs", true, false},
+	{"get_h1_c1_rps", "small GET req/s, HTTP/1.1, 1 concurrent", "req/s", false, false},
+	{"get_h1_c64_p50", "small GET p50, HTTP/1.1, 64 concurrent", "µs", true, false},
+	{"get_h1_c64_p99", "small GET p99, HTTP/1.1, 64 concurrent", "µs", true, false},
+	{"get_h1_c64_rps", "small GET req/s, HTTP/1.1, 64 concurrent", "req/s", false, false},
+	{"get_h2_c1_p50", "small GET p50, HTTP/2, 1 concurrent", "µs", true, false},
+	{"get_h2_c1_p99", "small GET p99, HTTP/2, 1 concurrent", "µs", true, false},
+	{"get_h2_c1_rps", "small GET req/s, HTTP/2, 1 concurrent", "req/s", false, false},
+	{"get_h2_c64_p50", "small GET p50, HTTP/2, 64 concurrent", "µs", true, false},
+	{"get_h2_c64_p99", "small GET p99, HTTP/2, 64 concurrent", "µs", true, false},
+	{"get_h2_c64_rps", "small GET req/s, HTTP/2, 64 concurrent", "req/s", false, false},
+	{"tls_c1_cps", "new TLS connections/s, 1 concurrent", "conn/s", false, true},
+	{"tls_c8_cps", "new TLS connections/s, 8 concurrent", "conn/s", false, true},
+	{"dl_1_mibps", "10 MiB download, 1 stream", "MiB/s", false, false},
+	{"ul_1_mibps", "10 MiB upload, 1 stream", "MiB/s", false, false},
+	{"dl_conns_mibps", "10 MiB download, 8 connections", "MiB/s", false, false},
+	{"ul_conns_mibps", "10 MiB upload, 8 connections", "MiB/s", false, false},
+	{"dl_h2_mibps", "10 MiB download, 8 HTTP/2 streams on 1 connection", "MiB/s", false, false},
+	{"ul_h2_mibps", "10 MiB upload, 8 HTTP/2 streams on 1 connection", "MiB/s", false, false},
+	{"watch_p50", "watch event latency p50 at 1000 events/s", "µs", true, false},
+	{"watch_p99", "watch event latency p99 at 1000 events/s", "µs", true, false},
+	{"cpu_s_per_gib", "relay + agent CPU seconds per GiB moved", "s", true, false},
+}
+
+func figureByKey(key string) figure {
+	for _, f := range figures {
+		if f.key == key {
+			return f
+		}
+	}
+	panic("bench: no figure " + key)
 }
 
 // encryptedFloor is the floor that does each mode's TLS and nothing else.
 var encryptedFloor = map[string]string{ModePassthrough: ModeFloorTLS, ModeTerminate: ModeFloorTerminate}
+
+// target is one goal of issue 12: a mode's median over its floor's median
+// (the floor that does the same TLS and nothing else), both from this run.
+type target struct {
+	key, mode string
+	// limit is the ratio to reach: at most limit for figures where lower
+	// is better, at least limit otherwise.
+	limit float64
+}
+
+// targets are issue 12's. What an encrypted relay-and-agent pair must pay
+// on this machine is the floor, so the proxy's own cost is its distance
+// from it. Watch p99 has no target of its own but must stay where it was
+// (its ratio to the floor in the 2026-11-28 run: passthrough 1.23,
+// terminate 1.60).
+var targets = []target{
+	{"get_h1_c1_p50", ModeTerminate, 1.3},
+	{"get_h2_c1_p50", ModeTerminate, 1.3},
+	{"get_h1_c64_rps", ModeTerminate, 0.8},
+	{"get_h2_c64_rps", ModeTerminate, 0.8},
+	{"dl_1_mibps", ModeTerminate, 0.9},
+	{"ul_1_mibps", ModeTerminate, 0.9},
+	{"cpu_s_per_gib", ModeTerminate, 1.15},
+	{"watch_p99", ModeTerminate, 1.60},
+
+	{"get_h1_c1_p50", ModePassthrough, 1.15},
+	{"get_h2_c1_p50", ModePassthrough, 1.15},
+	{"get_h1_c1_rps", ModePassthrough, 0.95},
+	{"get_h1_c64_rps", ModePassthrough, 0.95},
+	{"get_h2_c1_rps", ModePassthrough, 0.95},
+	{"get_h2_c64_rps", ModePassthrough, 0.95},
+	{"dl_1_mibps", ModePassthrough, 0.95},
+	{"ul_1_mibps", ModePassthrough, 0.95},
+	{"dl_conns_mibps", ModePassthrough, 0.95},
+	{"ul_conns_mibps", ModePassthrough, 0.95},
+	{"dl_h2_mibps", ModePassthrough, 0.95},
+	{"ul_h2_mibps", ModePassthrough, 0.95},
+	{"cpu_s_per_gib", ModePassthrough, 1.1},
+	{"watch_p99", ModePassthrough, 1.23},
+}
+
+// idleTunnelTarget is the relay's memory per idle tunnel at 10,000 tunnels
+// that must hold (KiB; 25.3 when issue 12 was filed).
+const idleTunnelTarget = 25.0
 
 // Spread is the median and range of repeated figures.
 type Spread struct{ Median, Min, Max float64 }
@@ -85,65 +136,58 @@ func num(v float64) string {
 }
 
 // Ratio is the proxy's median over direct's.
-func (r *Results) Ratio(key, mode string) (float64, bool) {
-	d := spread(r.Values[key][ModeDirect]).Median
+func (r *Results) Ratio(key, mode string) (float64, bool) { return r.RatioTo(key, mode, ModeDirect) }
+
+// RatioTo is mode's median over base's.
+func (r *Results) RatioTo(key, mode, base string) (float64, bool) {
+	b := spread(r.Values[key][base]).Median
 	p := r.Values[key][mode]
-	if d == 0 || len(p) == 0 {
+	if b == 0 || len(p) == 0 {
 		return 0, false
 	}
-	return spread(p).Median / d, true
+	return spread(p).Median / b, true
 }
 
 // Verdict is whether a figure meets its target.
 type Verdict struct {
 	Label, Mode, Target string
-	Value               float64
-	Met                 bool
-	// Floor is the same figure for two plain TCP forwarders; FloorTLS for
-	// a pair that does this mode's TLS and nothing else (0 when not
-	// measured or not comparable).
-	Floor, FloorTLS float64
+	// Value is the ratio to Floor's figure (for the ratio targets) or the
+	// figure itself.
+	Value float64
+	Met   bool
+	// Floor names the floor the ratio is to ("" for absolute targets);
+	// Measured and FloorValue are the two medians, in Unit.
+	Floor                string
+	Measured, FloorValue float64
+	Unit                 string
 }
 
 // Verdicts checks every target the results can speak to.
 func (r *Results) Verdicts() []Verdict {
 	var out []Verdict
-	for _, f := range figures {
-		if f.target == 0 {
+	for _, t := range targets {
+		f := figureByKey(t.key)
+		floor := encryptedFloor[t.mode]
+		ratio, ok := r.RatioTo(t.key, t.mode, floor)
+		if !ok {
 			continue
 		}
-		for _, mode := range []string{ModePassthrough, ModeTerminate} {
-			ratio, ok := r.Ratio(f.key, mode)
-			if !ok {
-				continue
-			}
-			v := Verdict{Label: f.label, Mode: mode, Value: ratio}
-			v.Floor, _ = r.Ratio(f.key, ModeFloor)
-			if !f.perConn {
-				v.FloorTLS, _ = r.Ratio(f.key, encryptedFloor[mode])
-			}
-			if f.lower {
-				v.Target, v.Met = fmt.Sprintf("≤ %.2f×", f.target), ratio <= f.target
-			} else {
-				v.Target, v.Met = fmt.Sprintf("≥ %.2f×", f.target), ratio >= f.target
-			}
-			out = append(out, v)
+		v := Verdict{Label: f.label, Mode: t.mode, Value: ratio, Floor: floor, Unit: f.unit,
+			Measured: spread(r.Values[t.key][t.mode]).Median, FloorValue: spread(r.Values[t.key][floor]).Median}
+		if f.lower {
+			v.Target, v.Met = fmt.Sprintf("≤ %.2f×", t.limit), ratio <= t.limit
+		} else {
+			v.Target, v.Met = fmt.Sprintf("≥ %.2f×", t.limit), ratio >= t.limit
 		}
-	}
-	for _, mode := range []string{ModePassthrough, ModeTerminate} {
-		if v := r.Values["cpu_s_per_gib"][mode]; len(v) > 0 {
-			m := spread(v).Median
-			out = append(out, Verdict{Label: "relay + agent CPU per GiB moved", Mode: mode, Target: "≤ 3.00 s", Value: m, Met: m <= 3.0,
-				Floor: spread(r.Values["cpu_s_per_gib"][ModeFloor]).Median, FloorTLS: spread(r.Values["cpu_s_per_gib"][encryptedFloor[mode]]).Median})
-		}
+		out = append(out, v)
 	}
 	for _, p := range r.Idle.Points {
-		if p.Tunnels < 10000 {
+		if p.Tunnels < 9900 { // 10,000 asked for; up to 1% may still be reconnecting (runIdle)
 			continue // the target is set at 10,000; smaller counts are in the detail table
 		}
 		kib := p.PerTunnel / 1024
 		out = append(out, Verdict{Label: fmt.Sprintf("relay RSS per idle tunnel at %d tunnels (KiB)", p.Tunnels), Mode: "relay",
-			Target: "≤ 32 KiB", Value: kib, Met: kib <= 32})
+			Target: fmt.Sprintf("≤ %.0f KiB", idleTunnelTarget), Value: kib, Met: kib <= idleTunnelTarget})
 	}
 	out = append(out, r.Scale.verdicts()...)
 	for _, w := range r.WAN {
@@ -159,11 +203,15 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	m := r.Machine
 	fmt.Fprintf(&b, "# Benchmark results\n\n")
 	fmt.Fprintf(&b, "Written by `%s` (bench/, see [How it measures](#how-it-measures)). "+
-		"Ratios are Spectro Proxy over a direct connection to the same backend, measured in the same run.\n\n", command)
+		"Targets are ratios to the floors measured in the same run; the table of all figures also gives each over a direct "+
+		"connection to the same backend.\n\n", command)
 	fmt.Fprintf(&b, "| machine | |\n|---|---|\n")
 	fmt.Fprintf(&b, "| CPU | %s |\n| cores | %d |\n| Go | %s |\n| kernel | %s |\n", m.CPU, m.Cores, m.GoVersion, m.Kernel)
 	fmt.Fprintf(&b, "| date | %s |\n| duration | %s |\n", r.Started.UTC().Format("2006-01-02 15:04 MST"), r.Took.Round(time.Second))
 	fmt.Fprintf(&b, "| load average (1, 5, 15 min) at start / end | %s / %s |\n", m.LoadStart, m.LoadEnd)
+	if len(m.LoadPerRep) > 0 {
+		fmt.Fprintf(&b, "| load average as each repetition started | %s |\n", strings.Join(m.LoadPerRep, " / "))
+	}
 	fmt.Fprintf(&b, "| repetitions | %d (figures are medians, ranges in parentheses) |\n\n", r.Options.Reps)
 	// Only the load at the start says anything about other work: by the
 	// end, the benchmark's own processes have kept every core busy.
@@ -173,31 +221,26 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	}
 
 	fmt.Fprintf(&b, "## Targets\n\n")
-	if _, ok := r.Values["get_h1_c1_p50"][ModeFloor]; ok {
-		fmt.Fprintf(&b, "The floor columns are the same figure for two TCP forwarder processes standing where relay and agent stand "+
-			"(`bench/cmd/tcp-forwarder`: io.Copy, one goroutine per direction, no tunnel). *floor*: plain TCP between them, what any "+
-			"relay-and-agent design pays on this machine before doing any work of its own. *with this mode's TLS*: for passthrough, TLS "+
-			"between the two (floor+TLS: the least an encrypted tunnel costs); for terminate, also the client's TLS ended at the first and "+
-			"TLS from the second to the backend (floor+terminate). Not shown for new connections, where those pairs make handshakes per "+
-			"connection that a tunnel does not. A target a floor misses cannot be met by any relay and agent here.\n\n")
+	fmt.Fprintf(&b, "Issue 12's targets, each a ratio of two medians of this run: the mode's figure over the same figure for two TCP "+
+		"forwarder processes standing where relay and agent stand and doing the same TLS and nothing else "+
+		"(`bench/cmd/tcp-forwarder`: io.Copy, one goroutine per direction). For passthrough that is *floor+TLS* (TLS between the "+
+		"two: the least an encrypted tunnel costs); for terminate *floor+terminate* (also the client's TLS ended at the first and TLS "+
+		"from the second to the backend). The proxy's own cost is its distance from that floor.\n\n")
+	if r.Options.Reps < 5 {
+		fmt.Fprintf(&b, "**%d repetitions only**: the targets are set on medians of at least 5; this run is for iterating, not for judging.\n\n", r.Options.Reps)
 	}
-	fmt.Fprintf(&b, "| figure | mode | target | measured | met | floor | with this mode's TLS |\n|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| figure | mode | target | ratio to floor | met | measured | floor | floor figure |\n|---|---|---|---|---|---|---|---|\n")
 	for _, v := range r.Verdicts() {
-		unit := "×"
-		if !strings.HasSuffix(v.Target, "×") {
-			unit = ""
-		}
-		met := "yes"
+		met := "met"
 		if !v.Met {
-			met = "**no**"
+			met = "**not met**"
 		}
-		floor := func(f float64) string {
-			if f == 0 {
-				return ""
-			}
-			return fmt.Sprintf("%.2f%s", f, unit)
+		if v.Floor == "" {
+			fmt.Fprintf(&b, "| %s | %s | %s | %.2f | %s | | | |\n", v.Label, v.Mode, v.Target, v.Value, met)
+			continue
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %.2f%s | %s | %s | %s |\n", v.Label, v.Mode, v.Target, v.Value, unit, met, floor(v.Floor), floor(v.FloorTLS))
+		fmt.Fprintf(&b, "| %s | %s | %s | %.2f× | %s | %s %s | %s | %s %s |\n", v.Label, v.Mode, v.Target, v.Value, met,
+			num(v.Measured), v.Unit, v.Floor, num(v.FloorValue), v.Unit)
 	}
 
 	fmt.Fprintf(&b, "\nWhat the proxy adds to one small GET at 1 concurrent (p50, absolute):")
@@ -215,6 +258,9 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 
 	fmt.Fprintf(&b, "\n## All figures\n\n| figure | unit | direct | passthrough | × | terminate | × | floor | × | floor+TLS | × | floor+terminate | × |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, f := range figures {
+		if f.key == "cpu_s_per_gib" {
+			continue // no direct figure; in the CPU table below
+		}
 		row := []string{f.label, f.unit, spread(r.Values[f.key][ModeDirect]).String()}
 		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
 			if (mode == ModeFloorTLS || mode == ModeFloorTerminate) && f.perConn {
@@ -274,6 +320,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	if r.Scale != nil {
 		r.Scale.writeMarkdown(&b)
 	}
+	r.writeProfiles(&b)
 
 	fmt.Fprintf(&b, "\n## Integrity checks\n\n")
 	for _, c := range r.Checks {
@@ -319,9 +366,11 @@ const notes = `
   reverse proxy on both sides.
 - **Where the CPU goes.** Relay and agent add two TLS legs (the tunnel) to the client's and backend's, plus WebSocket
   framing and masking; terminate mode adds a third TLS leg (the relay terminates, the agent re-encrypts). Write syscalls
-  were a third of relay and agent CPU until tunnel messages were written with one syscall each (` + "`tunnel.BatchConn`" + `);
-  what remains is mostly the kernel's loopback copies, AES-GCM and memmove. Relay and agent CPU per GiB is the fair
-  figure for capacity planning.
+  were a third of relay and agent CPU until tunnel messages were written with one syscall each (` + "`tunnel.BatchConn`" + `),
+  and small requests paid a tunnel message and a syscall each for their headers until tunnel writes were queued and
+  sent together (` + "`tunnel.Conn.Write`" + `); what remains is mostly the kernel's loopback copies, AES-GCM and memmove.
+  Relay and agent CPU per GiB is the fair figure for capacity planning. Per small request, by process:
+  [performance.md](performance.md).
 - **Idle tunnels.** An idle tunnel holds a TLS connection, a WebSocket with a 512-byte read buffer and one goroutine
   waiting for the agent: HTTP/2 (x/net's 8 KiB of buffers, framer, HPACK state and read loop) starts on the tunnel's
   first use, and WebSocket pings watch the tunnel until then. Per tunnel: 52.3 KiB at 10,000 when this work started; at

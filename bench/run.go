@@ -31,6 +31,11 @@ type Options struct {
 	IdleTunnels              []int // relay RSS measured after each count is up
 	WANDelay                 time.Duration
 	WANTransfers             int
+	// ProfileDir, when set, has relay and agents serve their profiles
+	// (--pprof) and, after the repetitions, profiles them under small-GET
+	// loads (ProfileDuration each) into this directory.
+	ProfileDir      string
+	ProfileDuration time.Duration
 	// Skip names groups of figures not to measure: "get", "tls", "bulk",
 	// "watch" (for working on one of them).
 	Skip map[string]bool
@@ -57,7 +62,8 @@ func Full() Options {
 		WatchRate: 1000, WatchEvents: 3000,
 		IdleTunnels: []int{1000, 10000},
 		WANDelay:    25 * time.Millisecond, WANTransfers: 4,
-		ScaleTunnels: 10000,
+		ScaleTunnels:    10000,
+		ProfileDuration: 10 * time.Second,
 	}
 }
 
@@ -159,6 +165,8 @@ type Results struct {
 	Scale *ScaleResult
 	// Checks lists the integrity checks that passed.
 	Checks []string
+	// Profiles are the profiled small-GET runs (Options.ProfileDir).
+	Profiles []ProfileResult
 }
 
 func (r *Results) add(metric, mode string, v float64) {
@@ -267,12 +275,26 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		return err
 	}
 	say("starting relay and agents")
-	relay, err := StartRelay(ctx, bins.Relay, dir)
+	// Health ports (for profiles) only when profiling: the processes
+	// measured otherwise are what a deployment runs.
+	health := map[string]string{}
+	args := func(name string) []string {
+		if o.ProfileDir == "" {
+			return nil
+		}
+		addr, err := freeAddr()
+		if err != nil {
+			return nil // the profiled run then reports the missing port
+		}
+		health[name] = addr
+		return profileArgs(addr)
+	}
+	relay, err := StartRelay(ctx, bins.Relay, dir, args("relay")...)
 	if err != nil {
 		return err
 	}
 	defer relay.Stop(5 * time.Second)
-	pt, tm, stopAgents, err := startAgents(ctx, o, bins, relay, relay.Addr, "", be)
+	pt, tm, stopAgents, err := startAgents(ctx, o, bins, relay, relay.Addr, "", be, args("agent-pt"), args("agent-tm"))
 	if err != nil {
 		return err
 	}
@@ -329,7 +351,9 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		{Name: "ul_h2", Upload: true, Workers: o.Parallel, Each: o.EachParallel, H2: true},
 	}
 	for rep := range o.Reps {
-		say(fmt.Sprintf("repetition %d/%d (load %s)", rep+1, o.Reps, readLoad()))
+		load := readLoad()
+		res.Machine.LoadPerRep = append(res.Machine.LoadPerRep, load)
+		say(fmt.Sprintf("repetition %d/%d (load %s)", rep+1, o.Reps, load))
 		for _, h2 := range []bool{false, true} {
 			for _, conc := range []int{1, 64} {
 				if o.Skip["get"] {
@@ -408,6 +432,12 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 	for name, peak := range stopSampling() {
 		res.add("rss_load_"+name, "", float64(peak))
 	}
+	if o.ProfileDir != "" {
+		agents := map[string]profiled{pt.Target.Name: {p: pt.Proc, health: health["agent-pt"]}, tm.Target.Name: {p: tm.Proc, health: health["agent-tm"]}}
+		if err := runProfiles(ctx, o, profiled{p: relay.Proc, health: health["relay"]}, agents, []Target{pt.Target, tm.Target}, res, say); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -434,7 +464,7 @@ func runWAN(ctx context.Context, o Options, bins Binaries, be *Backend, res *Res
 	defer toBackend.Close()
 	// The delay sits where the internet would: between agent and relay,
 	// and for the direct case between client and API server.
-	pt, tm, stopAgents, err := startAgents(ctx, o, bins, relay, toRelay.Addr, "w", be)
+	pt, tm, stopAgents, err := startAgents(ctx, o, bins, relay, toRelay.Addr, "w", be, nil, nil)
 	if err != nil {
 		return err
 	}
@@ -475,8 +505,18 @@ func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say fu
 		if err := agents.Grow(ctx, n, 32); err != nil {
 			return err
 		}
+		up := n
 		if err := relay.WaitTunnels(ctx, n, time.Minute); err != nil {
-			return err
+			// On a busy machine an agent or two may still be
+			// re-registering after a missed liveness check; the memory
+			// of the tunnels that are up is still the figure, per tunnel
+			// up. Fewer than 99% up is a broken run.
+			got, terr := relay.Tunnels(ctx)
+			if terr != nil || got < n*99/100 {
+				return err
+			}
+			say(fmt.Sprintf("idle tunnels: %d of %d up after a minute; measuring those", got, n))
+			up = got
 		}
 		rss, err := SettledRSS(ctx, relay.Pid(), 30*time.Second)
 		if err != nil {
@@ -486,20 +526,21 @@ func runIdle(ctx context.Context, o Options, bins Binaries, res *Results, say fu
 		if err != nil {
 			return err
 		}
-		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: n, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(n),
+		res.Idle.Points = append(res.Idle.Points, IdlePoint{Tunnels: up, RSS: rss, PerTunnel: float64(rss-res.Idle.Baseline) / float64(up),
 			HeapInuse: int64(m["go_memstats_heap_inuse_bytes"]), StackInuse: int64(m["go_memstats_stack_inuse_bytes"]), Goroutines: int(m["go_goroutines"])})
 	}
 	return nil
 }
 
 // startAgents starts a passthrough agent (cluster <prefix>pt) and a
-// terminate one (<prefix>tm) dialing the relay at relayAddr.
-func startAgents(ctx context.Context, o Options, bins Binaries, relay *Relay, relayAddr, prefix string, be *Backend) (pt, tm *Agent, stop func(), err error) {
-	pt, err = StartAgent(ctx, bins.Agent, o.Dir, relay, relayAddr, prefix+"pt", ModePassthrough, be)
+// terminate one (<prefix>tm) dialing the relay at relayAddr, each with
+// its extra flags.
+func startAgents(ctx context.Context, o Options, bins Binaries, relay *Relay, relayAddr, prefix string, be *Backend, ptArgs, tmArgs []string) (pt, tm *Agent, stop func(), err error) {
+	pt, err = StartAgent(ctx, bins.Agent, o.Dir, relay, relayAddr, prefix+"pt", ModePassthrough, be, ptArgs...)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	tm, err = StartAgent(ctx, bins.Agent, o.Dir, relay, relayAddr, prefix+"tm", ModeTerminate, be)
+	tm, err = StartAgent(ctx, bins.Agent, o.Dir, relay, relayAddr, prefix+"tm", ModeTerminate, be, tmArgs...)
 	if err != nil {
 		pt.Stop(5 * time.Second)
 		return nil, nil, nil, err
@@ -553,6 +594,8 @@ type Machine struct {
 	Kernel    string
 	LoadStart string
 	LoadEnd   string
+	// LoadPerRep is the load average as each repetition started.
+	LoadPerRep []string
 }
 
 // ReadMachine reads the CPU model, core count and load.

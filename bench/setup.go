@@ -114,8 +114,9 @@ type Agent struct {
 
 // StartAgent starts the agent binary for cluster uid in mode, dialing the
 // relay at relayAddr (the relay itself, or a delay line in front of it),
-// and waits until a request through it reaches the backend.
-func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, mode string, be *Backend) (*Agent, error) {
+// and waits until a request through it reaches the backend. extra flags
+// come last (a flag given twice takes the later value).
+func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, mode string, be *Backend, extra ...string) (*Agent, error) {
 	tok, err := r.Token(uid)
 	if err != nil {
 		return nil, err
@@ -124,11 +125,11 @@ func StartAgent(ctx context.Context, bin, dir string, r *Relay, relayAddr, uid, 
 	if err := os.WriteFile(tokFile, []byte(tok), 0o600); err != nil {
 		return nil, fmt.Errorf("writing token: %w", err)
 	}
-	p, err := startProc("agent-"+uid, bin, nil,
+	p, err := startProc("agent-"+uid, bin, nil, append([]string{
 		"--server", Domain, "--relay-address", relayAddr, "--relay-ca-file", filepath.Join(r.StateDir, "ca.crt"),
-		"--cluster-uid", uid, "--token-file", tokFile, "--mode", mode, "--agent-id", "bench-"+uid,
-		"--api-server", "https://"+be.Addr, "--api-server-ca-file", be.CAFile,
-		"--health-addr=", "--drain-timeout", "2s", "--log-level", "warn")
+		"--cluster-uid", uid, "--token-file", tokFile, "--mode", mode, "--agent-id", "bench-" + uid,
+		"--api-server", "https://" + be.Addr, "--api-server-ca-file", be.CAFile,
+		"--health-addr=", "--drain-timeout", "2s", "--log-level", "warn"}, extra...)...)
 	if err != nil {
 		return nil, err
 	}

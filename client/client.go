@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/profiling"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -110,7 +111,11 @@ func (c *Client) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("listening for health checks on %s: %w", c.cfg.HealthAddr, err)
 		}
-		hs := &http.Server{Handler: c.healthHandler(), ReadHeaderTimeout: 5 * time.Second}
+		h := c.healthHandler()
+		if c.cfg.Pprof {
+			h = profiling.Wrap(h)
+		}
+		hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ln)
 		defer hs.Close()
 	}

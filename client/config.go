@@ -77,6 +77,9 @@ type Config struct {
 	ServiceAccountTokenFile string
 	// HealthAddr serves /healthz, /readyz and /metrics; empty disables it.
 	HealthAddr string
+	// Pprof also serves Go's runtime profiles at /debug/pprof/ on
+	// HealthAddr (for measuring; off by default).
+	Pprof bool
 	// AgentID names this replica; a reconnect with the same id replaces its
 	// stale session at the relay. A second tunnel registers as
 	// AgentID + SecondTunnelSuffix.

@@ -54,8 +54,9 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		req := s.drainer.enter()
 		defer req.done()
 		streamed = func(resp *http.Response) { s.streamResponse(r, resp, req) }
-		s.m.streams.WithLabelValues("http").Inc()
-		defer s.m.streams.WithLabelValues("http").Dec()
+		g := s.m.streams.WithLabelValues("http") // one label lookup per request, not two
+		g.Inc()
+		defer g.Dec()
 		if r.ProtoMajor == 1 {
 			// The response streams back while the request body may still
 			// be arriving (an upstream that answers early, or echoes).
@@ -286,23 +287,45 @@ func stripCookieDomains(h http.Header) {
 
 // stallWriter gives each write to a response WriteStallTimeout to finish;
 // past it the stream is reset.
+//
+// It keeps its own timer rather than moving the stream's write deadline
+// around each write: on an HTTP/2 stream SetWriteDeadline is a message to
+// the connection's serve loop (a channel send and a wakeup, and a timer
+// made there), two per write and two per flush, which profiles of small
+// GETs over HTTP/2 showed on every request. A deadline in the past, set
+// only when the timer fires, resets the stream at once from the timer's
+// goroutine.
 type stallWriter struct {
 	http.ResponseWriter
 	rc *http.ResponseController
 	d  time.Duration
+	t  *time.Timer // made by the first write; armed only while one runs
 }
 
+func (w *stallWriter) arm() {
+	if w.t == nil {
+		w.t = time.AfterFunc(w.d, w.stalled)
+		return
+	}
+	w.t.Reset(w.d)
+}
+
+func (w *stallWriter) disarm() { w.t.Stop() }
+
+// stalled resets the stream: a write has waited WriteStallTimeout.
+func (w *stallWriter) stalled() { _ = w.rc.SetWriteDeadline(time.Unix(1, 0)) }
+
 func (w *stallWriter) Write(p []byte) (int, error) {
-	_ = w.rc.SetWriteDeadline(time.Now().Add(w.d))
+	w.arm()
 	n, err := w.ResponseWriter.Write(p)
-	_ = w.rc.SetWriteDeadline(time.Time{})
+	w.disarm()
 	return n, err
 }
 
 func (w *stallWriter) Flush() {
-	_ = w.rc.SetWriteDeadline(time.Now().Add(w.d))
+	w.arm()
 	_ = w.rc.Flush()
-	_ = w.rc.SetWriteDeadline(time.Time{})
+	w.disarm()
 }
 
 func (w *stallWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -81,8 +81,8 @@ type Conn struct {
 
 	pongs atomic.Uint64 // WebSocket pongs received (AwaitData's liveness)
 
-	writeMu sync.Mutex
-	batch   *BatchConn // under the TLS connection, when there is one
+	wq    writeQueue // writes are queued and sent by a flusher goroutine (see Write)
+	batch *BatchConn // under the TLS connection, when there is one
 
 	closeOnce sync.Once
 	closeErr  error
@@ -171,32 +171,47 @@ func (c *Conn) ReadErr() error {
 	return c.readErr
 }
 
-// Write sends p as one or more binary messages, with one write syscall per
-// message when a BatchConn is under the TLS connection.
+// Write queues p and returns (see writeQueue); the flusher sends what has
+// queued up as one message, one TLS write and, with a BatchConn under TLS,
+// one syscall. A failed send is returned by the next Write; Close sends
+// what is queued first.
 func (c *Conn) Write(p []byte) (n int, err error) {
-	c.writeMu.Lock()
-	defer c.writeMu.Unlock()
+	for {
+		m, start, err := c.wq.write(p[n:])
+		n += m
+		if start {
+			go c.flush()
+		}
+		if err != nil || n == len(p) {
+			return n, err
+		}
+	}
+}
+
+func (c *Conn) flush() { c.wq.run(c.send) }
+
+// send writes p as one or more binary messages, with one write syscall per
+// message when a BatchConn is under the TLS connection. Only the flusher
+// calls it: gorilla allows one writer of data messages at a time, and its
+// write deadline is not safe beside that writer, so it is set here.
+func (c *Conn) send(p []byte, deadline time.Time) (err error) {
+	_ = c.ws.SetWriteDeadline(deadline)
 	if c.batch != nil {
 		c.batch.begin()
 		defer func() {
 			if ferr := c.batch.end(); ferr != nil && err == nil {
-				n, err = 0, ferr
+				err = ferr
 			}
 		}()
 	}
-	written := 0
 	for len(p) > 0 {
-		chunk := p
-		if len(chunk) > maxWriteMessage {
-			chunk = chunk[:maxWriteMessage]
-		}
+		chunk := p[:min(len(p), maxWriteMessage)]
 		if err := c.ws.WriteMessage(websocket.BinaryMessage, chunk); err != nil {
-			return written, mapCloseErr(err)
+			return mapCloseErr(err)
 		}
-		written += len(chunk)
 		p = p[len(chunk):]
 	}
-	return written, nil
+	return nil
 }
 
 // Close sends a close frame and closes the underlying connection. It is safe
@@ -204,6 +219,9 @@ func (c *Conn) Write(p []byte) (n int, err error) {
 func (c *Conn) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
+		// What was written before Close goes first (a GOAWAY, the end
+		// of a stream).
+		c.wq.drain(time.Now().Add(time.Second), func(d time.Time) { _ = c.ws.NetConn().SetWriteDeadline(d) })
 		// WriteControl is safe beside a concurrent WriteMessage.
 		_ = c.ws.WriteControl(websocket.CloseMessage,
 			websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""),
@@ -220,10 +238,18 @@ func (c *Conn) SetDeadline(t time.Time) error {
 	if err := c.ws.SetReadDeadline(t); err != nil {
 		return err
 	}
-	return c.ws.SetWriteDeadline(t)
+	return c.SetWriteDeadline(t)
 }
-func (c *Conn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.ws.SetReadDeadline(t) }
+
+// SetWriteDeadline applies to sends that start after it. Write itself only
+// queues, so a deadline set around one Write (x/net's WriteByteTimeout)
+// bounds little: HTTP/2 pings (liveness) find a tunnel whose peer stopped
+// reading, and Close bounds the last send.
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	c.wq.setDeadline(t)
+	return nil
+}
 
 func mapCloseErr(err error) error {
 	var ce *websocket.CloseError

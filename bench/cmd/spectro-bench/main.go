@@ -42,6 +42,8 @@ func run(args []string) error {
 	only := fs.Bool("skip-main", false, "Skip the comparison figures (for working on the idle or long-link phases).")
 	fs.IntVar(&o.ScaleTunnels, "scale-tunnels", o.ScaleTunnels, "Idle tunnels over 3 relay replicas on etcd in the scale case; 0 skips it.")
 	fs.BoolVar(&o.ScaleOnly, "scale-only", false, "Run only the scale case and replace its rows and section in --out, keeping the rest (make bench-scale).")
+	fs.StringVar(&o.ProfileDir, "profile", "", "When set, run relay and agents with --pprof and, after the repetitions, save their CPU and allocation profiles under small-GET loads (both modes, HTTP/1.1 and HTTP/2, 1 and 64 concurrent) into this directory.")
+	fs.DurationVar(&o.ProfileDuration, "profile-duration", o.ProfileDuration, "How long each profiled load runs.")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -106,13 +108,25 @@ func run(args []string) error {
 			return err
 		}
 	}
+	fmt.Fprintf(os.Stderr, "targets (ratio to the floor measured in this run; load %s at start, %s at end, %d cores):\n", res.Machine.LoadStart, res.Machine.LoadEnd, res.Machine.Cores)
 	for _, v := range res.Verdicts() {
 		met := "met"
 		if !v.Met {
 			met = "NOT MET"
 		}
-		fmt.Fprintf(os.Stderr, "%-70s %-12s %8.2f  %-16s %s\n", v.Label, v.Mode, v.Value, v.Target, met)
+		detail := ""
+		if v.Floor != "" {
+			detail = fmt.Sprintf("(%s %s vs %s %s %s)", v.Mode, trim(v.Measured), v.Floor, trim(v.FloorValue), v.Unit)
+		}
+		fmt.Fprintf(os.Stderr, "%-66s %-11s %6.2f  %-16s %-8s %s\n", v.Label, v.Mode, v.Value, v.Target, met, detail)
 	}
 	fmt.Fprintf(os.Stderr, "wrote %s in %s\n", *out, time.Since(start).Round(time.Second))
 	return nil
+}
+
+func trim(v float64) string {
+	if v >= 100 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
 }

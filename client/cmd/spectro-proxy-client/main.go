@@ -59,6 +59,7 @@ func agent(args []string) error {
 	fs.StringVar(&cfg.Namespace, "namespace", "", "The ConfigMap's namespace (default $POD_NAMESPACE, else the pod's service account namespace).")
 	fs.StringVar(&cfg.ServiceAccountTokenFile, "service-account-token-file", client.InClusterTokenFile, "The service account token the agent writes the ConfigMap with.")
 	fs.StringVar(&cfg.HealthAddr, "health-addr", client.DefaultHealthAddr, "Serve /healthz, /readyz and /metrics here; empty disables.")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	fs.StringVar(&cfg.AgentID, "agent-id", "", "This replica's id (default $POD_NAME, else the host name).")
 	fs.StringVar(&cfg.Tunnels, "tunnels", client.TunnelsAuto, "Tunnels to hold, on distinct relay replicas: 1, 2, or auto: 2 when the relay reports more than one replica. The second registers as <agent-id>~1.")
 	fs.DurationVar(&cfg.Liveness.ReadIdle, "tunnel-idle-timeout", tunnel.DefaultReadIdle, "After this long without a frame from the relay, ping it.")

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
+	"github.com/spectroproxy/spectro-proxy/internal/profiling"
 	"github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -83,6 +84,7 @@ func serve(args []string) error {
 	fs.StringVar(&cfg.PeerCAFile, "peer-ca-file", "", "The CA each replica issues its peer certificate from at start and verifies peers against (default <state-dir>/ca.crt).")
 	fs.StringVar(&cfg.PeerCAKeyFile, "peer-ca-key-file", "", "The key of --peer-ca-file (default <state-dir>/ca.key).")
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
+	pprofOn := fs.Bool("pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
@@ -105,7 +107,11 @@ func serve(args []string) error {
 		if err != nil {
 			return fmt.Errorf("listening for health checks on %s: %w", *healthAddr, err)
 		}
-		hs := &http.Server{Handler: s.HealthHandler(), ReadHeaderTimeout: 5 * time.Second}
+		h := s.HealthHandler()
+		if *pprofOn {
+			h = profiling.Wrap(h)
+		}
+		hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ln)
 		defer hs.Close()
 	}

@@ -1,0 +1,190 @@
+package tunnel
+
+import (
+	"net"
+	"sync"
+	"time"
+)
+
+// writeQueue turns a connection's writes into queued ones: Write appends
+// and returns, and a flusher goroutine, started when the queue was empty
+// and ended once it is, sends what has queued up meanwhile in one go.
+//
+// HTTP/2 framers (x/net's on both ends of a tunnel, net/http's towards the
+// API server) flush after every request's and response's headers, each
+// holding their connection's write lock through the whole send. Written in
+// the caller, every small request cost a write syscall of its own, and on a
+// tunnel also a WebSocket frame and a TLS record (profiles of `make bench`
+// small GETs, terminate mode: a quarter to a third of relay and agent CPU);
+// the next stream's headers waited on the lock. Queued, what concurrent
+// streams write while a send is under way leaves together; a lone write
+// costs a goroutine start, not a wait.
+//
+// Past maxPending queued bytes a writer waits for the flusher, so a slow
+// peer holds up writers as before. A failed send is returned by the next
+// write (x/net's HTTP/2 buffers its writes the same way). Deadlines set
+// with setDeadline apply to the sends that start after.
+type writeQueue struct {
+	mu       sync.Mutex
+	cond     sync.Cond // on mu: the queue was taken, or the flusher ended (a value: nothing allocated per idle connection)
+	pending  *[]byte   // pooled; bytes accepted and not yet taken by the flusher
+	flushing bool      // a flusher goroutine runs
+	err      error     // the first failed send (or close): the connection is broken
+	deadline time.Time // for the sends that start after it is set
+}
+
+// maxPending is how many bytes a queue holds before writers wait for the
+// flusher: one full tunnel message.
+const maxPending = maxWriteMessage
+
+// pendingBuffers are the queues; a connection holds one only while bytes
+// wait, so idle connections hold none.
+var pendingBuffers = sync.Pool{New: func() any {
+	b := make([]byte, 0, 32<<10)
+	return &b
+}}
+
+// write queues p, or its first n bytes. When it returns start, the caller
+// must run a flusher (go ...flush, which calls run), none was running, and
+// then call write again with the rest. (Returning start rather than taking
+// the flusher as a function saves a closure per write.)
+func (q *writeQueue) write(p []byte) (n int, start bool, err error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.cond.L == nil {
+		q.cond.L = &q.mu
+	}
+	for len(p) > 0 {
+		for q.err == nil && q.pending != nil && len(*q.pending) >= maxPending {
+			if start {
+				return n, start, nil // the flusher that would make room is not running yet
+			}
+			q.cond.Wait()
+		}
+		if q.err != nil {
+			return n, start, q.err
+		}
+		if q.pending == nil {
+			q.pending = pendingBuffers.Get().(*[]byte)
+		}
+		chunk := p[:min(len(p), maxPending-len(*q.pending))]
+		*q.pending = append(*q.pending, chunk...)
+		n += len(chunk)
+		p = p[len(chunk):]
+		if !q.flushing {
+			q.flushing, start = true, true
+		}
+	}
+	return n, start, nil
+}
+
+// run is the flusher: it sends what is queued with send until nothing is
+// left, then ends.
+func (q *writeQueue) run(send func(p []byte, deadline time.Time) error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for q.err == nil && q.pending != nil {
+		buf, deadline := q.pending, q.deadline
+		q.pending = nil
+		q.cond.Broadcast() // room for writers waiting on a full queue
+		q.mu.Unlock()
+		err := send(*buf, deadline)
+		*buf = (*buf)[:0]
+		pendingBuffers.Put(buf)
+		q.mu.Lock()
+		if err != nil && q.err == nil {
+			q.err = err
+		}
+	}
+	q.flushing = false
+	q.cond.Broadcast()
+}
+
+// drain waits until the flusher has sent what was queued, or failed, and
+// refuses writes from then on. bound is called with deadline when a send
+// is under way: a peer that reads nothing would hold it forever, so bound
+// must end it by then (a deadline on the socket).
+func (q *writeQueue) drain(deadline time.Time, bound func(time.Time)) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.cond.L == nil {
+		q.cond.L = &q.mu
+	}
+	if q.flushing {
+		q.deadline = deadline
+		bound(deadline)
+		for q.flushing {
+			q.cond.Wait()
+		}
+	}
+	if q.err == nil {
+		q.err = net.ErrClosed
+	}
+	q.cond.Broadcast()
+}
+
+func (q *writeQueue) setDeadline(t time.Time) {
+	q.mu.Lock()
+	q.deadline = t
+	q.mu.Unlock()
+}
+
+// QueuedConn is a net.Conn whose writes are queued (see writeQueue): the
+// agent's connections to the API server, where net/http's HTTP/2 client
+// writes each request's headers with a syscall of its own while many
+// requests are in flight. Reads are the connection's own.
+type QueuedConn struct {
+	net.Conn
+	q writeQueue
+}
+
+// NewQueuedConn wraps c (a TCP connection, under TLS if any).
+func NewQueuedConn(c net.Conn) *QueuedConn { return &QueuedConn{Conn: c} }
+
+// Write queues p; a failed earlier send is returned here.
+func (c *QueuedConn) Write(p []byte) (n int, err error) {
+	for {
+		m, start, err := c.q.write(p[n:])
+		n += m
+		if start {
+			go c.flush()
+		}
+		if err != nil || n == len(p) {
+			return n, err
+		}
+	}
+}
+
+func (c *QueuedConn) flush() { c.q.run(c.send) }
+
+func (c *QueuedConn) send(p []byte, deadline time.Time) error {
+	_ = c.Conn.SetWriteDeadline(deadline)
+	_, err := c.Conn.Write(p)
+	return err
+}
+
+// SetDeadline sets the read deadline now and the write deadline of the
+// sends that start after.
+func (c *QueuedConn) SetDeadline(t time.Time) error {
+	c.q.setDeadline(t)
+	return c.Conn.SetReadDeadline(t)
+}
+
+// SetWriteDeadline applies to the sends that start after it.
+func (c *QueuedConn) SetWriteDeadline(t time.Time) error {
+	c.q.setDeadline(t)
+	return nil
+}
+
+// Close sends what is queued (within a second) and closes the connection.
+func (c *QueuedConn) Close() error {
+	c.q.drain(time.Now().Add(time.Second), func(d time.Time) { _ = c.Conn.SetWriteDeadline(d) })
+	return c.Conn.Close()
+}
+
+// CloseWrite sends what is queued, then half-closes, when the connection
+// can.
+func (c *QueuedConn) CloseWrite() error {
+	c.q.drain(time.Now().Add(time.Second), func(d time.Time) { _ = c.Conn.SetWriteDeadline(d) })
+	return CloseWrite(c.Conn)
+}
