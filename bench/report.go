@@ -231,12 +231,9 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	}
 	fmt.Fprintf(&b, "| figure | mode | target | ratio to floor | met | measured | floor | floor figure |\n|---|---|---|---|---|---|---|---|\n")
 	for _, v := range r.Verdicts() {
-		met := "met"
-		if !v.Met {
-			met = "**not met**"
-		}
+		met := v.metWord()
 		if v.Floor == "" {
-			fmt.Fprintf(&b, "| %s | %s | %s | %.2f | %s | | | |\n", v.Label, v.Mode, v.Target, v.Value, met)
+			fmt.Fprintln(&b, absoluteRow(v))
 			continue
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %.2f× | %s | %s %s | %s | %s %s |\n", v.Label, v.Mode, v.Target, v.Value, met,
@@ -386,4 +383,17 @@ func busy(load string, cores int) bool {
 		return false
 	}
 	return l1 > float64(cores)
+}
+
+// metWord says whether v's target is met, as the results write it.
+func (v Verdict) metWord() string {
+	if v.Met {
+		return "met"
+	}
+	return "**not met**"
+}
+
+// absoluteRow is the Targets table row of a verdict with no floor.
+func absoluteRow(v Verdict) string {
+	return fmt.Sprintf("| %s | %s | %s | %.2f | %s | | | |", v.Label, v.Mode, v.Target, v.Value, v.metWord())
 }

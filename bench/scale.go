@@ -322,11 +322,7 @@ func (s *ScaleResult) writeMarkdown(b *strings.Builder) {
 		scaleLeaseTTL, s.Took.Round(time.Second))
 	fmt.Fprintf(b, "| figure | where | target | measured | met |\n|---|---|---|---|---|\n")
 	for _, v := range s.verdicts() {
-		met := "yes"
-		if !v.Met {
-			met = "**no**"
-		}
-		fmt.Fprintf(b, "| %s | %s | %s | %.2f | %s |\n", v.Label, v.Mode, v.Target, v.Value, met)
+		fmt.Fprintf(b, "| %s | %s | %s | %.2f | %s |\n", v.Label, v.Mode, v.Target, v.Value, v.metWord())
 	}
 	fmt.Fprintf(b, "\n| replica | tunnels held | RSS before | RSS with tunnels | per tunnel held | Go heap in use | goroutines |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range s.Replicas {
@@ -567,13 +563,7 @@ func histQuantile(before, after map[float64]float64, q float64) (time.Duration, 
 
 // scaleRow is a Targets table row of a scale verdict, as WriteMarkdown
 // writes it.
-func scaleRow(v Verdict) string {
-	met := "yes"
-	if !v.Met {
-		met = "**no**"
-	}
-	return fmt.Sprintf("| %s | %s | %s | %.2f | %s |  |  |", v.Label, v.Mode, v.Target, v.Value, met)
-}
+func scaleRow(v Verdict) string { return absoluteRow(v) }
 
 // isScaleRow recognises the scale verdicts' rows in a results file.
 func isScaleRow(line string) bool {
