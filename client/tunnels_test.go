@@ -1,7 +1,6 @@
 package client_test
 
 import (
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,30 +26,6 @@ func agentConfig(t *testing.T, r *relaytest.Relay, lb *relaytest.LB, tunnels str
 	}
 }
 
-// minOf samples f every millisecond until the returned func is called,
-// and returns the least value seen.
-func minOf(f func() int) func() int {
-	var least atomic.Int64
-	least.Store(int64(f()))
-	done, finished := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(finished)
-		tick := time.NewTicker(time.Millisecond)
-		defer tick.Stop()
-		for {
-			if n := int64(f()); n < least.Load() {
-				least.Store(n)
-			}
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	return func() int { close(done); <-finished; return int(least.Load()) }
-}
-
 // In auto, against a fleet of two, the agent holds one tunnel on each
 // replica (a second tunnel that lands on the first's replica is closed).
 // When the first tunnel's replica drains, its replacement lands on the
@@ -71,7 +46,7 @@ func TestTwoTunnelsOnDistinctReplicas(t *testing.T) {
 	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 2 },
 		10*time.Second, 5*time.Millisecond, "the second tunnel on b")
 
-	least := minOf(agent.C.Tunnels)
+	least := relaytest.SampleMin(agent.C.Tunnels)
 	require.NoError(t, a.Stop())
 	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 1 },
 		10*time.Second, 5*time.Millisecond, "b holds the first tunnel, the second gave way")

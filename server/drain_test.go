@@ -97,31 +97,6 @@ func clusterURL(path string) string {
 	return "https://" + hostname.Host(hostname.DefaultSubdomain(uid), relaytest.Domain) + path
 }
 
-// sampleMin records the least value f takes until the returned stop is
-// called, sampled every millisecond.
-func sampleMin(f func() int) (stop func() int) {
-	least := atomic.Int64{}
-	least.Store(int64(f()))
-	done := make(chan struct{})
-	finished := make(chan struct{})
-	go func() {
-		defer close(finished)
-		tick := time.NewTicker(time.Millisecond)
-		defer tick.Stop()
-		for {
-			if n := int64(f()); n < least.Load() {
-				least.Store(n)
-			}
-			select {
-			case <-done:
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	return func() int { close(done); <-finished; return int(least.Load()) }
-}
-
 // A relay told to stop (its serve context ends, as on SIGTERM) while a
 // second relay is up: the agent's replacement tunnel lands on the other
 // relay before the old one closes (the agent never has zero tunnels), a
@@ -178,7 +153,7 @@ func testDrainMovesTheAgent(t *testing.T, h2 bool) {
 		t.Fatal("the slow request never reached the API server")
 	}
 
-	least := sampleMin(agent.C.Tunnels)
+	least := relaytest.SampleMin(agent.C.Tunnels)
 	a.Terminate()
 	// b registers the replacement a moment before the agent reads its 101.
 	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 2 }, 15*time.Second, 5*time.Millisecond,
@@ -305,7 +280,7 @@ func TestDrainTrustsTheRegistry(t *testing.T) {
 		"the second tunnel (the registry says two replicas) on b")
 	lb.SetBackends(a.Addr)
 
-	least := sampleMin(agent.C.Tunnels)
+	least := relaytest.SampleMin(agent.C.Tunnels)
 	start := time.Now()
 	require.NoError(t, a.Stop())
 	assert.Less(t, time.Since(start), 5*time.Second, "the drain did not wait half its timeout for a move the registry shows done")

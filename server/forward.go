@@ -30,11 +30,8 @@ import (
 // (c replays what the router peeked), to the first holder that answers 101.
 func (s *Server) forwardConn(ctx context.Context, c *sni.Conn, name, label string, holders []fleet.Holder) {
 	remote := c.RemoteAddr().String()
-	release, ok := s.srcStreams.enter(sourceOf(remote), label)
+	release, ok := s.enterRawStream(c, label)
 	if !ok {
-		s.refuse(reasonTooManyStreamsFromSource, "host", label, "remote", remote, "max", s.cfg.MaxStreamsPerSource)
-		_ = sni.WriteAlert(c, sni.AlertInternalError)
-		c.Close()
 		return
 	}
 	defer release()

@@ -12,11 +12,8 @@ import (
 // passthrough carries a raw TLS connection to the agent serving label.
 func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, cands []*session) {
 	remote := c.RemoteAddr().String()
-	release, ok := s.srcStreams.enter(sourceOf(remote), label)
+	release, ok := s.enterRawStream(c, label)
 	if !ok {
-		s.refuse(reasonTooManyStreamsFromSource, "host", label, "remote", remote, "max", s.cfg.MaxStreamsPerSource)
-		_ = sni.WriteAlert(c, sni.AlertInternalError)
-		c.Close()
 		return
 	}
 	defer release()
@@ -45,4 +42,18 @@ func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, can
 	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
 	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
 	s.log.Debug("passthrough closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
+}
+
+// enterRawStream takes one of the source's streams to label for a raw
+// (passthrough) connection; past the source's limit it refuses c with a
+// TLS alert (there is no HTTP to explain in) and closes it.
+func (s *Server) enterRawStream(c *sni.Conn, label string) (release func(), ok bool) {
+	remote := c.RemoteAddr().String()
+	release, ok = s.srcStreams.enter(sourceOf(remote), label)
+	if !ok {
+		s.refuse(reasonTooManyStreamsFromSource, "host", label, "remote", remote, "max", s.cfg.MaxStreamsPerSource)
+		_ = sni.WriteAlert(c, sni.AlertInternalError)
+		c.Close()
+	}
+	return release, ok
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -249,3 +250,28 @@ func StartAgent(t testing.TB, cfg client.Config) *Agent {
 
 // Stop ends the agent and waits for it.
 func (a *Agent) Stop() { a.cancel(); <-a.done }
+
+// SampleMin records the least value f takes until the returned stop is
+// called, sampled every millisecond (such as an agent's tunnel count
+// through a move, which must never reach 0).
+func SampleMin(f func() int) (stop func() int) {
+	var least atomic.Int64
+	least.Store(int64(f()))
+	done, finished := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(finished)
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			if n := int64(f()); n < least.Load() {
+				least.Store(n)
+			}
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() int { close(done); <-finished; return int(least.Load()) }
+}
