@@ -491,36 +491,14 @@ func TestFleetForwarding(t *testing.T) {
 
 	t.Run("a label held by another cluster on another replica", func(t *testing.T) {
 		tok, _ := issueToken(t, stateDir, "intruder", "cluster-tm")
-		b2, err := os.ReadFile(tok)
-		require.NoError(t, err)
-		d := websocket.Dialer{
-			NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-				return (&net.Dialer{}).DialContext(ctx, network, b.addr)
-			},
-			TLSClientConfig: &tls.Config{ServerName: fleetDomain, RootCAs: relayPool},
-		}
-		h := http.Header{"Authorization": {"Bearer " + string(b2)}, tunnel.HeaderAgent: {"x"}, tunnel.HeaderRoutes: {"cluster-tm=terminate"}}
-		_, resp, err := d.Dial("wss://"+fleetDomain+tunnel.Path, h)
-		require.Error(t, err)
-		require.NotNil(t, resp)
+		resp := refusedRegistration(t, b.addr, relayPool, tok, "cluster-tm=terminate")
 		assert.Equal(t, http.StatusConflict, resp.StatusCode, "relay B has no tunnel for the label, relay A does")
 	})
 
 	t.Run("a token revoked in the registry", func(t *testing.T) {
 		tok, claims := issueToken(t, stateDir, "revoked", "")
 		require.NoError(t, f.member(fleet.Replica{ID: "cli"}).Revoke(context.Background(), claims.ID, time.Time{}))
-		b2, err := os.ReadFile(tok)
-		require.NoError(t, err)
-		d := websocket.Dialer{
-			NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-				return (&net.Dialer{}).DialContext(ctx, network, b.addr)
-			},
-			TLSClientConfig: &tls.Config{ServerName: fleetDomain, RootCAs: relayPool},
-		}
-		h := http.Header{"Authorization": {"Bearer " + string(b2)}, tunnel.HeaderAgent: {"x"}, tunnel.HeaderRoutes: {"cluster-revoked=terminate"}}
-		_, resp, err := d.Dial("wss://"+fleetDomain+tunnel.Path, h)
-		require.Error(t, err)
-		require.NotNil(t, resp)
+		resp := refusedRegistration(t, b.addr, relayPool, tok, "cluster-revoked=terminate")
 		assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
 	})
 
@@ -693,4 +671,23 @@ func TestFleetJoinFails(t *testing.T) {
 	again, err := net.Listen("tcp", peerAddr)
 	require.NoError(t, err, "the peer listener's port is free again")
 	again.Close()
+}
+
+// refusedRegistration registers a tunnel for routes with the token in
+// tokFile at the relay on addr, expects a refusal and returns its answer.
+func refusedRegistration(t *testing.T, addr string, roots *x509.CertPool, tokFile, routes string) *http.Response {
+	t.Helper()
+	tok, err := os.ReadFile(tokFile)
+	require.NoError(t, err)
+	d := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		},
+		TLSClientConfig: &tls.Config{ServerName: fleetDomain, RootCAs: roots},
+	}
+	h := http.Header{"Authorization": {"Bearer " + string(tok)}, tunnel.HeaderAgent: {"x"}, tunnel.HeaderRoutes: {routes}}
+	_, resp, err := d.Dial("wss://"+fleetDomain+tunnel.Path, h)
+	require.Error(t, err, "the registration must be refused")
+	require.NotNil(t, resp)
+	return resp
 }
