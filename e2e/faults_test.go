@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -706,18 +707,29 @@ func TestFaultThousandAgentsReconnect(t *testing.T) {
 	limited := m[refusals("rate_limited")]
 	accepted := m[`spectro_proxy_tunnel_registrations_total{result="accepted"}`]
 	// Each agent registers once; a tunnel that a busy machine's late pong
-	// takes down registers again, which is the agent doing its job, so 1%
-	// slack, but no storm.
+	// takes down registers again, which is the agent doing its job. The
+	// 1,000 agents share this -race test process: alone it sees 1000-1002
+	// registrations, beside other test packages 1015-1035 (pongs later
+	// than the 5s ping timeout). So 5% slack, but no storm (a storm is
+	// every agent twice); on failure the relay's disconnect lines say why.
 	assert.GreaterOrEqual(t, accepted, float64(agents), "every agent registered")
-	assert.LessOrEqual(t, accepted, float64(agents+agents/100), "agents registered once each, but for a few liveness reconnects")
+	if !assert.LessOrEqual(t, accepted, float64(agents+agents/20), "agents registered once each, but for a few liveness reconnects") {
+		n := 0
+		for _, l := range strings.Split(r2.Output(), "\n") {
+			if strings.Contains(l, "agent disconnected") && n < 40 {
+				t.Log(l)
+				n++
+			}
+		}
+	}
 	// Agents that were told to come back later did not hammer: each was
 	// turned away a few times at most.
 	assert.Less(t, limited, float64(3*agents), "agents honour Retry-After")
 	assert.Less(t, peak, peakMax, "relay memory bounded")
 	assert.Less(t, cpu, cpuMax, "relay CPU bounded")
 	figure(t, "1,000 agents reconnecting at once after a relay restart (SIGTERM, new process)",
-		fmt.Sprintf("all back in %v (first connect %v); %0.f attempts turned away with Retry-After by the %s/s limit", back.Round(100*time.Millisecond),
-			first.Round(100*time.Millisecond), limited, rate), "< 60s")
+		fmt.Sprintf("all back in %v (first connect %v); %.0f registrations; %0.f attempts turned away with Retry-After by the %s/s limit", back.Round(100*time.Millisecond),
+			first.Round(100*time.Millisecond), accepted, limited, rate), "< 60s")
 	figure(t, "relay process during the 1,000-agent reconnect",
 		fmt.Sprintf("CPU %v, peak RSS %.0f MiB, RSS %.0f MiB with 1,000 tunnels (before restart: %.0f MiB)", cpu.Round(10*time.Millisecond), peak, rss, steadyRSS),
 		fmt.Sprintf("CPU < %v, peak < %.0f MiB", cpuMax, peakMax))
