@@ -128,21 +128,27 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	// goroutine (its stack grown by the TLS handshake), the request and
 	// net/http's connection state would otherwise live as long as the
 	// tunnel, which is most of what an idle tunnel costs.
-	conn.AfterClose(func() {
-		expiry()
-		if s.reg.remove(sess) {
-			s.withdraw(sess) // not when replaced: the successor holds the keys
-		}
-		s.m.tunnels.Dec()
-		cc.Close()
-		readErr := conn.ReadErr()
-		if errors.Is(readErr, websocket.ErrReadLimit) {
-			s.refuse(reasonMessageTooLarge, "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
-				"limit_bytes", tunnel.MaxMessageSize)
-		}
-		s.log.Info("agent disconnected", "cluster", claims.ClusterUID, "agent", agentID, "remote", remote,
-			"connected_for", time.Since(sess.since).Round(time.Millisecond).String(), "read_error", readErr)
-	})
+	conn.AfterClose(func() { s.tunnelClosed(sess, conn, expiry) })
+}
+
+// tunnelClosed cleans up after sess's tunnel closed. (A method rather than
+// the closure's body: the closure AfterClose holds for the life of every
+// tunnel then captures three pointers, not a copy of the token's claims
+// and the strings beside them.)
+func (s *Server) tunnelClosed(sess *session, conn *tunnel.Conn, expiry func()) {
+	expiry()
+	if s.reg.remove(sess) {
+		s.withdraw(sess) // not when replaced: the successor holds the keys
+	}
+	s.m.tunnels.Dec()
+	sess.cc.Close()
+	readErr := conn.ReadErr()
+	if errors.Is(readErr, websocket.ErrReadLimit) {
+		s.refuse(reasonMessageTooLarge, "cluster", sess.clusterUID, "agent", sess.agentID, "remote", sess.remote,
+			"limit_bytes", tunnel.MaxMessageSize)
+	}
+	s.log.Info("agent disconnected", "cluster", sess.clusterUID, "agent", sess.agentID, "remote", sess.remote,
+		"connected_for", time.Since(sess.since).Round(time.Millisecond).String(), "read_error", readErr)
 }
 
 // registration is what authorize allows: one agent replica of a cluster,

@@ -50,8 +50,10 @@ func (l Liveness) WithDefaults() Liveness {
 // read loop are most of what an idle tunnel would cost the relay. The
 // error is why the connection ended; Close has been called.
 func (c *Conn) AwaitData(ctx context.Context, live Liveness) error {
-	stop := context.AfterFunc(ctx, func() { c.Close() })
-	defer stop()
+	if ctx.Done() != nil { // the relay's lazy client passes Background: nothing to hold per tunnel
+		stop := context.AfterFunc(ctx, func() { c.Close() })
+		defer stop()
+	}
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
 	if c.reading || c.r != nil {

@@ -128,7 +128,7 @@ func (l *LazyClientConn) CanTakeNewRequest() bool {
 	cc, closed := l.cc, l.closed || l.err != nil
 	l.mu.Unlock()
 	if cc == nil {
-		return !closed && l.conn.closed.Err() == nil
+		return !closed && !l.conn.Closed()
 	}
 	return cc.CanTakeNewRequest()
 }

@@ -119,6 +119,7 @@ func TestAfterClose(t *testing.T) {
 	c, _ := wsPair(t)
 	ran := make(chan string, 2)
 	c.AfterClose(func() { ran <- "before" })
+	done := c.Done() // asked for before Close: Close closes it
 	select {
 	case <-ran:
 		t.Fatal("ran before Close")
@@ -126,6 +127,7 @@ func TestAfterClose(t *testing.T) {
 	}
 	c.Close()
 	require.Equal(t, "before", <-ran)
+	<-done
 	c.AfterClose(func() { ran <- "after" })
 	require.Equal(t, "after", <-ran, "registered on a closed Conn, it runs at once")
 }
