@@ -124,6 +124,8 @@ func (s *Server) connState(c net.Conn, state http.ConnState) {
 		s.idle.leave(c)
 	}
 	switch state {
+	case http.StateActive:
+		s.queueHTTP2Writes(c)
 	case http.StateHijacked:
 		s.watched.Delete(c)
 	case http.StateClosed:
@@ -202,6 +204,24 @@ type watchedConn struct {
 	net.Conn
 	read     atomic.Int64
 	timedOut atomic.Bool
+	// protoSeen: queueHTTP2Writes has looked at the connection's protocol.
+	protoSeen atomic.Bool
+}
+
+// queueHTTP2Writes queues the writes of a public connection that speaks
+// HTTP/2 (tunnel.QueueWrites), once, at its first state change after the
+// handshake.
+func (s *Server) queueHTTP2Writes(c net.Conn) {
+	v, ok := s.watched.Load(c)
+	if !ok {
+		return
+	}
+	if v.(*watchedConn).protoSeen.Swap(true) {
+		return
+	}
+	if tc, ok := c.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
+		tunnel.QueueWrites(tc)
+	}
 }
 
 func (w *watchedConn) Read(p []byte) (int, error) {

@@ -4,6 +4,8 @@ import (
 	"crypto/tls"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // BatchConn sits under a tunnel's TLS connection and lets Conn.Write send
@@ -21,6 +23,27 @@ type BatchConn struct {
 	batching bool    // Conn.Write holds its write lock for a batch, so they never nest
 	buf      *[]byte // pooled, only held during a batch
 	err      error   // a failed flush; the connection is broken from then on
+
+	// q, once QueueWrites has set it, queues every write (see writeQueue):
+	// a public HTTP/2 connection, whose server flushes each response on
+	// its own.
+	q atomic.Pointer[writeQueue]
+}
+
+// QueueWrites makes every later write to the BatchConn under c (through
+// TLS and wrappers that unwrap) queued and sent by a flusher, as the
+// tunnel's own writes are: net/http's HTTP/2 server flushes each
+// response's frames with a TLS record and a syscall of their own, and the
+// responses of concurrent streams then leave together. Deadlines set on
+// the connection apply to the sends under way. It reports whether c has a
+// BatchConn under it.
+func QueueWrites(c net.Conn) bool {
+	b := batchOf(c)
+	if b == nil {
+		return false
+	}
+	b.q.CompareAndSwap(nil, &writeQueue{})
+	return true
 }
 
 // NewBatchConn wraps c (a TCP connection, before TLS).
@@ -43,6 +66,9 @@ const tlsRecordMax = 16<<10 + 256
 // keeps bytes in order when a write outside the batch (a WebSocket ping
 // from another goroutine) meets a flush.
 func (b *BatchConn) Write(p []byte) (int, error) {
+	if q := b.q.Load(); q != nil {
+		return b.queue(q, p)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.err != nil {
@@ -61,6 +87,42 @@ func (b *BatchConn) Write(p []byte) (int, error) {
 		}
 	}
 	return len(p), nil
+}
+
+func (b *BatchConn) queue(q *writeQueue, p []byte) (n int, err error) {
+	for {
+		m, start, err := q.write(p[n:])
+		n += m
+		if start {
+			go b.flushQueue(q)
+		}
+		if err != nil || n == len(p) {
+			return n, err
+		}
+	}
+}
+
+func (b *BatchConn) flushQueue(q *writeQueue) { q.run(b.send) }
+
+// send writes what the queue took, in order with any direct write.
+func (b *BatchConn) send(p []byte, _ time.Time) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.err != nil {
+		return b.err
+	}
+	if _, err := b.Conn.Write(p); err != nil {
+		b.err = err
+	}
+	return b.err
+}
+
+// Close sends what is queued first (within a second), then closes.
+func (b *BatchConn) Close() error {
+	if q := b.q.Load(); q != nil {
+		q.drain(time.Now().Add(time.Second), func(d time.Time) { _ = b.Conn.SetWriteDeadline(d) })
+	}
+	return b.Conn.Close()
 }
 
 func (b *BatchConn) flushLocked() error {

@@ -3,6 +3,8 @@ package tunnel
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -146,4 +148,76 @@ func TestBatchConnReportsFailedFlush(t *testing.T) {
 	require.Error(t, err, "a failed send is reported")
 	_, err = server.Write([]byte("x"))
 	require.Error(t, err, "and the connection stays broken")
+}
+
+// TestQueueWrites: once QueueWrites has switched a TLS connection's
+// BatchConn, concurrent writers' bytes all arrive, each writer's in order,
+// Close still sends what was queued (the last records and close_notify),
+// and writes after Close fail.
+func TestQueueWrites(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	hs := httptest.NewUnstartedServer(nil)
+	defer hs.Close()
+	hs.StartTLS() // only for its certificate and the client config that trusts it
+	srvConf := hs.TLS.Clone()
+	cliConf := hs.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+	cliConf.ServerName = "example.com"
+
+	writes := new(atomic.Int64)
+	srvCh := make(chan *tls.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			close(srvCh)
+			return
+		}
+		tc := tls.Server(NewBatchConn(countingConn{Conn: c, writes: writes}), srvConf)
+		if tc.Handshake() != nil {
+			close(srvCh)
+			return
+		}
+		srvCh <- tc
+	}()
+	cli, err := tls.Dial("tcp", ln.Addr().String(), cliConf)
+	require.NoError(t, err)
+	defer cli.Close()
+	srv := <-srvCh
+	require.NotNil(t, srv, "server handshake")
+	require.True(t, QueueWrites(srv), "a BatchConn is under the TLS connection")
+	assert.False(t, QueueWrites(cli), "none under the client's")
+
+	const writers, each = 8, 500
+	got := make(chan []byte, 1)
+	go func() { b, _ := io.ReadAll(cli); got <- b }()
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := range each {
+				_, err := fmt.Fprintf(srv, "w%d:%04d;", w, i)
+				if err != nil {
+					t.Errorf("write: %v", err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	require.NoError(t, srv.Close())
+	b := <-got
+	next := make([]int, writers)
+	for _, rec := range strings.Split(strings.TrimSuffix(string(b), ";"), ";") {
+		var w, i int
+		_, err := fmt.Sscanf(rec, "w%d:%d", &w, &i)
+		require.NoError(t, err, "record %q", rec)
+		require.Equal(t, next[w], i, "writer %d's records in order", w)
+		next[w]++
+	}
+	for w := range writers {
+		assert.Equal(t, each, next[w], "every record of writer %d arrived", w)
+	}
+	t.Logf("%d writes, %d socket writes", writers*each, writes.Load())
+	_, err = srv.Write([]byte("late"))
+	assert.Error(t, err, "writes after Close fail")
 }
