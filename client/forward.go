@@ -122,7 +122,7 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 			}
 		},
 		Transport:  tr,
-		BufferPool: tunnel.ProxyBuffers,
+		BufferPool: tunnel.ProxyBuffers, // serveStream sizes them per response
 		// Zero, not -1: ReverseProxy flushes every write anyway when the
 		// length is unknown (watches, logs -f, event streams), and a
 		// response of known length then leaves as one write instead of
@@ -174,7 +174,13 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 		kubestatus.Write(w, http.StatusForbidden, "Forbidden", "spectro-proxy agent: route "+rt.label+" is not terminate")
 		return
 	}
-	rt.proxy.ServeHTTP(w, r)
+	// The route's proxy, with copy buffers sized for this response (see
+	// tunnel.ResponseBuffers): a shallow copy per request.
+	rp := *rt.proxy
+	bufs := &tunnel.ResponseBuffers{}
+	rp.BufferPool = bufs
+	rp.ModifyResponse = func(resp *http.Response) error { bufs.Size(resp); return nil }
+	rp.ServeHTTP(w, r)
 }
 
 func (c *Client) serveTCP(w http.ResponseWriter, r *http.Request, rt *route) {

@@ -78,6 +78,7 @@ func (s *Server) forwardTerminated(w http.ResponseWriter, r *http.Request, label
 		return false
 	}
 	name := hostname.Host(label, s.cfg.Domain)
+	bufs := &tunnel.ResponseBuffers{}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
@@ -95,12 +96,13 @@ func (s *Server) forwardTerminated(w http.ResponseWriter, r *http.Request, label
 			pr.Out.Header.Set(peer.HeaderSource, r.RemoteAddr)
 		},
 		Transport:  &peerTransport{s: s, label: label, holders: holders},
-		BufferPool: tunnel.ProxyBuffers,
+		BufferPool: bufs,
 		// As for local tunnels: streamed responses (watches, logs -f)
 		// are flushed at every write by ReverseProxy itself.
 		FlushInterval: 0,
 		ModifyResponse: func(resp *http.Response) error {
 			streamed(resp)
+			bufs.Size(resp)
 			return nil
 		},
 		ErrorHandler: s.forwardError,

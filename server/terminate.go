@@ -68,6 +68,7 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 	if s.forwardTerminated(w, r, label, streamed) {
 		return // no local tunnel: another replica's (forward.go)
 	}
+	bufs := &tunnel.ResponseBuffers{}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
@@ -81,7 +82,7 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			pr.Out.Header.Set(tunnel.HeaderRoute, label)
 		},
 		Transport:  routeTransport{s: s, label: label},
-		BufferPool: tunnel.ProxyBuffers,
+		BufferPool: bufs,
 		// Watches and logs -f (no Content-Length) are flushed at every
 		// write by ReverseProxy itself; a response of known length goes
 		// out without a flush per write (see client/forward.go).
@@ -93,6 +94,7 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		ModifyResponse: func(resp *http.Response) error {
 			stripCookieDomains(resp.Header)
 			streamed(resp)
+			bufs.Size(resp)
 			return nil
 		},
 		ErrorHandler: s.proxyError,
