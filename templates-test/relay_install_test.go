@@ -28,29 +28,38 @@ import (
 // namespace that --create-namespace makes after the render, kept by upgrades
 // and by uninstall plus reinstall, and refused by a client-only render (what
 // `helm template` and GitOps tools do).
-func TestRelayHelmInstallSigningKey(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a control plane")
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
+// relayCluster starts a control plane for a relay install test (skipping
+// when its binaries are not cached) and returns an admin kubeconfig file
+// and a client. The kubeconfig embeds its certificates rather than naming
+// files: client-go watches certificate files with goroutines that outlive
+// the test (goleak).
+func relayCluster(ctx context.Context, t *testing.T) (kubeconfig string, cs *kubernetes.Clientset) {
+	t.Helper()
 	c, err := testcluster.Start(ctx, testcluster.Options{})
 	if errors.Is(err, testcluster.ErrBinariesMissing) {
 		t.Skipf("no control plane: %v (run hack/kube-bins.sh)", err)
 	}
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Stop() })
-	// Certificates embedded, not files: client-go watches certificate files
-	// with goroutines that outlive the test (goleak).
 	raw, err := clientcmd.LoadFromFile(c.AdminKubeconfig)
 	require.NoError(t, err)
 	require.NoError(t, clientcmdapi.FlattenConfig(raw))
-	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	kubeconfig = filepath.Join(t.TempDir(), "kubeconfig")
 	require.NoError(t, clientcmd.WriteToFile(*raw, kubeconfig))
 	restCfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	require.NoError(t, err)
-	cs, err := kubernetes.NewForConfig(restCfg)
+	cs, err = kubernetes.NewForConfig(restCfg)
 	require.NoError(t, err)
+	return kubeconfig, cs
+}
+
+func TestRelayHelmInstallSigningKey(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a control plane")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	kubeconfig, cs := relayCluster(ctx, t)
 
 	const ns, release = "relay-new", "relay"
 	secretName := release + "-spectro-proxy-server-signing-key"
@@ -80,7 +89,7 @@ func TestRelayHelmInstallSigningKey(t *testing.T) {
 	dry := action.NewInstall(dryCfg)
 	dry.ReleaseName, dry.Namespace, dry.DryRun, dry.ClientOnly = release, ns, true, true
 	dry.KubeVersion = &chartutil.KubeVersion{Version: "v1.34.0", Major: "1", Minor: "34"} // as --kube-version
-	_, err = dry.RunWithContext(ctx, loadChart(t, relayChart), values)
+	_, err := dry.RunWithContext(ctx, loadChart(t, relayChart), values)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "set signingKey.existingSecret=spectro-proxy-signing-key")
 
@@ -126,21 +135,7 @@ func TestRelayHelmInstallFleet(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	c, err := testcluster.Start(ctx, testcluster.Options{})
-	if errors.Is(err, testcluster.ErrBinariesMissing) {
-		t.Skipf("no control plane: %v (run hack/kube-bins.sh)", err)
-	}
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = c.Stop() })
-	raw, err := clientcmd.LoadFromFile(c.AdminKubeconfig)
-	require.NoError(t, err)
-	require.NoError(t, clientcmdapi.FlattenConfig(raw)) // see TestRelayHelmInstallSigningKey
-	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
-	require.NoError(t, clientcmd.WriteToFile(*raw, kubeconfig))
-	restCfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
-	require.NoError(t, err)
-	cs, err := kubernetes.NewForConfig(restCfg)
-	require.NoError(t, err)
+	kubeconfig, cs := relayCluster(ctx, t)
 
 	const ns, release = "relay-fleet", "fleet"
 	name := release + "-spectro-proxy-server"
@@ -156,7 +151,7 @@ func TestRelayHelmInstallFleet(t *testing.T) {
 	dry := action.NewInstall(dryCfg)
 	dry.ReleaseName, dry.Namespace, dry.DryRun, dry.ClientOnly = release, ns, true, true
 	dry.KubeVersion = &chartutil.KubeVersion{Version: "v1.34.0", Major: "1", Minor: "34"}
-	_, err = dry.RunWithContext(ctx, loadChart(t, relayChart), values)
+	_, err := dry.RunWithContext(ctx, loadChart(t, relayChart), values)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "no peer CA: rendered without a cluster")
 

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -38,6 +39,23 @@ type fleet struct {
 func (f *fleet) isEtcd() bool { return f.etcd != nil }
 
 func (f *fleet) et(i int) *Etcd { return f.regs[i].(*Etcd) }
+
+// recordReady records every change of Ready of the registries regs, in
+// order, and returns a function that reads the changes so far.
+func (f *fleet) recordReady(regs ...int) func() []bool {
+	var mu sync.Mutex
+	var changes []bool
+	for _, i := range regs {
+		f.et(i).mu.Lock()
+		f.et(i).readyHook = func(r bool) { mu.Lock(); changes = append(changes, r); mu.Unlock() }
+		f.et(i).mu.Unlock()
+	}
+	return func() []bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(changes)
+	}
+}
 
 // eventually polls cond every 20ms until it holds or the deadline passes.
 func (f *fleet) eventually(within time.Duration, what string, cond func() bool) {
@@ -348,11 +366,7 @@ var cases = []testCase{{
 	opts:      fleetOpts{n: 2},
 	fleetOnly: true,
 	run: func(t *testing.T, f *fleet) {
-		var mu sync.Mutex
-		var changes []bool
-		f.et(0).mu.Lock()
-		f.et(0).readyHook = func(r bool) { mu.Lock(); changes = append(changes, r); mu.Unlock() }
-		f.et(0).mu.Unlock()
+		changes := f.recordReady(0)
 		f.regs[0].Announce(tun("l1.example", "c6", "agent1"))
 		f.regs[0].Announce(tun("l2.example", "c7", "agent1"))
 		f.eventually(5*time.Second, "replica 1 sees both", func() bool {
@@ -373,9 +387,7 @@ var cases = []testCase{{
 			return len(f.regs[1].Lookup("l1.example")) == 1 && len(f.regs[1].Lookup("l2.example")) == 1
 		})
 		require.True(t, f.regs[0].Ready())
-		mu.Lock()
-		require.Equal(t, []bool{false, true}, changes, "unready from the lease's loss to the new grant")
-		mu.Unlock()
+		require.Equal(t, []bool{false, true}, changes(), "unready from the lease's loss to the new grant")
 		require.Equal(t, 1.0, testutil.ToFloat64(f.et(0).m.held))
 	},
 }, {
@@ -383,11 +395,7 @@ var cases = []testCase{{
 	opts:      fleetOpts{n: 2, ttl: 2 * time.Second},
 	fleetOnly: true,
 	run: func(t *testing.T, f *fleet) {
-		var mu sync.Mutex
-		var changes []bool
-		f.et(0).mu.Lock()
-		f.et(0).readyHook = func(r bool) { mu.Lock(); changes = append(changes, r); mu.Unlock() }
-		f.et(0).mu.Unlock()
+		changes := f.recordReady(0)
 		f.regs[0].Announce(tun("p.example", "c8", "agent1"))
 		f.eventually(5*time.Second, "replica 1 sees p.example, r0 sees r1", func() bool {
 			return len(f.regs[1].Lookup("p.example")) == 1 && len(f.regs[0].Replicas()) == 2
@@ -403,9 +411,7 @@ var cases = []testCase{{
 		f.eventually(15*time.Second, "replica 1 sees r0 with both tunnels", func() bool {
 			return len(f.regs[1].Lookup("p.example")) == 1 && len(f.regs[1].Lookup("q.example")) == 1
 		})
-		mu.Lock()
-		require.Equal(t, []bool{false, true}, changes)
-		mu.Unlock()
+		require.Equal(t, []bool{false, true}, changes())
 	},
 }, {
 	name:      "silent partition past the TTL (no RST): nothing hangs, ready, then a new lease",
@@ -472,13 +478,7 @@ var cases = []testCase{{
 	opts:      fleetOpts{n: 2, ttl: 4 * time.Second},
 	fleetOnly: true,
 	run: func(t *testing.T, f *fleet) {
-		var mu sync.Mutex
-		var changes []bool
-		for i := range f.regs {
-			f.et(i).mu.Lock()
-			f.et(i).readyHook = func(r bool) { mu.Lock(); changes = append(changes, r); mu.Unlock() }
-			f.et(i).mu.Unlock()
-		}
+		changes := f.recordReady(0, 1)
 		f.regs[0].Announce(tun("up.example", "c1", "agent1"))
 		f.eventually(5*time.Second, "replica 1 sees up.example", func() bool { return len(f.regs[1].Lookup("up.example")) == 1 })
 		leases := f.keys()
@@ -520,9 +520,7 @@ var cases = []testCase{{
 		k := f.keys()
 		require.Equal(t, leases["replicas/r0"], k["replicas/r0"], "r0's lease outlived the outage")
 		require.Equal(t, leases["replicas/r1"], k["replicas/r1"], "r1's lease outlived the outage")
-		mu.Lock()
-		require.Empty(t, changes, "Ready never changed")
-		mu.Unlock()
+		require.Empty(t, changes(), "Ready never changed")
 	},
 }, {
 	name:      "a storm of 3,300 announces is batched",
