@@ -368,7 +368,7 @@ const notes = `
   sent together (` + "`tunnel.Conn.Write`" + `); what remains is mostly the kernel's loopback copies, AES-GCM and memmove.
   Relay and agent CPU per GiB is the fair figure for capacity planning. Per small request, by process:
   [performance.md](performance.md).
-- **Idle tunnels.** An idle tunnel holds a TLS connection, a WebSocket with a 512-byte read buffer and one goroutine
+- **Idle tunnels.** An idle tunnel holds a TLS connection, a WebSocket with a 256-byte read buffer and one goroutine
   waiting for the agent: HTTP/2 (x/net's 8 KiB of buffers, framer, HPACK state and read loop) starts on the tunnel's
   first use, and WebSocket pings watch the tunnel until then. Per tunnel: 52.3 KiB at 10,000 when this work started; at
   3,000, 49.2 KiB, then 39.4 KiB once the cleanup goroutine and the 4 KiB read buffer went, then 26.1 KiB with HTTP/2

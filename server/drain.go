@@ -187,7 +187,7 @@ func (s *Server) moveTunnels() {
 // agent answered 200.
 func (s *Server) sendMove(ctx context.Context, sess *session, timeout time.Duration) error {
 	labels := make([]string, 0, len(sess.routes))
-	for label := range sess.routes {
+	for label := range sess.routes.all() {
 		labels = append(labels, label)
 	}
 	slices.Sort(labels)
@@ -213,7 +213,7 @@ func (s *Server) moved(sess *session) bool {
 	if !s.reg.holds(sess) || !sess.cc.CanTakeNewRequest() {
 		return true
 	}
-	for label := range sess.routes {
+	for label := range sess.routes.all() {
 		elsewhere := false
 		for _, h := range s.fl.reg.Lookup(label) {
 			if h.Replica.ID != s.cfg.ReplicaID && h.ClusterUID == sess.clusterUID {

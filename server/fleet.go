@@ -303,12 +303,12 @@ func (s *Server) fleetNotReady() string {
 // announce records sess's labels in the registry; old is the session
 // it replaced, whose labels sess no longer serves are withdrawn.
 func (s *Server) announce(sess, old *session) {
-	for label, mode := range sess.routes {
+	for label, mode := range sess.routes.all() {
 		s.fl.reg.Announce(tunnelOf(sess, label, mode))
 	}
 	if old != nil {
-		for label, mode := range old.routes {
-			if _, ok := sess.routes[label]; !ok {
+		for label, mode := range old.routes.all() {
+			if _, ok := sess.routes.mode(label); !ok {
 				s.fl.reg.Withdraw(tunnelOf(old, label, mode))
 			}
 		}
@@ -317,7 +317,7 @@ func (s *Server) announce(sess, old *session) {
 
 // withdraw removes sess's labels from the registry.
 func (s *Server) withdraw(sess *session) {
-	for label, mode := range sess.routes {
+	for label, mode := range sess.routes.all() {
 		s.fl.reg.Withdraw(tunnelOf(sess, label, mode))
 	}
 }
@@ -328,8 +328,8 @@ func tunnelOf(sess *session, label string, mode tunnel.Mode) fleet.Tunnel {
 
 // heldInFleet returns a label of routes another cluster's tunnel holds
 // on any replica, or "" (the fleet-wide form of registry.heldByOther).
-func (s *Server) heldInFleet(routes map[string]tunnel.Mode, clusterUID string) string {
-	for label := range routes {
+func (s *Server) heldInFleet(routes routeSet, clusterUID string) string {
+	for label := range routes.all() {
 		if owner, ok := s.fl.reg.LabelOwner(label); ok && owner != clusterUID {
 			return label
 		}

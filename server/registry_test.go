@@ -44,7 +44,7 @@ func fakeSession(t *testing.T, cluster, agent string, labels ...string) *session
 	}
 	a, b := net.Pipe()
 	t.Cleanup(func() { a.Close(); b.Close() })
-	return &session{agentID: agent, clusterUID: cluster, routes: routes, cc: &fakeTunnel{}, conn: a, maxStreams: 1000}
+	return &session{agentID: agent, clusterUID: cluster, routes: newRouteSet(routes), cc: &fakeTunnel{}, conn: a, maxStreams: 1000}
 }
 
 func agents(list []*session) []string {
@@ -151,9 +151,9 @@ func TestRegistryHeldByOther(t *testing.T) {
 	r := newRegistry()
 	_, err := r.add(fakeSession(t, "A", "1", "a"), 0)
 	require.NoError(t, err)
-	assert.Equal(t, "a", r.heldByOther(map[string]tunnel.Mode{"a": tunnel.Terminate}, "B"))
-	assert.Equal(t, "", r.heldByOther(map[string]tunnel.Mode{"a": tunnel.Terminate}, "A"), "the cluster's own replicas may join")
-	assert.Equal(t, "", r.heldByOther(map[string]tunnel.Mode{"b": tunnel.Terminate}, "B"))
+	assert.Equal(t, "a", r.heldByOther(newRouteSet(map[string]tunnel.Mode{"a": tunnel.Terminate}), "B"))
+	assert.Equal(t, "", r.heldByOther(newRouteSet(map[string]tunnel.Mode{"a": tunnel.Terminate}), "A"), "the cluster's own replicas may join")
+	assert.Equal(t, "", r.heldByOther(newRouteSet(map[string]tunnel.Mode{"b": tunnel.Terminate}), "B"))
 }
 
 // openStream tries the candidates in order: past a full tunnel and a
@@ -248,4 +248,21 @@ func TestRegistrySessionsPerCluster(t *testing.T) {
 	r.remove(old) // harmless
 	assert.True(t, r.clusterFull("A", "3", 2))
 	assert.False(t, r.clusterFull("B", "1", 2), "another cluster")
+}
+
+func TestRouteSet(t *testing.T) {
+	rs := newRouteSet(map[string]tunnel.Mode{"b": tunnel.Terminate, "a": tunnel.Passthrough, "c": tunnel.Terminate})
+	var labels []string
+	for label := range rs.all() {
+		labels = append(labels, label)
+	}
+	assert.Equal(t, []string{"a", "b", "c"}, labels, "every label, in order")
+	m, ok := rs.mode("a")
+	assert.True(t, ok)
+	assert.Equal(t, tunnel.Passthrough, m)
+	_, ok = rs.mode("d")
+	assert.False(t, ok, "a label the set does not have")
+	for range rs.all() {
+		break // stopping early is safe
+	}
 }

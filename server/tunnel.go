@@ -51,7 +51,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		s.retryLater(w, http.StatusServiceUnavailable, 1+rand.IntN(5), "too many tunnel registrations right now")
 		return
 	}
-	claims, routes, agentID := reg.claims, reg.routes, reg.agentID
+	claims, routes, agentID := reg.claims, newRouteSet(reg.routes), reg.agentID
 	// One cluster's token cannot spend the registration budget of all:
 	// its registrations are rate-limited on their own.
 	if blocked, wait := s.clusterRegs.blocked(claims.ClusterUID); blocked {
@@ -218,7 +218,7 @@ func (s *Server) retryLater(w http.ResponseWriter, code, afterSeconds int, msg s
 // hostnames renders the public host names of a session's labels.
 func (s *Server) hostnames(sess *session) []string {
 	out := make([]string, 0, len(sess.routes))
-	for label, mode := range sess.routes {
+	for label, mode := range sess.routes.all() {
 		out = append(out, fmt.Sprintf("%s (%s)", hostname.Host(label, s.cfg.Domain), mode))
 	}
 	return out

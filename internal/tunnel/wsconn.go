@@ -36,13 +36,13 @@ var writeBuffers sync.Pool
 
 // NewUpgrader returns the WebSocket upgrader for the relay's tunnel
 // endpoint, sized for many idle tunnels (measured with `make bench`):
-//   - A 512-byte read buffer, not the 4 KiB one net/http already has for
+//   - A 256-byte read buffer, not the 4 KiB one net/http already has for
 //     the connection. It only ever holds frame headers and small frames:
 //     payloads bypass it (bufio reads straight into a caller's buffer that
 //     is bigger than its own, and x/net reads in 4 KiB or whole frames), so
 //     a larger one costs every idle tunnel memory and buys nothing. 64 KiB
 //     buffers were once 64 of the relay's 77 KiB per idle tunnel; 4 KiB
-//     was 3.7 of 49.
+//     was 3.7 of 49. gorilla needs room for a control frame's 125 bytes.
 //   - Writes borrow a pooled buffer. As the server side, gorilla sends each
 //     message as one frame and copies only the first buffer-full, writing
 //     the rest straight from our slice, so 16 KiB (one TLS record) is
@@ -51,7 +51,7 @@ var writeBuffers sync.Pool
 // The default same-origin check stays: agents are Go programs, not
 // browsers.
 func NewUpgrader() websocket.Upgrader {
-	return websocket.Upgrader{ReadBufferSize: 512, WriteBufferSize: 16 << 10, WriteBufferPool: &writeBuffers}
+	return websocket.Upgrader{ReadBufferSize: 256, WriteBufferSize: 16 << 10, WriteBufferPool: &writeBuffers}
 }
 
 // Conn adapts a gorilla *websocket.Conn to net.Conn. Each Write becomes one
