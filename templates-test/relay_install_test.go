@@ -29,12 +29,17 @@ import (
 // and by uninstall plus reinstall, and refused by a client-only render (what
 // `helm template` and GitOps tools do).
 // relayCluster starts a control plane for a relay install test (skipping
-// when its binaries are not cached) and returns an admin kubeconfig file
-// and a client. The kubeconfig embeds its certificates rather than naming
+// in -short mode and when its binaries are not cached) and returns a
+// context bounding the test, an admin kubeconfig file and a client. The kubeconfig embeds its certificates rather than naming
 // files: client-go watches certificate files with goroutines that outlive
 // the test (goleak).
-func relayCluster(ctx context.Context, t *testing.T) (kubeconfig string, cs *kubernetes.Clientset) {
+func relayCluster(t *testing.T) (ctx context.Context, kubeconfig string, cs *kubernetes.Clientset) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("starts a control plane")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	t.Cleanup(cancel)
 	c, err := testcluster.Start(ctx, testcluster.Options{})
 	if errors.Is(err, testcluster.ErrBinariesMissing) {
 		t.Skipf("no control plane: %v (run hack/kube-bins.sh)", err)
@@ -50,16 +55,11 @@ func relayCluster(ctx context.Context, t *testing.T) (kubeconfig string, cs *kub
 	require.NoError(t, err)
 	cs, err = kubernetes.NewForConfig(restCfg)
 	require.NoError(t, err)
-	return kubeconfig, cs
+	return ctx, kubeconfig, cs
 }
 
 func TestRelayHelmInstallSigningKey(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a control plane")
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	kubeconfig, cs := relayCluster(ctx, t)
+	ctx, kubeconfig, cs := relayCluster(t)
 
 	const ns, release = "relay-new", "relay"
 	secretName := release + "-spectro-proxy-server-signing-key"
@@ -130,12 +130,7 @@ func TestRelayHelmInstallSigningKey(t *testing.T) {
 // constraints with matchLabelKeys, the headless peer Service, the PDB), and
 // the pod passes Pod Security "restricted".
 func TestRelayHelmInstallFleet(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts a control plane")
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
-	defer cancel()
-	kubeconfig, cs := relayCluster(ctx, t)
+	ctx, kubeconfig, cs := relayCluster(t)
 
 	const ns, release = "relay-fleet", "fleet"
 	name := release + "-spectro-proxy-server"
