@@ -6,6 +6,11 @@
 // default; `make run` needs nothing else), and Etcd, N replicas on one etcd
 // cluster. Routing reads only the local view (Lookup, LabelOwner, Revoked
 // never wait on etcd); writes go to etcd in the background.
+//
+// Etcd's files by role: etcd.go is the type and its Registry methods,
+// etcd_lease.go the lease, etcd_write.go the queued writes of this
+// replica's keys, etcd_view.go the watched view of the fleet,
+// etcd_metrics.go its metrics.
 package registry
 
 import (
