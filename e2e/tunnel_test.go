@@ -25,6 +25,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -88,39 +89,8 @@ func newBackend(t *testing.T, sans ...string) *backend {
 		rest, err := io.Copy(h, r.Body)
 		fmt.Fprintf(w, "%d %x %v\n", first+rest, h.Sum(nil), err)
 	})
-	mux.HandleFunc("/watch", func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(http.StatusOK)
-		w.(http.Flusher).Flush()
-		for {
-			select {
-			case ev, ok := <-b.events:
-				if !ok {
-					return
-				}
-				fmt.Fprintln(w, ev)
-				w.(http.Flusher).Flush()
-			case <-r.Context().Done():
-				return
-			}
-		}
-	})
-	up := websocket.Upgrader{}
-	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
-		c, err := up.Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		for {
-			typ, msg, err := c.ReadMessage()
-			if err != nil {
-				return
-			}
-			if err := c.WriteMessage(typ, msg); err != nil {
-				return
-			}
-		}
-	})
+	mux.HandleFunc("/watch", relaytest.WatchHandler(b.events))
+	mux.HandleFunc("/ws", relaytest.EchoWebSocket(""))
 	b.srv = httptest.NewUnstartedServer(mux)
 	b.srv.EnableHTTP2 = true
 	b.srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}

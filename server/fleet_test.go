@@ -31,6 +31,7 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
 	"github.com/spectroproxy/spectro-proxy/internal/promtext"
 	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
+	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
 	"github.com/spectroproxy/spectro-proxy/internal/testcluster"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -283,36 +284,8 @@ func newAPIBackend(t *testing.T, sans ...string) *apiBackend {
 		fmt.Fprintf(w, "host=%s xff=%s peer-host=%q", r.Host, r.Header.Get("X-Forwarded-For"), r.Header.Get(peer.HeaderHost))
 	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) })
-	mux.HandleFunc("/watch", func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(http.StatusOK)
-		w.(http.Flusher).Flush()
-		for {
-			select {
-			case ev := <-b.events:
-				fmt.Fprintln(w, ev)
-				w.(http.Flusher).Flush()
-			case <-r.Context().Done():
-				return
-			}
-		}
-	})
-	up := websocket.Upgrader{}
-	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
-		c, err := up.Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		for {
-			typ, msg, err := c.ReadMessage()
-			if err != nil {
-				return
-			}
-			if err := c.WriteMessage(typ, append([]byte("echo "), msg...)); err != nil {
-				return
-			}
-		}
-	})
+	mux.HandleFunc("/watch", relaytest.WatchHandler(b.events))
+	mux.HandleFunc("/ws", relaytest.EchoWebSocket("echo "))
 	srv := httptest.NewUnstartedServer(mux)
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	srv.StartTLS()
