@@ -328,3 +328,46 @@ func TestDrainEndsForwardedWatches(t *testing.T) {
 		})
 	}
 }
+
+// TestDrainCutsForwardedUpgrade: an upgrade (kubectl exec, a dashboard's
+// WebSocket) forwarded to the replica holding the tunnel and left open by
+// its client is cut when the drain times out, and the relay stops (it once
+// waited on it forever: TestScaleOut's rolling restart).
+func TestDrainCutsForwardedUpgrade(t *testing.T) {
+	const tmUID = "fu"
+	host := hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
+	stateDir := t.TempDir()
+	f := newFakeFleet()
+	holder := startFleetRelay(t, f, "relay-a", stateDir)
+	forwarder := startFleetRelay(t, f, "relay-b", stateDir)
+	be := newAPIBackend(t)
+	startFleetAgent(t, holder, stateDir, tmUID, tunnel.Terminate, be)
+	require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(tmUID)) }, 5*time.Second, 10*time.Millisecond)
+
+	d := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, forwarder.addr)
+		},
+		TLSClientConfig: &tls.Config{ServerName: host, RootCAs: relayRoots(t, stateDir)},
+	}
+	ws, resp, err := d.Dial("wss://"+host+"/ws", nil)
+	require.NoError(t, err)
+	defer ws.Close()
+	require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte("hi")))
+	_, got, err := ws.ReadMessage()
+	require.NoError(t, err)
+	require.Equal(t, "echo hi", string(got), "the session goes through the forwarder")
+
+	stopped := make(chan struct{})
+	start := time.Now()
+	go func() { forwarder.stop(); close(stopped) }()
+	select {
+	case <-stopped: // DrainTimeout is 2 s
+		t.Logf("forwarder stopped after %v", time.Since(start).Round(time.Millisecond))
+	case <-time.After(15 * time.Second):
+		t.Fatal("the forwarder's drain waited on the open forwarded upgrade")
+	}
+	_, _, err = ws.ReadMessage()
+	assert.Error(t, err, "the client's session was cut")
+}

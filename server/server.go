@@ -190,6 +190,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	revDone := make(chan struct{})
 	go func() { defer close(revDone); s.checkRevocations(revCtx) }()
 	defer func() { stopRev(); <-revDone }()
+	// HTTPS requests carry connCtx too, so that the drain's hard stop ends
+	// what is still running. A hijacked upgrade (kubectl exec) is no longer
+	// the HTTPS server's to close: ReverseProxy closes its backend side when
+	// the request's context ends, and without this one forwarded to another
+	// replica held the drain forever (TestScaleOut, rolling a replica).
+	s.https.BaseContext = func(net.Listener) context.Context { return connCtx }
 	httpsDone := make(chan struct{})
 	go func() {
 		defer close(httpsDone)
