@@ -939,68 +939,40 @@ func missing(ws *watchStats, names []string) []string {
 // HAProxy, starting a new one whenever it ends (each starts with a list,
 // as kubectl's own retry does), and records every name it prints.
 func (s *scaleTest) watchLoop(ctx context.Context, cl *scaleCluster, ws *watchStats) {
-	for session := 0; session < 200 && ctx.Err() == nil; session++ {
-		cmd := s.c.KubectlCmd(ctx, cl.kubeconfig, "get", "configmaps", "-n", scaleNamespace, "--watch", "-o", "name",
-			"--field-selector", "metadata.name!=kube-root-ca.crt")
-		var stderr proctest.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.StdoutPipe()
-		if err == nil {
-			err = cmd.Start()
-		}
-		if err != nil {
+	s.kubectlLoop(ctx, cl.kubeconfig, []string{"get", "configmaps", "-n", scaleNamespace, "--watch", "-o", "name",
+		"--field-selector", "metadata.name!=kube-root-ca.crt"}, kubectlRun{
+		started: func() {
 			ws.mu.Lock()
-			ws.unclean = append(ws.unclean, "start: "+err.Error())
+			ws.sessions++
 			ws.mu.Unlock()
-			return
-		}
-		ws.mu.Lock()
-		ws.sessions++
-		ws.mu.Unlock()
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			name := strings.TrimPrefix(strings.TrimSpace(sc.Text()), "configmap/")
+		},
+		line: func(l string) {
 			ws.mu.Lock()
-			ws.seen[name] = true
+			ws.seen[strings.TrimPrefix(strings.TrimSpace(l), "configmap/")] = true
 			ws.mu.Unlock()
-		}
-		err = cmd.Wait()
-		if ctx.Err() != nil {
-			return
-		}
-		if err != nil {
-			ws.mu.Lock()
-			ws.unclean = append(ws.unclean, fmt.Sprintf("%s: %v: %s", time.Now().UTC().Format("15:04:05.000"), err, oneLine(stderr.String())))
-			ws.mu.Unlock()
-			select { // an error right away (no replica up yet) is not retried in a hot loop
-			case <-ctx.Done():
-			case <-time.After(200 * time.Millisecond):
+		},
+		ended: func(end string, err error) {
+			if err != nil {
+				ws.mu.Lock()
+				ws.unclean = append(ws.unclean, end)
+				ws.mu.Unlock()
 			}
-		}
-	}
+		},
+	})
 }
 
 // execLoop keeps one long `kubectl exec` running through HAProxy: a shell
 // on the kwok pod printing a line every 100 ms. A session a drain ends is
 // started again; the longest pause between two lines is the figure.
 func (s *scaleTest) execLoop(ctx context.Context, cl *scaleCluster, es *execStats) {
-	for session := 0; session < 200 && ctx.Err() == nil; session++ {
-		cmd := s.c.KubectlCmd(ctx, cl.kubeconfig, "exec", "-n", scaleNamespace, "app", "--", "sh", "-c",
-			"i=0; while [ $i -lt 6000 ]; do echo $i; i=$((i+1)); sleep 0.1; done")
-		var stderr proctest.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.StdoutPipe()
-		if err == nil {
-			err = cmd.Start()
-		}
-		if err != nil {
-			return
-		}
-		es.mu.Lock()
-		es.sessions++
-		es.mu.Unlock()
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
+	s.kubectlLoop(ctx, cl.kubeconfig, []string{"exec", "-n", scaleNamespace, "app", "--", "sh", "-c",
+		"i=0; while [ $i -lt 6000 ]; do echo $i; i=$((i+1)); sleep 0.1; done"}, kubectlRun{
+		started: func() {
+			es.mu.Lock()
+			es.sessions++
+			es.mu.Unlock()
+		},
+		line: func(string) {
 			now := time.Now()
 			es.mu.Lock()
 			if !es.last.IsZero() {
@@ -1009,18 +981,55 @@ func (s *scaleTest) execLoop(ctx context.Context, cl *scaleCluster, es *execStat
 			es.last = now
 			es.lines++
 			es.mu.Unlock()
+		},
+		ended: func(end string, _ error) {
+			es.mu.Lock()
+			es.ends = append(es.ends, end)
+			es.mu.Unlock()
+		},
+	})
+}
+
+// kubectlRun is what kubectlLoop reports of each kubectl it runs.
+type kubectlRun struct {
+	started func()
+	line    func(string)
+	// ended gets how the run ended ("15:04:05.000 exit 0", or the time,
+	// the error and kubectl's stderr) and the error itself: a failed start
+	// too, after which the loop stops.
+	ended func(end string, err error)
+}
+
+// kubectlLoop runs kubectl with args against kubeconfig again and again
+// (up to 200 times) until ctx ends, reporting to r. A run that failed is
+// not retried at once: with no replica up yet it would fail in a hot loop.
+func (s *scaleTest) kubectlLoop(ctx context.Context, kubeconfig string, args []string, r kubectlRun) {
+	for session := 0; session < 200 && ctx.Err() == nil; session++ {
+		cmd := s.c.KubectlCmd(ctx, kubeconfig, args...)
+		var stderr proctest.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.StdoutPipe()
+		if err == nil {
+			err = cmd.Start()
+		}
+		if err != nil {
+			r.ended("start: "+err.Error(), err)
+			return
+		}
+		r.started()
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			r.line(sc.Text())
 		}
 		err = cmd.Wait()
 		if ctx.Err() != nil {
 			return
 		}
-		es.mu.Lock()
-		end := "exit 0"
+		end := time.Now().UTC().Format("15:04:05.000") + " exit 0"
 		if err != nil {
-			end = fmt.Sprintf("%v: %s", err, oneLine(stderr.String()))
+			end = fmt.Sprintf("%s: %v: %s", time.Now().UTC().Format("15:04:05.000"), err, oneLine(stderr.String()))
 		}
-		es.ends = append(es.ends, time.Now().UTC().Format("15:04:05.000")+" "+end)
-		es.mu.Unlock()
+		r.ended(end, err)
 		if err != nil {
 			select {
 			case <-ctx.Done():

@@ -67,7 +67,7 @@ const tlsRecordMax = 16<<10 + 256
 // from another goroutine) meets a flush.
 func (b *BatchConn) Write(p []byte) (int, error) {
 	if q := b.q.Load(); q != nil {
-		return b.queue(q, p)
+		return q.writeAll(p, b)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -89,20 +89,9 @@ func (b *BatchConn) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (b *BatchConn) queue(q *writeQueue, p []byte) (n int, err error) {
-	for {
-		m, start, err := q.write(p[n:])
-		n += m
-		if start {
-			go b.flushQueue(q)
-		}
-		if err != nil || n == len(p) {
-			return n, err
-		}
-	}
-}
-
-func (b *BatchConn) flushQueue(q *writeQueue) { q.run(b.send) }
+// flush runs the queue's flusher (QueueWrites sets the queue once, for
+// good).
+func (b *BatchConn) flush() { b.q.Load().run(b.send) }
 
 // send writes what the queue took, in order with any direct write.
 func (b *BatchConn) send(p []byte, _ time.Time) error {

@@ -79,6 +79,26 @@ func (q *writeQueue) write(p []byte) (n int, start bool, err error) {
 	return n, start, nil
 }
 
+// flusher starts a queue's flusher goroutine: go x.flush(), where flush
+// calls the queue's run. (An interface with pointer receivers, so that a
+// write allocates no closure.)
+type flusher interface{ flush() }
+
+// writeAll queues all of p, starting f's flusher whenever write asks for
+// one; a failed earlier send is returned here.
+func (q *writeQueue) writeAll(p []byte, f flusher) (n int, err error) {
+	for {
+		m, start, err := q.write(p[n:])
+		n += m
+		if start {
+			go f.flush()
+		}
+		if err != nil || n == len(p) {
+			return n, err
+		}
+	}
+}
+
 // run is the flusher: it sends what is queued with send until nothing is
 // left, then ends.
 func (q *writeQueue) run(send func(p []byte, deadline time.Time) error) {
@@ -151,18 +171,7 @@ type QueuedConn struct {
 func NewQueuedConn(c net.Conn) *QueuedConn { return &QueuedConn{Conn: c} }
 
 // Write queues p; a failed earlier send is returned here.
-func (c *QueuedConn) Write(p []byte) (n int, err error) {
-	for {
-		m, start, err := c.q.write(p[n:])
-		n += m
-		if start {
-			go c.flush()
-		}
-		if err != nil || n == len(p) {
-			return n, err
-		}
-	}
-}
+func (c *QueuedConn) Write(p []byte) (int, error) { return c.q.writeAll(p, c) }
 
 func (c *QueuedConn) flush() { c.q.run(c.send) }
 

@@ -217,18 +217,7 @@ func (c *Conn) ReadErr() error {
 // queued up as one message, one TLS write and, with a BatchConn under TLS,
 // one syscall. A failed send is returned by the next Write; Close sends
 // what is queued first.
-func (c *Conn) Write(p []byte) (n int, err error) {
-	for {
-		m, start, err := c.wq.write(p[n:])
-		n += m
-		if start {
-			go c.flush()
-		}
-		if err != nil || n == len(p) {
-			return n, err
-		}
-	}
-}
+func (c *Conn) Write(p []byte) (int, error) { return c.wq.writeAll(p, c) }
 
 func (c *Conn) flush() { c.wq.run(c.send) }
 
