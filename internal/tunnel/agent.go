@@ -32,7 +32,7 @@ func NewAgentServer(h http.Handler, maxStreams uint32, live Liveness) *AgentServ
 	hs := &http.Server{Handler: h}
 	h2 := &http2.Server{
 		MaxConcurrentStreams:         maxStreams,
-		MaxReadFrameSize:             frameSize,
+		MaxReadFrameSize:             uploadFrameSize,
 		MaxUploadBufferPerConnection: connWindow,
 		MaxUploadBufferPerStream:     streamWindow,
 		ReadIdleTimeout:              live.ReadIdle,
