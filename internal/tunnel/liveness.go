@@ -134,16 +134,17 @@ var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
 // Flow-control windows. The HTTP/2 defaults (64 KiB per stream on the
 // server side, 1 MiB per connection) cap a single stream at window/RTT, which
 // is what makes other multiplexing tunnels crawl on long links. A stream's
-// window is also what a client that stops reading pins in memory and takes
-// from its tunnel's window, so it is kept far below the tunnel's: 2 MiB per
-// stream (40 MiB/s per stream on a 50 ms link), and per tunnel 128 MiB of
-// uploads (agent side) and relayConnWindow of downloads (relay side), 64 and
-// 128 streams' worth. The relay's per-source stream cap and write-stall
-// timeout keep any one client well under that (issue 11: 20 passthrough
-// connections that read nothing took 16 MiB windows each and froze the
-// tunnel).
+// window is also what a client that stops reading pins in memory (with its
+// copy buffers) and takes from its tunnel's window, until the write-stall
+// timeout cuts it. One source may hold MaxStreamsPerSource streams (32 by
+// default) and issue 11 bounds what one source may pin at 64 MiB: 32
+// never-reading streams held 80 MiB at 2 MiB windows and hold about 50 at
+// 1 MiB (TestAbuseClientsThatNeverRead). 1 MiB still carries a stream at
+// 20 MiB/s on a 50 ms link, 50 on a 20 ms one; a connection's streams
+// share the tunnel's window, 256 MiB of downloads (relayConnWindow) and
+// 128 MiB of uploads (agent side).
 const (
-	streamWindow = 2 << 20
+	streamWindow = 1 << 20
 	connWindow   = 128 << 20
 	// frameSize is the largest DATA frame the relay accepts (downloads).
 	// Bigger frames mean fewer WebSocket messages and fewer syscalls per

@@ -23,7 +23,7 @@ import (
 // at all are capped per source and cut after a write stall, so they cannot
 // use it up for the other streams of their tunnel. (x/net's default is
 // 1 GiB.)
-const relayConnWindow = 128 * streamWindow
+const relayConnWindow = 256 << 20
 
 // RelayTransport is the relay's side of its tunnels: the one HTTP/2
 // transport its tunnels' clients share (rather than one per tunnel). Each
