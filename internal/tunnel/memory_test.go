@@ -1,9 +1,7 @@
 package tunnel
 
 import (
-	"context"
 	"io"
-	"net"
 	"net/http"
 	"runtime"
 	"testing"
@@ -22,7 +20,6 @@ import (
 func TestOpenStreamsHoldLittle(t *testing.T) {
 	const streams = 64
 	const perStreamBound = 128 << 10
-	relayEnd, agentEnd := net.Pipe()
 	srv := NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		st, err := AcceptStream(w, r)
 		if err != nil {
@@ -40,13 +37,7 @@ func TestOpenStreamsHoldLittle(t *testing.T) {
 			}
 		}
 	}), streams+1, DefaultLiveness)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	served := make(chan struct{})
-	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
-	cc, err := relayTransport(t, DefaultLiveness).NewClientConn(relayEnd)
-	require.NoError(t, err)
-	defer func() { cc.Close(); cancel(); <-served }()
+	ctx, cc := pipeTunnel(t, srv)
 
 	open := func() *Stream {
 		st, err := OpenStream(ctx, cc, "x", StreamTCP, 5*time.Second)

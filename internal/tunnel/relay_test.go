@@ -16,7 +16,6 @@ import (
 // TestStreamOverPipe runs the agent's HTTP/2 server and the relay's client
 // over net.Pipe: a raw stream echoes through a target with half-close.
 func TestStreamOverPipe(t *testing.T) {
-	relayEnd, agentEnd := net.Pipe()
 	// A TCP target: half-close must travel (net.Pipe cannot half-close).
 	echo, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -43,13 +42,7 @@ func TestStreamOverPipe(t *testing.T) {
 		}
 		st.Join(target, nil)
 	}), 10, DefaultLiveness)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	served := make(chan struct{})
-	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
-
-	cc, err := relayTransport(t, DefaultLiveness).NewClientConn(relayEnd)
-	require.NoError(t, err)
+	ctx, cc := pipeTunnel(t, srv)
 
 	_, err = OpenStream(ctx, cc, "x", "bogus", time.Second)
 	require.ErrorIs(t, err, ErrRefused)
@@ -64,10 +57,21 @@ func TestStreamOverPipe(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, want, got)
 	st.Close()
+}
 
-	cc.Close()
-	cancel()
-	<-served
+// pipeTunnel serves srv over net.Pipe and returns the relay's side of it,
+// with a context that ends when the test does; both are closed, and the
+// server waited for, at the test's end.
+func pipeTunnel(t *testing.T, srv *AgentServer) (context.Context, http.RoundTripper) {
+	t.Helper()
+	relayEnd, agentEnd := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
+	cc, err := relayTransport(t, DefaultLiveness).NewClientConn(relayEnd)
+	require.NoError(t, err)
+	t.Cleanup(func() { cc.Close(); cancel(); <-served })
+	return ctx, cc
 }
 
 // relayTransport is a relay's transport, made for one test.
