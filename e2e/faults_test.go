@@ -715,9 +715,9 @@ func TestFaultThousandAgentsReconnect(t *testing.T) {
 	// relay ended for a missing pong, but for 5% slack, and those ends stay
 	// a few (a storm is every agent twice); on failure the relay's
 	// disconnect lines say why.
-	output := r2.Output()
+	output := strings.Split(r2.Output(), "\n")
 	latePongs := 0
-	for _, l := range strings.Split(output, "\n") {
+	for _, l := range output {
 		if strings.Contains(l, "agent disconnected") && strings.Contains(l, "no answer to websocket ping") {
 			latePongs++
 		}
@@ -726,7 +726,7 @@ func TestFaultThousandAgentsReconnect(t *testing.T) {
 	assert.Less(t, latePongs, agents/10, "tunnels ended for a missing pong")
 	if !assert.LessOrEqual(t, accepted, float64(agents+latePongs+agents/20), "agents registered once each, but for liveness reconnects (%d tunnels ended for a missing pong)", latePongs) {
 		n := 0
-		for _, l := range strings.Split(output, "\n") {
+		for _, l := range output {
 			if strings.Contains(l, "agent disconnected") && n < 40 {
 				t.Log(l)
 				n++

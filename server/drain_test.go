@@ -292,19 +292,12 @@ func TestDrainTrustsTheRegistry(t *testing.T) {
 // replica drains: the one the user reached (it forwarded the watch) or
 // the one holding the tunnel (its clean end passes through the hop).
 func TestDrainEndsForwardedWatches(t *testing.T) {
-	const tmUID = "fw"
-	host := hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
 	for _, drained := range []string{"forwarder", "holder"} {
 		t.Run(drained, func(t *testing.T) {
-			stateDir := t.TempDir()
-			f := newFakeFleet()
-			holder := startFleetRelay(t, f, "relay-a", stateDir)
-			forwarder := startFleetRelay(t, f, "relay-b", stateDir)
-			be := newAPIBackend(t)
-			startFleetAgent(t, holder, stateDir, tmUID, tunnel.Terminate, be)
-			require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(tmUID)) }, 5*time.Second, 10*time.Millisecond)
+			fc := newForwardedCluster(t, "fw")
+			host, holder, forwarder, be := fc.host, fc.holder, fc.forwarder, fc.be
 
-			users := userClient(forwarder, host, relayRoots(t, stateDir))
+			users := userClient(forwarder, host, relayRoots(t, fc.stateDir))
 			users.Timeout = 0
 			resp, err := users.Get("https://" + host + "/watch?watch=true")
 			require.NoError(t, err)
@@ -334,15 +327,8 @@ func TestDrainEndsForwardedWatches(t *testing.T) {
 // its client is cut when the drain times out, and the relay stops (it once
 // waited on it forever: TestScaleOut's rolling restart).
 func TestDrainCutsForwardedUpgrade(t *testing.T) {
-	const tmUID = "fu"
-	host := hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
-	stateDir := t.TempDir()
-	f := newFakeFleet()
-	holder := startFleetRelay(t, f, "relay-a", stateDir)
-	forwarder := startFleetRelay(t, f, "relay-b", stateDir)
-	be := newAPIBackend(t)
-	startFleetAgent(t, holder, stateDir, tmUID, tunnel.Terminate, be)
-	require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(tmUID)) }, 5*time.Second, 10*time.Millisecond)
+	fc := newForwardedCluster(t, "fu")
+	host, forwarder, stateDir := fc.host, fc.forwarder, fc.stateDir
 
 	d := websocket.Dialer{
 		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -370,4 +356,26 @@ func TestDrainCutsForwardedUpgrade(t *testing.T) {
 	}
 	_, _, err = ws.ReadMessage()
 	assert.Error(t, err, "the client's session was cut")
+}
+
+// forwardedCluster is a terminate-mode cluster whose agent holds its
+// tunnel to one relay (holder) while users reach another (forwarder),
+// which carries their traffic over its peer hop.
+type forwardedCluster struct {
+	host, stateDir    string
+	holder, forwarder *fleetRelay
+	be                *apiBackend
+}
+
+// newForwardedCluster starts both relays on one fake fleet and the agent
+// of cluster uid, and waits until the fleet shows the holder's tunnel.
+func newForwardedCluster(t *testing.T, uid string) forwardedCluster {
+	t.Helper()
+	fc := forwardedCluster{host: hostname.Host(hostname.DefaultSubdomain(uid), fleetDomain), stateDir: t.TempDir(), be: newAPIBackend(t)}
+	f := newFakeFleet()
+	fc.holder = startFleetRelay(t, f, "relay-a", fc.stateDir)
+	fc.forwarder = startFleetRelay(t, f, "relay-b", fc.stateDir)
+	startFleetAgent(t, fc.holder, fc.stateDir, uid, tunnel.Terminate, fc.be)
+	require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(uid)) }, 5*time.Second, 10*time.Millisecond)
+	return fc
 }
