@@ -138,8 +138,9 @@ var errPingTimeout = errors.New("tunnel: no answer to websocket ping")
 // copy buffers) and takes from its tunnel's window, until the write-stall
 // timeout cuts it. One source may hold MaxStreamsPerSource streams (32 by
 // default) and issue 11 bounds what one source may pin at 64 MiB: 32
-// never-reading streams held 80 MiB at 2 MiB windows and hold about 50 at
-// 1 MiB (TestAbuseClientsThatNeverRead). 1 MiB still carries a stream at
+// never-reading streams held 80 MiB at 2 MiB windows and 256 KiB copy
+// buffers, and hold about 32 MiB at 1 MiB and 128 KiB
+// (TestAbuseClientsThatNeverRead). 1 MiB still carries a stream at
 // 20 MiB/s on a 50 ms link, 50 on a 20 ms one; a connection's streams
 // share the tunnel's window, 256 MiB of downloads (relayConnWindow) and
 // 128 MiB of uploads (agent side).
