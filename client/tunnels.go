@@ -317,11 +317,13 @@ func (c *Client) replace(ctx context.Context, slot int, old *liveTunnel, served 
 	delay := c.cfg.BackoffMin
 	same := 0
 	for {
+		// A replacement that registers is never on the draining relay,
+		// which refuses tunnels (503) from before it sends move. One
+		// under the old tunnel's replica name is that replica restarted
+		// in place (a StatefulSet pod, a VM's hostname) and is kept:
+		// closing it left the cluster without a tunnel once the old
+		// process ended, and cost the fleet a second registration each.
 		lt, err := c.connectSlot(ctx, slot)
-		if err == nil && old.replica != "" && lt.replica == old.replica {
-			lt.conn.Close()
-			lt, err = nil, fmt.Errorf("replacement landed on %s, the old tunnel's: %w", old.replica, errSameReplica)
-		}
 		if err == nil {
 			c.log.Info("replacement tunnel registered; shutting the old one down gracefully", "slot", slot,
 				"from_replica", old.replica, "to_replica", lt.replica)

@@ -84,3 +84,30 @@ func TestTunnelsAgainstOneRelay(t *testing.T) {
 		})
 	}
 }
+
+// A relay restarted in place keeps its name (a StatefulSet pod, a VM's
+// hostname). While the old process drains, the agent's replacement lands
+// on the new one under that name; it is another process (a draining relay
+// refuses tunnels), so the agent keeps it: the old relay's drain ends as
+// soon as the agent has moved, and the cluster has a tunnel throughout.
+func TestMoveToAReplicaRestartedUnderItsName(t *testing.T) {
+	const drain = 10 * time.Second
+	dir := t.TempDir()
+	old := relaytest.StartRelay(t, dir, "relay-0", func(c *server.Config) { c.DrainTimeout = drain })
+	lb := relaytest.StartLB(t, old.Addr)
+	agent := relaytest.StartAgent(t, agentConfig(t, old, lb, "1"))
+	require.Eventually(t, func() bool { return old.Srv.Tunnels() == 1 && agent.C.Tunnels() == 1 },
+		10*time.Second, 5*time.Millisecond, "the tunnel on the first process")
+
+	least := relaytest.SampleMin(agent.C.Tunnels)
+	successor := relaytest.StartRelay(t, dir, "relay-0", nil)
+	lb.SetBackends(successor.Addr)
+	began := time.Now()
+	old.Terminate()
+	require.NoError(t, old.Wait())
+	assert.Less(t, time.Since(began), drain, "the old process's drain ended when the agent moved, not at its timeout")
+	assert.Equal(t, 1, successor.Srv.Tunnels(), "the replacement is held by the process under the same name")
+	assert.GreaterOrEqual(t, least(), 1, "a tunnel at every moment")
+	assert.EqualValues(t, 2, agent.C.Connects(), "one registration on each process")
+	agent.Stop()
+}
