@@ -366,7 +366,10 @@ func TestFleetForwarding(t *testing.T) {
 	be := newAPIBackend(t, ptHost)
 	startFleetAgent(t, a, stateDir, ptUID, tunnel.Passthrough, be)
 	startFleetAgent(t, a, stateDir, tmUID, tunnel.Terminate, be)
-	require.True(t, f.holds("relay-a", "cluster-pt") && f.holds("relay-a", "cluster-tm"), "relay A announced its tunnels")
+	// The agent is ready at the relay's 101 answer; the relay announces
+	// the tunnel just after it.
+	require.Eventually(t, func() bool { return f.holds("relay-a", "cluster-pt") && f.holds("relay-a", "cluster-tm") },
+		5*time.Second, 5*time.Millisecond, "relay A announced its tunnels")
 	relayRoots, err := os.ReadFile(filepath.Join(stateDir, "ca.crt"))
 	require.NoError(t, err)
 	relayPool, err := pki.Pool(relayRoots)
