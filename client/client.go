@@ -132,6 +132,9 @@ func (c *Client) Run(ctx context.Context) error {
 		wg.Go(func() { c.publish(pctx, mode) })
 	}
 	c.runTunnels(ctx)
+	for _, r := range c.routes {
+		r.transport.CloseIdleConnections()
+	}
 	return nil
 }
 

@@ -2,11 +2,15 @@ package client
 
 import (
 	"context"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -70,4 +74,51 @@ func TestServeStreamKindByMode(t *testing.T) {
 			assert.Equal(t, tc.want, w.Code)
 		})
 	}
+}
+
+// Terminate mode: requests without a body that end soon reach the API
+// server over HTTP/1.1 keep-alive connections; watches, followed logs and
+// requests with a body over one HTTP/2 connection (however many there
+// are).
+func TestTerminateProtocolToTarget(t *testing.T) {
+	var mu sync.Mutex
+	conns := map[string]map[string]bool{} // protocol -> client addresses
+	backend := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		if conns[r.Proto] == nil {
+			conns[r.Proto] = map[string]bool{}
+		}
+		conns[r.Proto][r.RemoteAddr] = true
+		mu.Unlock()
+		io.WriteString(w, r.Proto)
+	}))
+	backend.EnableHTTP2 = true
+	backend.StartTLS()
+	defer backend.Close()
+	caFile := filepath.Join(t.TempDir(), "ca.crt")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: backend.Certificate().Raw}), 0o600))
+	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", APIServer: backend.URL, APIServerCAFile: caFile,
+		AgentID: "test", DialTimeout: 5 * time.Second, Mode: tunnel.Terminate})
+	require.NoError(t, err)
+
+	do := func(method, uri string, body io.Reader) string {
+		r := httptest.NewRequest(method, uri, body)
+		r.Host = "cluster-abc.proxy.test"
+		r.Header.Set(tunnel.HeaderRoute, "cluster-abc")
+		w := httptest.NewRecorder()
+		c.serveStream(w, r)
+		require.Equal(t, http.StatusOK, w.Code, w.Body.String())
+		return w.Body.String()
+	}
+	for range 3 {
+		assert.Equal(t, "HTTP/1.1", do(http.MethodGet, "/api/v1/namespaces/default/pods", nil))
+		assert.Equal(t, "HTTP/1.1", do(http.MethodDelete, "/api/v1/namespaces/default/pods/web", nil))
+		assert.Equal(t, "HTTP/2.0", do(http.MethodGet, "/api/v1/namespaces/default/pods?watch=true", nil))
+		assert.Equal(t, "HTTP/2.0", do(http.MethodGet, "/api/v1/namespaces/default/pods/web/log?follow=true", nil))
+		assert.Equal(t, "HTTP/2.0", do(http.MethodPost, "/api/v1/namespaces/default/pods", strings.NewReader("{}")))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Len(t, conns["HTTP/1.1"], 1, "short requests reuse a keep-alive connection")
+	assert.Len(t, conns["HTTP/2.0"], 1, "the others share one HTTP/2 connection")
 }

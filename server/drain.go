@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/spectroproxy/spectro-proxy/internal/kubereq"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -327,10 +328,7 @@ func (s *Server) streamResponse(req *http.Request, resp *http.Response, r *reque
 // isStreamed tells a response that never ends by itself: a watch, a
 // followed log, an event stream.
 func isStreamed(req *http.Request, resp *http.Response) bool {
-	q := req.URL.Query()
-	truthy := func(k string) bool { v := q.Get(k); return v == "true" || v == "1" }
-	return truthy("watch") || truthy("follow") || strings.Contains(req.URL.Path, "/watch/") ||
-		strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
+	return kubereq.StaysOpen(req.URL) || strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
 }
 
 // boundaries follows a stream's framing.

@@ -1,0 +1,32 @@
+// Package kubereq tells what a Kubernetes API request is from its URL.
+package kubereq
+
+import (
+	"net/url"
+	"strings"
+)
+
+// StaysOpen reports whether a Kubernetes API request is a watch
+// (watch=true, or a legacy /watch/ path) or follows a log (follow=true):
+// its response goes on until the client or the server ends it. The API
+// server reads these flags as true unless they are "0", "f" or "false".
+func StaysOpen(u *url.URL) bool {
+	if strings.Contains(u.Path, "/watch/") {
+		return true
+	}
+	q := u.RawQuery
+	if !strings.Contains(q, "watch") && !strings.Contains(q, "follow") {
+		return false // most requests: no query parse
+	}
+	v, _ := url.ParseQuery(q) // a malformed pair is skipped, the rest parsed
+	for _, name := range []string{"watch", "follow"} {
+		if vals, ok := v[name]; ok && len(vals) > 0 && !isFalse(vals[0]) {
+			return true
+		}
+	}
+	return false
+}
+
+func isFalse(s string) bool {
+	return s == "0" || strings.EqualFold(s, "f") || strings.EqualFold(s, "false")
+}

@@ -1,0 +1,37 @@
+package kubereq
+
+import (
+	"net/url"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestStaysOpen(t *testing.T) {
+	tests := []struct {
+		uri  string
+		want bool
+	}{
+		{"/api/v1/namespaces/default/pods", false},
+		{"/api/v1/namespaces/default/pods?watch=true&resourceVersion=10", true},
+		{"/api/v1/pods?labelSelector=a%3Db&watch=1", true},
+		{"/api/v1/pods?watch=false", false},
+		{"/api/v1/pods?watch=0", false},
+		{"/api/v1/pods?watch=F", false},
+		{"/api/v1/pods?watch", true}, // as the API server reads it
+		{"/api/v1/watch/namespaces/default/pods", true},
+		{"/api/v1/namespaces/default/pods/web/log?follow=true&container=c", true},
+		{"/api/v1/namespaces/default/pods/web/log?follow=false", false},
+		{"/api/v1/namespaces/default/pods/web/log?tailLines=10", false},
+		{"/api/v1/namespaces/watchers/configmaps?fieldSelector=metadata.name%3Dfollowers", false},
+		{"/api/v1/pods?%zz&watch=true", true}, // a malformed pair does not hide the flag
+	}
+	for _, tc := range tests {
+		t.Run(tc.uri, func(t *testing.T) {
+			u, err := url.ParseRequestURI(tc.uri)
+			require.NoError(t, err)
+			assert.Equal(t, tc.want, StaysOpen(u))
+		})
+	}
+}
