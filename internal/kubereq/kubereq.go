@@ -20,7 +20,7 @@ func StaysOpen(u *url.URL) bool {
 	}
 	v, _ := url.ParseQuery(q) // a malformed pair is skipped, the rest parsed
 	for _, name := range []string{"watch", "follow"} {
-		if vals, ok := v[name]; ok && len(vals) > 0 && !isFalse(vals[0]) {
+		if vals := v[name]; len(vals) > 0 && !isFalse(vals[0]) {
 			return true
 		}
 	}
