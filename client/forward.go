@@ -211,6 +211,12 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			c.serveUpgrade(w, r, rt)
+		case tunnel.StreamHTTP:
+			if rt.mode != tunnel.Terminate {
+				tunnel.RefuseStream(w, http.StatusForbidden, "route "+rt.label+" is not terminate")
+				return
+			}
+			c.serveHTTPConn(w, r, rt)
 		default:
 			tunnel.RefuseStream(w, http.StatusBadRequest, "unknown stream kind")
 		}
@@ -248,6 +254,30 @@ func (c *Client) serveTCP(w http.ResponseWriter, r *http.Request, rt *route) {
 	}
 	up, down, err := st.Join(target, nil)
 	c.log.Debug("stream closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
+}
+
+// serveHTTPConn joins an HTTP/1.1 connection the relay writes requests on
+// to a connection of the agent's own to the target. The agent reads none
+// of it: the relay has done each request's work (X-Forwarded-*, the
+// tunnel's own headers dropped, the public host kept), and the target
+// answers in the same bytes. That spares every small request an HTTP/2
+// stream, a handler and a second proxy on the agent (docs/performance.md).
+func (c *Client) serveHTTPConn(w http.ResponseWriter, r *http.Request, rt *route) {
+	ctx, cancel := context.WithTimeout(r.Context(), c.cfg.DialTimeout)
+	target, err := c.dialTarget(ctx, rt)
+	cancel()
+	if err != nil {
+		c.log.Warn("dialing target", "host", rt.label, "target", rt.target.Host, "error", err)
+		tunnel.RefuseStream(w, http.StatusBadGateway, fmt.Sprintf("spectro-proxy agent could not reach %s: %v", rt.target.Host, err))
+		return
+	}
+	st, err := tunnel.AcceptStream(w, r)
+	if err != nil {
+		target.Close()
+		return
+	}
+	up, down, err := st.Join(target, nil)
+	c.log.Debug("http connection closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
 }
 
 // serveUpgrade forwards an HTTP/1.1 Upgrade request (exec, attach,
@@ -299,7 +329,7 @@ func (c *Client) dialTarget(ctx context.Context, rt *route) (net.Conn, error) {
 		return conn, err
 	}
 	conf := rt.tlsConf.Clone()
-	conf.NextProtos = []string{"http/1.1"} // Upgrade does not exist in HTTP/2
+	conf.NextProtos = []string{"http/1.1"} // Upgrade does not exist in HTTP/2; the relay's connections speak HTTP/1.1
 	tc := tls.Client(conn, conf)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		conn.Close()

@@ -1,9 +1,11 @@
 package client
 
 import (
+	"bufio"
 	"context"
 	"encoding/pem"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -64,6 +66,8 @@ func TestServeStreamKindByMode(t *testing.T) {
 		{"upgrade on a passthrough route", http.MethodConnect, "cluster-abc", tunnel.StreamUpgrade, "", http.StatusForbidden},
 		{"raw stream on a terminate route", http.MethodConnect, "cluster-abc-dashboard", tunnel.StreamTCP, "", http.StatusForbidden},
 		{"request for a passthrough route", http.MethodGet, "cluster-abc.proxy.test", "", "cluster-abc", http.StatusForbidden},
+		{"HTTP connection on a passthrough route", http.MethodConnect, "cluster-abc", tunnel.StreamHTTP, "", http.StatusForbidden},
+		{"HTTP connection to a target that is down", http.MethodConnect, "cluster-abc-dashboard", tunnel.StreamHTTP, "", http.StatusBadGateway},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -72,6 +76,9 @@ func TestServeStreamKindByMode(t *testing.T) {
 			w := httptest.NewRecorder()
 			c.serveStream(w, r)
 			assert.Equal(t, tc.want, w.Code)
+			if tc.want == http.StatusBadGateway {
+				assert.Contains(t, w.Header().Get(tunnel.HeaderError), "could not reach 127.0.0.1:1", "the refusal names the target")
+			}
 		})
 	}
 }
@@ -121,4 +128,60 @@ func TestTerminateProtocolToTarget(t *testing.T) {
 	defer mu.Unlock()
 	assert.Len(t, conns["HTTP/1.1"], 1, "short requests reuse a keep-alive connection")
 	assert.Len(t, conns["HTTP/2.0"], 1, "the others share one HTTP/2 connection")
+}
+
+// An HTTP connection stream (tunnel.StreamHTTP) is joined to one
+// connection of the agent's own to the target, over TLS offering only
+// HTTP/1.1: the relay's requests arrive as written, keep-alive, and the
+// answers come back in the same bytes.
+func TestServeHTTPConnection(t *testing.T) {
+	type seen struct{ proto, remote, host, xff string }
+	var mu sync.Mutex
+	var got []seen
+	backend := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got = append(got, seen{r.Proto, r.RemoteAddr, r.Host, r.Header.Get("X-Forwarded-For")})
+		mu.Unlock()
+		io.WriteString(w, r.URL.Path)
+	}))
+	backend.EnableHTTP2 = true // offered; the agent must not take it
+	backend.StartTLS()
+	defer backend.Close()
+	caFile := filepath.Join(t.TempDir(), "ca.crt")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: backend.Certificate().Raw}), 0o600))
+	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", APIServer: backend.URL, APIServerCAFile: caFile,
+		AgentID: "test", DialTimeout: 5 * time.Second, Mode: tunnel.Terminate})
+	require.NoError(t, err)
+
+	relayEnd, agentEnd := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), 10, tunnel.DefaultLiveness)
+	served := make(chan struct{})
+	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
+	rt, err := tunnel.NewRelayTransport(tunnel.DefaultLiveness)
+	require.NoError(t, err)
+	cc, err := rt.NewClientConn(relayEnd)
+	require.NoError(t, err)
+	defer func() { cc.Close(); cancel(); <-served }()
+
+	st := tunnel.OpenStreamEarly(ctx, cc, "cluster-abc", tunnel.StreamHTTP, 5*time.Second)
+	defer st.Close()
+	br := bufio.NewReader(st)
+	for _, path := range []string{"/api", "/apis"} {
+		req := httptest.NewRequest(http.MethodGet, path, nil)
+		req.Host = "cluster-abc.proxy.test"
+		req.Header.Set("X-Forwarded-For", "192.0.2.7")
+		require.NoError(t, req.Write(st))
+		resp, err := http.ReadResponse(br, req)
+		require.NoError(t, err)
+		body, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		assert.Equal(t, path, string(body))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, got, 2)
+	for _, s := range got {
+		assert.Equal(t, seen{"HTTP/1.1", got[0].remote, "cluster-abc.proxy.test", "192.0.2.7"}, s, "one keep-alive HTTP/1.1 connection, headers as the relay wrote them")
+	}
 }

@@ -32,6 +32,9 @@ type session struct {
 	// make its agent carry without limit.
 	streams    atomic.Int32
 	maxStreams int32
+	// httpStreams: the agent serves tunnel.StreamHTTP.
+	httpStreams bool
+	http        httpConns
 }
 
 func (s *session) close() { s.cc.Close(); s.conn.Close() }

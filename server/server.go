@@ -8,7 +8,8 @@
 // drain); dispatch.go sorts each public connection by server name;
 // api.go is the relay's own HTTPS API and tunnel.go its tunnel endpoint
 // (authorize, register); passthrough.go carries raw TLS down a stream and
-// terminate.go one request or upgrade per stream; streams.go holds the
+// terminate.go one request or upgrade per stream, or (httpconns.go) short
+// requests on kept-alive HTTP/1.1 streams; streams.go holds the
 // stream slots both use; registry.go says which agents serve which label;
 // limit.go bounds what strangers can cost; state.go is the state dir.
 package server

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spectroproxy/spectro-proxy/internal/kubereq"
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -79,7 +80,6 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 			// Spectro-Proxy-* fields a user sent are dropped.
 			tunnel.StripInternal(pr.Out.Header)
 			tunnel.StripInternal(pr.Out.Trailer)
-			pr.Out.Header.Set(tunnel.HeaderRoute, label)
 		},
 		Transport:  routeTransport{s: s, label: label},
 		BufferPool: bufs,
@@ -183,20 +183,27 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if isUpgrade(req) {
 		return t.upgrade(req, cands)
 	}
+	// Requests that end soon and carry no body go on an HTTP/1.1
+	// connection to the target where the agent serves them
+	// (httpconns.go); the rest are HTTP/2 requests on the tunnel, which
+	// name their route.
+	short := (req.Body == nil || req.Body == http.NoBody) && !kubereq.StaysOpen(req.URL)
 	var errs []error
 	for i, sess := range cands {
-		if !sess.acquire() {
-			errs = append(errs, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams))
-			continue
+		var resp *http.Response
+		var err error
+		if short && sess.httpStreams {
+			resp, err = t.s.roundTripHTTP(sess, t.label, req)
+		} else {
+			resp, err = t.roundTripTunnel(sess, req)
 		}
-		resp, err := sess.cc.RoundTrip(req)
 		if err == nil {
-			// The stream is open until ReverseProxy closes the body.
-			resp.Body = &releaseBody{ReadCloser: resp.Body, slot: &slot{sess: sess}}
 			return resp, nil
 		}
-		sess.release()
-		errs = append(errs, fmt.Errorf("agent %s: %w", sess.agentID, err))
+		errs = append(errs, err)
+		if errors.Is(err, errTooManyStreams) {
+			continue // nothing was sent
+		}
 		// Only a request without a body can be replayed on another
 		// replica; a body may be half sent.
 		if req.Context().Err() != nil || (req.Body != nil && req.Body != http.NoBody) || i == len(cands)-1 {
@@ -204,6 +211,22 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	return nil, errors.Join(errs...)
+}
+
+// roundTripTunnel sends req as an HTTP/2 request on sess's tunnel.
+func (t routeTransport) roundTripTunnel(sess *session, req *http.Request) (*http.Response, error) {
+	req.Header.Set(tunnel.HeaderRoute, t.label)
+	if !sess.acquire() {
+		return nil, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams)
+	}
+	resp, err := sess.cc.RoundTrip(req)
+	if err != nil {
+		sess.release()
+		return nil, fmt.Errorf("agent %s: %w", sess.agentID, err)
+	}
+	// The stream is open until ReverseProxy closes the body.
+	resp.Body = &releaseBody{ReadCloser: resp.Body, slot: &slot{sess: sess}}
+	return resp, nil
 }
 
 // upgrade opens a raw stream, writes the HTTP/1.1 request on it for the

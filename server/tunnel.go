@@ -87,7 +87,8 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 	sess := &session{
 		agentID: agentID, clusterUID: claims.ClusterUID, tokenID: claims.ID,
 		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn,
-		maxStreams: int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
+		maxStreams:  int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
+		httpStreams: headerHasToken(r.Header, tunnel.HeaderStreams, tunnel.StreamHTTP),
 	}
 	result := "accepted"
 	old, err := s.reg.add(sess, s.cfg.MaxSessionsPerCluster)
@@ -141,6 +142,7 @@ func (s *Server) tunnelClosed(sess *session, conn *tunnel.Conn, expiry func()) {
 		s.withdraw(sess) // not when replaced: the successor holds the keys
 	}
 	s.m.tunnels.Dec()
+	sess.http.close()
 	sess.cc.Close()
 	readErr := conn.ReadErr()
 	if errors.Is(readErr, websocket.ErrReadLimit) {

@@ -37,6 +37,16 @@ const (
 	// StreamUpgrade is an HTTP/1.1 request with Upgrade, written first on the
 	// stream, then raw bytes both ways once the target answers 101.
 	StreamUpgrade = "http-upgrade"
+	// StreamHTTP is an HTTP/1.1 keep-alive connection to a terminate
+	// route's target: the agent joins the stream to a connection of its
+	// own (TLS for an https target) and copies bytes; the relay writes
+	// the requests and reads the responses. The relay sends it only to an
+	// agent that lists it in HeaderStreams.
+	StreamHTTP = "http"
+	// HeaderStreams lists, on the agent's tunnel request, the stream kinds
+	// it serves beyond tcp, http-upgrade and move (an agent that predates
+	// the header serves only those).
+	HeaderStreams = "Spectro-Proxy-Streams"
 	// StreamMove is the relay asking the agent to move the tunnel it comes
 	// on: the relay is draining. The agent answers 200, dials a
 	// replacement (a draining relay refuses it, so it lands on another

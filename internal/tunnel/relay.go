@@ -154,9 +154,14 @@ var ErrRefused = errors.New("agent refused stream")
 type Stream struct {
 	w      *io.PipeWriter
 	req    *reqBody
-	body   io.ReadCloser
 	cancel context.CancelFunc
 	once   sync.Once
+
+	// ready is closed once the agent answered (or the stream failed):
+	// then body or openErr is set.
+	ready   chan struct{}
+	body    io.ReadCloser
+	openErr error
 }
 
 // reqBody is a stream's request body. Bytes come from Stream.Write through
@@ -220,6 +225,21 @@ func (b *reqBody) finish(err error) {
 // headerTimeout for the agent's answer. The stream lives until Close, or
 // until ctx is done.
 func OpenStream(ctx context.Context, cc http.RoundTripper, label, kind string, headerTimeout time.Duration) (*Stream, error) {
+	s := OpenStreamEarly(ctx, cc, label, kind, headerTimeout)
+	<-s.ready
+	if s.openErr != nil {
+		return nil, s.openErr
+	}
+	return s, nil
+}
+
+// OpenStreamEarly opens a CONNECT stream like OpenStream but returns at
+// once: what is written meanwhile follows the stream's headers, and the
+// first Read waits for the agent's answer (a refusal, or no answer within
+// headerTimeout, is its error). A new stream then costs no round trip to
+// the agent before its first bytes leave, which on a long link is most
+// of what a new connection through the tunnel costs.
+func OpenStreamEarly(ctx context.Context, cc http.RoundTripper, label, kind string, headerTimeout time.Duration) *Stream {
 	ctx, cancel := context.WithCancel(ctx)
 	pr, pw := io.Pipe()
 	rb := &reqBody{pr: pr, srcCh: make(chan io.Reader, 1), done: make(chan struct{})}
@@ -231,27 +251,39 @@ func OpenStream(ctx context.Context, cc http.RoundTripper, label, kind string, h
 		Body:   rb,
 	}
 	req = req.WithContext(ctx)
-	timer := time.AfterFunc(headerTimeout, cancel)
-	resp, err := cc.RoundTrip(req)
-	if !timer.Stop() && err != nil {
-		err = fmt.Errorf("no answer from agent within %v: %w", headerTimeout, err)
-	}
-	if err != nil {
-		cancel()
-		pw.Close()
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		reason := resp.Header.Get(HeaderError)
-		resp.Body.Close()
-		cancel()
-		pw.Close()
-		return nil, fmt.Errorf("%w: %s: %s", ErrRefused, resp.Status, reason)
-	}
-	return &Stream{w: pw, req: rb, body: resp.Body, cancel: cancel}, nil
+	s := &Stream{w: pw, req: rb, cancel: cancel, ready: make(chan struct{})}
+	// x/net's RoundTrip returns with the answer's headers; the request
+	// body (this stream's writes) is sent by its own goroutine meanwhile.
+	go func() {
+		defer close(s.ready)
+		timer := time.AfterFunc(headerTimeout, cancel)
+		resp, err := cc.RoundTrip(req)
+		if !timer.Stop() && err != nil {
+			err = fmt.Errorf("no answer from agent within %v: %w", headerTimeout, err)
+		}
+		if err == nil && resp.StatusCode != http.StatusOK {
+			err = fmt.Errorf("%w: %s: %s", ErrRefused, resp.Status, resp.Header.Get(HeaderError))
+			resp.Body.Close()
+		}
+		if err != nil {
+			s.openErr = err
+			cancel()
+			pw.CloseWithError(err)
+			return
+		}
+		s.body = resp.Body
+	}()
+	return s
 }
 
-func (s *Stream) Read(p []byte) (int, error)  { return s.body.Read(p) }
+func (s *Stream) Read(p []byte) (int, error) {
+	<-s.ready
+	if s.openErr != nil {
+		return 0, s.openErr
+	}
+	return s.body.Read(p)
+}
+
 func (s *Stream) Write(p []byte) (int, error) { return s.w.Write(p) }
 
 // ReadFrom sends everything src yields into the stream, read by the HTTP/2
@@ -272,8 +304,11 @@ func (s *Stream) CloseWrite() error { return s.w.Close() }
 func (s *Stream) Close() error {
 	s.once.Do(func() {
 		s.w.Close()
-		s.body.Close()
-		s.cancel()
+		s.cancel() // ends a RoundTrip still waiting for the answer
+		<-s.ready
+		if s.body != nil {
+			s.body.Close()
+		}
 	})
 	return nil
 }

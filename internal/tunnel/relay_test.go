@@ -87,3 +87,56 @@ func TestRelayTransportsShareNothing(t *testing.T) {
 	a, b := relayTransport(t, DefaultLiveness), relayTransport(t, DefaultLiveness)
 	assert.NotSame(t, a.t, b.t)
 }
+
+// OpenStreamEarly returns before the agent answers: bytes written at once
+// arrive once it accepts, and a refusal or silence is the first Read's
+// error.
+func TestOpenStreamEarly(t *testing.T) {
+	accept := make(chan struct{})
+	srv := NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.Header.Get(HeaderStream) {
+		case "echo":
+			<-accept // the relay has written already
+			st, err := AcceptStream(w, r)
+			if err != nil {
+				return
+			}
+			buf := make([]byte, 5)
+			if _, err := io.ReadFull(st, buf); err == nil {
+				st.Write(buf)
+			}
+		case "silent":
+			<-r.Context().Done()
+		default:
+			RefuseStream(w, http.StatusBadGateway, "target unreachable")
+		}
+	}), 10, DefaultLiveness)
+	ctx, cc := pipeTunnel(t, srv)
+
+	st := OpenStreamEarly(ctx, cc, "x", "echo", 5*time.Second)
+	wrote := make(chan error, 1)
+	go func() { _, err := st.Write([]byte("hello")); wrote <- err }()
+	select {
+	case err := <-wrote:
+		require.NoError(t, err, "the write goes out before the agent answered")
+	case <-time.After(5 * time.Second):
+		t.Fatal("the write waited for the agent's answer")
+	}
+	close(accept)
+	got := make([]byte, 5)
+	_, err := io.ReadFull(st, got)
+	require.NoError(t, err)
+	assert.Equal(t, "hello", string(got))
+	st.Close()
+
+	st = OpenStreamEarly(ctx, cc, "x", "refused", 5*time.Second)
+	_, err = st.Read(got)
+	require.ErrorIs(t, err, ErrRefused)
+	assert.ErrorContains(t, err, "target unreachable")
+	st.Close()
+
+	st = OpenStreamEarly(ctx, cc, "x", "silent", 200*time.Millisecond)
+	_, err = st.Read(got)
+	assert.ErrorContains(t, err, "no answer from agent within 200ms")
+	st.Close()
+}

@@ -1,0 +1,187 @@
+package server_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// recordingAgent is an agent's tunnel end that answers every request "ok"
+// and records how each came: "http" on an HTTP connection stream (and
+// which of them), "h2" as an HTTP/2 request on the tunnel.
+type recordingAgent struct {
+	mu       sync.Mutex
+	seen     []string // "<how> <method> <path>"
+	conns    int      // HTTP connection streams opened
+	internal []string // Spectro-Proxy-* fields that reached the target
+	refuse   string   // when set, HTTP connection streams are refused with it
+}
+
+func (a *recordingAgent) record(how string, r *http.Request) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.seen = append(a.seen, how+" "+r.Method+" "+r.URL.RequestURI())
+	for k := range r.Header {
+		if strings.HasPrefix(k, "Spectro-Proxy-") && !(how == "h2" && k == tunnel.HeaderRoute) {
+			a.internal = append(a.internal, k)
+		}
+	}
+}
+
+func (a *recordingAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		io.Copy(io.Discard, r.Body)
+		a.record("h2", r)
+		io.WriteString(w, "ok")
+		return
+	}
+	if r.Header.Get(tunnel.HeaderStream) != tunnel.StreamHTTP {
+		tunnel.RefuseStream(w, http.StatusBadRequest, "unknown stream kind")
+		return
+	}
+	a.mu.Lock()
+	a.conns++
+	a.mu.Unlock()
+	if a.refuse != "" {
+		tunnel.RefuseStream(w, http.StatusBadGateway, a.refuse)
+		return
+	}
+	st, err := tunnel.AcceptStream(w, r)
+	if err != nil {
+		return
+	}
+	br := bufio.NewReader(st)
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		a.record("http", req)
+		resp := &http.Response{StatusCode: http.StatusOK, ProtoMajor: 1, ProtoMinor: 1, ContentLength: 2,
+			Body: io.NopCloser(strings.NewReader("ok")), Header: http.Header{}}
+		if err := resp.Write(st); err != nil {
+			return
+		}
+	}
+}
+
+// startRecordingAgent connects a to relay r for cluster uid's terminate
+// route, listing StreamHTTP in its tunnel request when httpStreams is set
+// (an agent that predates it does not).
+func startRecordingAgent(t *testing.T, r *relaytest.Relay, a *recordingAgent, httpStreams bool) {
+	t.Helper()
+	tok, err := os.ReadFile(r.IssueToken(t, uid))
+	require.NoError(t, err)
+	d := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", r.Addr)
+		},
+		TLSClientConfig: &tls.Config{ServerName: relaytest.Domain, RootCAs: r.CAPool(t)},
+	}
+	h := http.Header{}
+	h.Set("Authorization", "Bearer "+string(tok))
+	h.Set(tunnel.HeaderAgent, "recording-agent")
+	h.Set(tunnel.HeaderRoutes, hostname.DefaultSubdomain(uid)+"=terminate")
+	if httpStreams {
+		h.Set(tunnel.HeaderStreams, tunnel.StreamHTTP)
+	}
+	ws, _, err := d.DialContext(t.Context(), "wss://"+relaytest.Domain+tunnel.Path, h)
+	require.NoError(t, err)
+	srv := tunnel.NewAgentServer(a, 100, tunnel.Liveness{}.WithDefaults())
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() { defer close(served); srv.ServeConn(ctx, tunnel.NewConn(ws)) }()
+	t.Cleanup(func() { cancel(); <-served })
+	require.Eventually(t, func() bool { return r.Srv.Tunnels() == 1 }, 5*time.Second, 5*time.Millisecond)
+}
+
+// Terminate mode: requests without a body that end soon go as HTTP/1.1 on
+// kept-alive HTTP connection streams to an agent that serves them, the
+// rest as HTTP/2 requests; an agent that predates HTTP connection streams
+// gets every request as HTTP/2. Neither way do a user's Spectro-Proxy-*
+// fields reach the target.
+func TestTerminateRequestsByAgent(t *testing.T) {
+	tests := []struct {
+		name        string
+		httpStreams bool
+		want        []string
+		wantConns   int
+	}{
+		{name: "agent serves HTTP connections", httpStreams: true, wantConns: 1, want: []string{
+			"http GET /api/v1/pods", "h2 GET /api/v1/pods?watch=true", "h2 POST /api/v1/pods",
+			"http DELETE /api/v1/pods/web", "h2 GET /api/v1/pods/web/log?follow=1", "http GET /api/v1/pods?watch=false",
+		}},
+		{name: "agent that predates them", httpStreams: false, wantConns: 0, want: []string{
+			"h2 GET /api/v1/pods", "h2 GET /api/v1/pods?watch=true", "h2 POST /api/v1/pods",
+			"h2 DELETE /api/v1/pods/web", "h2 GET /api/v1/pods/web/log?follow=1", "h2 GET /api/v1/pods?watch=false",
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
+			a := &recordingAgent{}
+			startRecordingAgent(t, r, a, tc.httpStreams)
+			user := drainUser(t, r, false)
+			for _, req := range []struct{ method, path, body string }{
+				{http.MethodGet, "/api/v1/pods", ""},
+				{http.MethodGet, "/api/v1/pods?watch=true", ""},
+				{http.MethodPost, "/api/v1/pods", "{}"},
+				{http.MethodDelete, "/api/v1/pods/web", ""},
+				{http.MethodGet, "/api/v1/pods/web/log?follow=1", ""},
+				{http.MethodGet, "/api/v1/pods?watch=false", ""},
+			} {
+				var body io.Reader
+				if req.body != "" {
+					body = strings.NewReader(req.body)
+				}
+				hr, err := http.NewRequest(req.method, clusterURL(req.path), body)
+				require.NoError(t, err)
+				hr.Header.Set(tunnel.HeaderRoute, "cluster-someone-else")
+				hr.Header.Set(tunnel.HeaderStream, tunnel.StreamTCP)
+				resp, err := user.Do(hr)
+				require.NoError(t, err)
+				got, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				require.Equal(t, http.StatusOK, resp.StatusCode, string(got))
+				assert.Equal(t, "ok", string(got))
+			}
+			a.mu.Lock()
+			defer a.mu.Unlock()
+			assert.Equal(t, tc.want, a.seen)
+			assert.Equal(t, tc.wantConns, a.conns, "short requests share a kept-alive connection")
+			assert.Empty(t, a.internal, "the tunnel's own fields reach the target only as the relay sets them")
+		})
+	}
+}
+
+// An agent that cannot reach its target refuses the HTTP connection
+// stream; the user gets a 502 Status that carries the agent's reason.
+func TestTerminateTargetDown(t *testing.T) {
+	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
+	a := &recordingAgent{refuse: "spectro-proxy agent could not reach 10.96.0.1:443: connection refused"}
+	startRecordingAgent(t, r, a, true)
+	resp, err := drainUser(t, r, false).Get(clusterURL("/api"))
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
+	assert.Contains(t, string(body), `"kind":"Status"`)
+	assert.Contains(t, string(body), "could not reach 10.96.0.1:443: connection refused")
+}
