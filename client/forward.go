@@ -241,19 +241,9 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 }
 
 func (c *Client) serveTCP(w http.ResponseWriter, r *http.Request, rt *route) {
-	target, err := rt.dialer.DialContext(r.Context(), "tcp", rt.target.Host)
-	if err != nil {
-		c.log.Warn("dialing target", "host", rt.label, "target", rt.target.Host, "error", err)
-		tunnel.RefuseStream(w, http.StatusBadGateway, err.Error())
-		return
-	}
-	st, err := tunnel.AcceptStream(w, r)
-	if err != nil {
-		target.Close()
-		return
-	}
-	up, down, err := st.Join(target, nil)
-	c.log.Debug("stream closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
+	c.joinTarget(w, r, rt, "stream", func(ctx context.Context) (net.Conn, error) {
+		return rt.dialer.DialContext(ctx, "tcp", rt.target.Host)
+	})
 }
 
 // serveHTTPConn joins an HTTP/1.1 connection the relay writes requests on
@@ -263,9 +253,18 @@ func (c *Client) serveTCP(w http.ResponseWriter, r *http.Request, rt *route) {
 // answers in the same bytes. That spares every small request an HTTP/2
 // stream, a handler and a second proxy on the agent (docs/performance.md).
 func (c *Client) serveHTTPConn(w http.ResponseWriter, r *http.Request, rt *route) {
-	ctx, cancel := context.WithTimeout(r.Context(), c.cfg.DialTimeout)
-	target, err := c.dialTarget(ctx, rt)
-	cancel()
+	c.joinTarget(w, r, rt, "http connection", func(ctx context.Context) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout) // the TLS handshake too
+		defer cancel()
+		return c.dialTarget(ctx, rt)
+	})
+}
+
+// joinTarget connects to rt's target with dial and joins the stream to
+// it; when the target cannot be reached it refuses the stream with the
+// reason, which the relay reports.
+func (c *Client) joinTarget(w http.ResponseWriter, r *http.Request, rt *route, what string, dial func(context.Context) (net.Conn, error)) {
+	target, err := dial(r.Context())
 	if err != nil {
 		c.log.Warn("dialing target", "host", rt.label, "target", rt.target.Host, "error", err)
 		tunnel.RefuseStream(w, http.StatusBadGateway, fmt.Sprintf("spectro-proxy agent could not reach %s: %v", rt.target.Host, err))
@@ -277,7 +276,7 @@ func (c *Client) serveHTTPConn(w http.ResponseWriter, r *http.Request, rt *route
 		return
 	}
 	up, down, err := st.Join(target, nil)
-	c.log.Debug("http connection closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
+	c.log.Debug(what+" closed", "host", rt.label, "to_target", up, "from_target", down, "error", err)
 }
 
 // serveUpgrade forwards an HTTP/1.1 Upgrade request (exec, attach,

@@ -102,11 +102,7 @@ func TestTerminateProtocolToTarget(t *testing.T) {
 	backend.EnableHTTP2 = true
 	backend.StartTLS()
 	defer backend.Close()
-	caFile := filepath.Join(t.TempDir(), "ca.crt")
-	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: backend.Certificate().Raw}), 0o600))
-	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", APIServer: backend.URL, APIServerCAFile: caFile,
-		AgentID: "test", DialTimeout: 5 * time.Second, Mode: tunnel.Terminate})
-	require.NoError(t, err)
+	c := newTerminateClient(t, backend)
 
 	do := func(method, uri string, body io.Reader) string {
 		r := httptest.NewRequest(method, uri, body)
@@ -147,11 +143,7 @@ func TestServeHTTPConnection(t *testing.T) {
 	backend.EnableHTTP2 = true // offered; the agent must not take it
 	backend.StartTLS()
 	defer backend.Close()
-	caFile := filepath.Join(t.TempDir(), "ca.crt")
-	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: backend.Certificate().Raw}), 0o600))
-	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", APIServer: backend.URL, APIServerCAFile: caFile,
-		AgentID: "test", DialTimeout: 5 * time.Second, Mode: tunnel.Terminate})
-	require.NoError(t, err)
+	c := newTerminateClient(t, backend)
 
 	relayEnd, agentEnd := net.Pipe()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -184,4 +176,16 @@ func TestServeHTTPConnection(t *testing.T) {
 	for _, s := range got {
 		assert.Equal(t, seen{"HTTP/1.1", got[0].remote, "cluster-abc.proxy.test", "192.0.2.7"}, s, "one keep-alive HTTP/1.1 connection, headers as the relay wrote them")
 	}
+}
+
+// newTerminateClient is an agent in terminate mode whose API server is
+// backend (trusted by its certificate).
+func newTerminateClient(t *testing.T, backend *httptest.Server) *Client {
+	t.Helper()
+	caFile := filepath.Join(t.TempDir(), "ca.crt")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: backend.Certificate().Raw}), 0o600))
+	c, err := New(Config{Server: "proxy.test", ClusterUID: "abc", APIServer: backend.URL, APIServerCAFile: caFile,
+		AgentID: "test", DialTimeout: 5 * time.Second, Mode: tunnel.Terminate})
+	require.NoError(t, err)
+	return c
 }

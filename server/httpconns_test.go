@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"io"
@@ -31,6 +32,10 @@ type recordingAgent struct {
 	conns    int      // HTTP connection streams opened
 	internal []string // Spectro-Proxy-* fields that reached the target
 	refuse   string   // when set, HTTP connection streams are refused with it
+	// hugeHeader, when set, is the size of a header field every answer on
+	// an HTTP connection stream starts with (a target's, written by the
+	// agent unread).
+	hugeHeader int
 }
 
 func (a *recordingAgent) record(how string, r *http.Request) {
@@ -74,6 +79,11 @@ func (a *recordingAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		io.Copy(io.Discard, req.Body)
 		a.record("http", req)
+		if a.hugeHeader > 0 {
+			io.WriteString(st, "HTTP/1.1 200 OK\r\nX-Huge: ")
+			st.Write(bytes.Repeat([]byte("a"), a.hugeHeader)) // fails once the relay has closed the stream
+			return
+		}
 		resp := &http.Response{StatusCode: http.StatusOK, ProtoMajor: 1, ProtoMinor: 1, ContentLength: 2,
 			Body: io.NopCloser(strings.NewReader("ok")), Header: http.Header{}}
 		if err := resp.Write(st); err != nil {
@@ -177,11 +187,33 @@ func TestTerminateTargetDown(t *testing.T) {
 	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
 	a := &recordingAgent{refuse: "spectro-proxy agent could not reach 10.96.0.1:443: connection refused"}
 	startRecordingAgent(t, r, a, true)
-	resp, err := drainUser(t, r, false).Get(clusterURL("/api"))
+	code, body := getThrough(t, r, "/api")
+	assert.Equal(t, http.StatusBadGateway, code)
+	assert.Contains(t, body, `"kind":"Status"`)
+	assert.Contains(t, body, "could not reach 10.96.0.1:443: connection refused")
+}
+
+// A target whose answer's header section has no end (a tenant's dashboard,
+// say) gets its connection closed at tunnel.MaxResponseHeaderBytes, and
+// the user a 502 that says why.
+func TestTerminateOversizedResponseHeaders(t *testing.T) {
+	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
+	a := &recordingAgent{hugeHeader: 4 * tunnel.MaxResponseHeaderBytes}
+	startRecordingAgent(t, r, a, true)
+	code, body := getThrough(t, r, "/api")
+	assert.Equal(t, http.StatusBadGateway, code)
+	assert.Contains(t, body, "response headers exceeded")
+	assert.Contains(t, scrape(t, r.Srv), `spectro_proxy_refusals_total{reason="upstream_headers_too_large"} 1`)
+}
+
+// getThrough GETs path from the cluster through relay r and returns the
+// status and body.
+func getThrough(t *testing.T, r *relaytest.Relay, path string) (int, string) {
+	t.Helper()
+	resp, err := drainUser(t, r, false).Get(clusterURL(path))
 	require.NoError(t, err)
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
-	assert.Contains(t, string(body), `"kind":"Status"`)
-	assert.Contains(t, string(body), "could not reach 10.96.0.1:443: connection refused")
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return resp.StatusCode, string(body)
 }
