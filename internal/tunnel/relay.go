@@ -304,11 +304,16 @@ func (s *Stream) CloseWrite() error { return s.w.Close() }
 func (s *Stream) Close() error {
 	s.once.Do(func() {
 		s.w.Close()
-		s.cancel() // ends a RoundTrip still waiting for the answer
-		<-s.ready
+		select {
+		case <-s.ready:
+		default:
+			s.cancel() // ends a RoundTrip still waiting for the answer
+			<-s.ready
+		}
 		if s.body != nil {
 			s.body.Close()
 		}
+		s.cancel()
 	})
 	return nil
 }
