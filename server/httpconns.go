@@ -31,7 +31,67 @@ const (
 	// httpConnIdle closes a connection unused that long: a burst's
 	// connections do not outlive it by much.
 	httpConnIdle = 30 * time.Second
+	// retireEvery is how often the relay looks for tunnels that went
+	// away (see retireHTTPConns).
+	retireEvery = 250 * time.Millisecond
 )
+
+// pooledSessions are the sessions with HTTP connection pools, for
+// retireHTTPConns.
+type pooledSessions struct {
+	mu  sync.Mutex
+	set map[*session]struct{}
+}
+
+func (p *pooledSessions) add(sess *session) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.set == nil {
+		p.set = map[*session]struct{}{}
+	}
+	p.set[sess] = struct{}{}
+}
+
+func (p *pooledSessions) remove(sess *session) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.set, sess)
+}
+
+func (p *pooledSessions) list() []*session {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]*session, 0, len(p.set))
+	for sess := range p.set {
+		out = append(out, sess)
+	}
+	return out
+}
+
+// retireHTTPConns closes, every retireEvery until ctx is done, the pools
+// of sessions whose agent sent GOAWAY. An agent that moves or stops
+// shuts its tunnel down gracefully, waiting for the streams open on it;
+// an idle kept-alive connection is such a stream and would hold the
+// agent until its drain timeout. The relay alone knows a connection is
+// between requests, so it closes them (and the busy ones as their
+// requests end).
+func (s *Server) retireHTTPConns(ctx context.Context) {
+	t := time.NewTicker(retireEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, sess := range s.pooled.list() {
+			if sess.cc.GoingAway() {
+				sess.http.close()
+				s.pooled.remove(sess)
+			}
+		}
+	}
+}
 
 // httpConns are a session's pools of such connections, one per label,
 // made by the first request for the label.
@@ -41,7 +101,9 @@ type httpConns struct {
 	closed  bool
 }
 
-var errSessionClosed = errors.New("tunnel closed")
+// errPoolClosed: the session's tunnel is going away; its requests take
+// the HTTP/2 path, which fails over to another tunnel.
+var errPoolClosed = errors.New("tunnel going away")
 
 // transport returns sess's pool for label.
 func (s *Server) httpTransport(sess *session, label string) (*http.Transport, error) {
@@ -49,7 +111,7 @@ func (s *Server) httpTransport(sess *session, label string) (*http.Transport, er
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
 	if hc.closed {
-		return nil, errSessionClosed
+		return nil, errPoolClosed
 	}
 	if t := hc.byLabel[label]; t != nil {
 		return t, nil
@@ -70,13 +132,15 @@ func (s *Server) httpTransport(sess *session, label string) (*http.Transport, er
 	}
 	if hc.byLabel == nil {
 		hc.byLabel = map[string]*http.Transport{}
+		s.pooled.add(sess)
 	}
 	hc.byLabel[label] = t
 	return t, nil
 }
 
-// close closes the pools' idle connections; the busy ones end with the
-// tunnel.
+// close closes the pools' idle connections, and the busy ones once their
+// requests end (no request queues on a closed pool again, so net/http
+// keeps closing connections that become idle).
 func (hc *httpConns) close() {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
@@ -95,7 +159,7 @@ func (hc *httpConns) close() {
 func (s *Server) roundTripHTTP(sess *session, label string, req *http.Request) (*http.Response, error) {
 	t, err := s.httpTransport(sess, label)
 	if err != nil {
-		return nil, fmt.Errorf("agent %s: %w", sess.agentID, err)
+		return nil, err
 	}
 	if !sess.acquire() {
 		return nil, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams)

@@ -95,7 +95,9 @@ func (a *recordingAgent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // startRecordingAgent connects a to relay r for cluster uid's terminate
 // route, listing StreamHTTP in its tunnel request when httpStreams is set
 // (an agent that predates it does not).
-func startRecordingAgent(t *testing.T, r *relaytest.Relay, a *recordingAgent, httpStreams bool) {
+// It returns the agent's server and a channel closed when it has stopped
+// serving the tunnel.
+func startRecordingAgent(t *testing.T, r *relaytest.Relay, a *recordingAgent, httpStreams bool) (*tunnel.AgentServer, <-chan struct{}) {
 	t.Helper()
 	tok, err := os.ReadFile(r.IssueToken(t, uid))
 	require.NoError(t, err)
@@ -120,6 +122,7 @@ func startRecordingAgent(t *testing.T, r *relaytest.Relay, a *recordingAgent, ht
 	go func() { defer close(served); srv.ServeConn(ctx, tunnel.NewConn(ws)) }()
 	t.Cleanup(func() { cancel(); <-served })
 	require.Eventually(t, func() bool { return r.Srv.Tunnels() == 1 }, 5*time.Second, 5*time.Millisecond)
+	return srv, served
 }
 
 // Terminate mode: requests without a body that end soon go as HTTP/1.1 on
@@ -216,4 +219,33 @@ func getThrough(t *testing.T, r *relaytest.Relay, path string) (int, string) {
 	body, err := io.ReadAll(resp.Body)
 	require.NoError(t, err)
 	return resp.StatusCode, string(body)
+}
+
+// An agent that moves or stops shuts its tunnel down gracefully: the
+// relay closes its idle kept-alive connections on that tunnel, so the
+// shutdown ends once the requests in flight have, not at the agent's
+// drain timeout; requests then go to the agent's other tunnel.
+func TestAgentShutdownClosesIdleConnections(t *testing.T) {
+	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
+	a := &recordingAgent{}
+	srv, served := startRecordingAgent(t, r, a, true)
+	for range 3 {
+		code, body := getThrough(t, r, "/api")
+		require.Equal(t, http.StatusOK, code, body)
+	}
+	a.mu.Lock()
+	require.Equal(t, 1, a.conns, "one kept-alive connection")
+	a.mu.Unlock()
+
+	const drainTimeout = 10 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+	defer cancel()
+	start := time.Now()
+	require.NoError(t, srv.Shutdown(ctx)) // sends GOAWAY
+	select {
+	case <-served:
+		t.Logf("tunnel shut down gracefully in %v", time.Since(start).Round(time.Millisecond))
+	case <-ctx.Done():
+		t.Fatalf("the tunnel's graceful shutdown still waits after %v: an idle connection holds it", drainTimeout)
+	}
 }

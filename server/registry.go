@@ -86,6 +86,8 @@ type tunnelClient interface {
 	// CanTakeNewRequest reports whether a new stream may go to the tunnel
 	// (not after GOAWAY, nor once it is closing).
 	CanTakeNewRequest() bool
+	// GoingAway reports GOAWAY received, or the tunnel closing or closed.
+	GoingAway() bool
 	Close() error
 }
 

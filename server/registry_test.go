@@ -32,6 +32,7 @@ func (f *fakeTunnel) RoundTrip(*http.Request) (*http.Response, error) {
 	return &http.Response{StatusCode: http.StatusOK, Body: io.NopCloser(strings.NewReader(""))}, nil
 }
 func (f *fakeTunnel) CanTakeNewRequest() bool { return !f.down }
+func (f *fakeTunnel) GoingAway() bool         { return f.down }
 func (f *fakeTunnel) Close() error            { f.closed = true; return nil }
 
 // fakeSession is an agent replica of cluster serving labels (all

@@ -71,6 +71,7 @@ type Server struct {
 
 	draining atomic.Bool
 	drainer  *drainer       // moves and streamed responses (drain.go)
+	pooled   pooledSessions // sessions with HTTP connection pools (httpconns.go)
 	conns    sync.WaitGroup // raw connections being proxied or routed
 	connsMu  sync.Mutex
 	open     map[net.Conn]struct{}
@@ -187,6 +188,12 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if s.tokens.RevocationFileMissing() {
 		s.log.Error("revocation file does not exist: no token is revoked until it is created", "revocation_file", s.cfg.RevocationFile)
 	}
+	// Tunnels go away during the drain too (agents moving off this
+	// relay): this runs until the hard stop.
+	retireCtx, stopRetire := context.WithCancel(connCtx)
+	retireDone := make(chan struct{})
+	go func() { defer close(retireDone); s.retireHTTPConns(retireCtx) }()
+	defer func() { stopRetire(); <-retireDone }()
 	revCtx, stopRev := context.WithCancel(ctx)
 	revDone := make(chan struct{})
 	go func() { defer close(revDone); s.checkRevocations(revCtx) }()

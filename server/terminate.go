@@ -201,7 +201,8 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		var err error
 		if short && sess.httpStreams {
 			resp, err = t.s.roundTripHTTP(sess, t.label, req)
-		} else {
+		}
+		if !short || !sess.httpStreams || errors.Is(err, errPoolClosed) {
 			resp, err = t.roundTripTunnel(sess, req)
 		}
 		if err == nil {

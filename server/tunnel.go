@@ -143,6 +143,7 @@ func (s *Server) tunnelClosed(sess *session, conn *tunnel.Conn, expiry func()) {
 	}
 	s.m.tunnels.Dec()
 	sess.http.close()
+	s.pooled.remove(sess)
 	sess.cc.Close()
 	readErr := conn.ReadErr()
 	if errors.Is(readErr, websocket.ErrReadLimit) {

@@ -133,6 +133,21 @@ func (l *LazyClientConn) CanTakeNewRequest() bool {
 	return cc.CanTakeNewRequest()
 }
 
+// GoingAway reports whether the tunnel takes no new streams for good: the
+// agent sent GOAWAY (it is moving or stopping; the streams open on it may
+// finish), or the tunnel is closing or closed. Unlike CanTakeNewRequest it
+// does not say so for a tunnel that is only busy.
+func (l *LazyClientConn) GoingAway() bool {
+	l.mu.Lock()
+	cc, closed := l.cc, l.closed || l.err != nil
+	l.mu.Unlock()
+	if cc == nil {
+		return closed || l.conn.Closed()
+	}
+	st := cc.State()
+	return st.Closed || st.Closing
+}
+
 // Close closes the client and the tunnel.
 func (l *LazyClientConn) Close() error {
 	l.mu.Lock()
