@@ -213,18 +213,13 @@ func TestTerminateOversizedResponseHeaders(t *testing.T) {
 // status and body.
 func getThrough(t *testing.T, r *relaytest.Relay, path string) (int, string) {
 	t.Helper()
-	resp, err := drainUser(t, r, false).Get(clusterURL(path))
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	return resp.StatusCode, string(body)
+	return get(t, drainUser(t, r, false), clusterURL(path))
 }
 
 // An agent that moves or stops shuts its tunnel down gracefully: the
 // relay closes its idle kept-alive connections on that tunnel, so the
 // shutdown ends once the requests in flight have, not at the agent's
-// drain timeout; requests then go to the agent's other tunnel.
+// drain timeout.
 func TestAgentShutdownClosesIdleConnections(t *testing.T) {
 	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
 	a := &recordingAgent{}
