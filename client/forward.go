@@ -162,7 +162,7 @@ func newReverseProxy(r *route, cfg *Config) *httputil.ReverseProxy {
 type splitTransport struct{ short, long http.RoundTripper }
 
 func (t splitTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if (req.Body == nil || req.Body == http.NoBody) && !kubereq.StaysOpen(req.URL) {
+	if kubereq.Short(req) {
 		return t.short.RoundTrip(req)
 	}
 	return t.long.RoundTrip(req)

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/kubereq"
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
 	"github.com/spectroproxy/spectro-proxy/internal/peer"
 	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
@@ -121,7 +122,7 @@ type peerTransport struct {
 func (t *peerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	// A body can go to the next holder only while nothing of it was read.
 	var body *onceBody
-	if req.Body != nil && req.Body != http.NoBody {
+	if kubereq.HasBody(req) {
 		body = &onceBody{rc: req.Body}
 	}
 	var errs []error

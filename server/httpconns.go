@@ -86,8 +86,7 @@ func (s *Server) retireHTTPConns(ctx context.Context) {
 		}
 		for _, sess := range s.pooled.list() {
 			if sess.cc.GoingAway() {
-				sess.http.close()
-				s.pooled.remove(sess)
+				s.closeHTTPConns(sess)
 			}
 		}
 	}
@@ -136,6 +135,13 @@ func (s *Server) httpTransport(sess *session, label string) (*http.Transport, er
 	}
 	hc.byLabel[label] = t
 	return t, nil
+}
+
+// closeHTTPConns closes sess's pools for good (its tunnel went away or
+// ended).
+func (s *Server) closeHTTPConns(sess *session) {
+	sess.http.close()
+	s.pooled.remove(sess)
 }
 
 // close closes the pools' idle connections, and the busy ones once their

@@ -194,15 +194,16 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	// connection to the target where the agent serves them
 	// (httpconns.go); the rest are HTTP/2 requests on the tunnel, which
 	// name their route.
-	short := (req.Body == nil || req.Body == http.NoBody) && !kubereq.StaysOpen(req.URL)
+	short := kubereq.Short(req)
 	var errs []error
 	for i, sess := range cands {
 		var resp *http.Response
 		var err error
-		if short && sess.httpStreams {
+		onHTTPConn := short && sess.httpStreams
+		if onHTTPConn {
 			resp, err = t.s.roundTripHTTP(sess, t.label, req)
 		}
-		if !short || !sess.httpStreams || errors.Is(err, errPoolClosed) {
+		if !onHTTPConn || errors.Is(err, errPoolClosed) {
 			resp, err = t.roundTripTunnel(sess, req)
 		}
 		if err == nil {
@@ -214,7 +215,7 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		// Only a request without a body can be replayed on another
 		// replica; a body may be half sent.
-		if req.Context().Err() != nil || (req.Body != nil && req.Body != http.NoBody) || i == len(cands)-1 {
+		if req.Context().Err() != nil || kubereq.HasBody(req) || i == len(cands)-1 {
 			break
 		}
 	}

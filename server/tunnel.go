@@ -142,8 +142,7 @@ func (s *Server) tunnelClosed(sess *session, conn *tunnel.Conn, expiry func()) {
 		s.withdraw(sess) // not when replaced: the successor holds the keys
 	}
 	s.m.tunnels.Dec()
-	sess.http.close()
-	s.pooled.remove(sess)
+	s.closeHTTPConns(sess)
 	sess.cc.Close()
 	readErr := conn.ReadErr()
 	if errors.Is(readErr, websocket.ErrReadLimit) {

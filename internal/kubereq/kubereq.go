@@ -2,9 +2,18 @@
 package kubereq
 
 import (
+	"net/http"
 	"net/url"
 	"strings"
 )
+
+// Short reports whether r carries no body and its response ends by
+// itself (not a watch or a followed log): the requests that are cheaper
+// on a kept-alive HTTP/1.1 connection than as an HTTP/2 stream.
+func Short(r *http.Request) bool { return !HasBody(r) && !StaysOpen(r.URL) }
+
+// HasBody reports whether r carries a request body.
+func HasBody(r *http.Request) bool { return r.Body != nil && r.Body != http.NoBody }
 
 // StaysOpen reports whether a Kubernetes API request is a watch
 // (watch=true, or a legacy /watch/ path) or follows a log (follow=true):

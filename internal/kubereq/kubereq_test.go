@@ -1,7 +1,11 @@
 package kubereq
 
 import (
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -32,6 +36,28 @@ func TestStaysOpen(t *testing.T) {
 			u, err := url.ParseRequestURI(tc.uri)
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, StaysOpen(u))
+		})
+	}
+}
+
+// Short: no body, and a response that ends by itself.
+func TestShort(t *testing.T) {
+	tests := []struct {
+		name, method, uri string
+		body              io.Reader
+		want              bool
+	}{
+		{"list", http.MethodGet, "/api/v1/pods", nil, true},
+		{"delete", http.MethodDelete, "/api/v1/namespaces/default/pods/web", nil, true},
+		{"watch", http.MethodGet, "/api/v1/pods?watch=true", nil, false},
+		{"followed log", http.MethodGet, "/api/v1/namespaces/default/pods/web/log?follow=1", nil, false},
+		{"create", http.MethodPost, "/api/v1/namespaces/default/pods", strings.NewReader("{}"), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := httptest.NewRequest(tc.method, tc.uri, tc.body)
+			assert.Equal(t, tc.want, Short(r))
+			assert.Equal(t, tc.body != nil, HasBody(r))
 		})
 	}
 }
