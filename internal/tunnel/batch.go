@@ -28,15 +28,17 @@ type BatchConn struct {
 	// a public HTTP/2 connection, whose server flushes each response on
 	// its own.
 	q atomic.Pointer[writeQueue]
+	// sentBy is the write deadline the flusher last set on Conn (under mu).
+	sentBy time.Time
 }
 
 // QueueWrites makes every later write to the BatchConn under c (through
 // TLS and wrappers that unwrap) queued and sent by a flusher, as the
 // tunnel's own writes are: net/http's HTTP/2 server flushes each
 // response's frames with a TLS record and a syscall of their own, and the
-// responses of concurrent streams then leave together. Deadlines set on
-// the connection apply to the sends under way. It reports whether c has a
-// BatchConn under it.
+// responses of concurrent streams then leave together. Write deadlines set
+// from then on go with the writes (see writeQueue). It reports whether c
+// has a BatchConn under it.
 func QueueWrites(c net.Conn) bool {
 	b := batchOf(c)
 	if b == nil {
@@ -93,17 +95,44 @@ func (b *BatchConn) Write(p []byte) (int, error) {
 // good).
 func (b *BatchConn) flush() { b.q.Load().run(b.send) }
 
-// send writes what the queue took, in order with any direct write.
-func (b *BatchConn) send(p []byte, _ time.Time) error {
+// send writes what the queue took, in order with any direct write, under
+// the deadline its writes were accepted with. A deadline is set on Conn
+// only when it changed: the relay's public connections (the only queued
+// BatchConns) rarely have one, and their stall guard below re-arms its own
+// after any outside deadline, a timer operation per write.
+func (b *BatchConn) send(p []byte, deadline time.Time) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.err != nil {
 		return b.err
 	}
+	if !deadline.Equal(b.sentBy) {
+		_ = b.Conn.SetWriteDeadline(deadline)
+		b.sentBy = deadline
+	}
 	if _, err := b.Conn.Write(p); err != nil {
 		b.err = err
 	}
 	return b.err
+}
+
+// SetWriteDeadline applies to the writes that follow: queued ones once
+// QueueWrites has switched the connection, the socket's before.
+func (b *BatchConn) SetWriteDeadline(t time.Time) error {
+	if q := b.q.Load(); q != nil {
+		q.setDeadline(t)
+		return nil
+	}
+	return b.Conn.SetWriteDeadline(t)
+}
+
+// SetDeadline sets the read deadline on the socket and the write deadline
+// as SetWriteDeadline does.
+func (b *BatchConn) SetDeadline(t time.Time) error {
+	if err := b.Conn.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return b.SetWriteDeadline(t)
 }
 
 // Close sends what is queued first (within a second), then closes.

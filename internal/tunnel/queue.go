@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"time"
@@ -23,15 +24,27 @@ import (
 //
 // Past maxPending queued bytes a writer waits for the flusher, so a slow
 // peer holds up writers as before. A failed send is returned by the next
-// write (x/net's HTTP/2 buffers its writes the same way). Deadlines set
-// with setDeadline apply to the sends that start after.
+// write (x/net's HTTP/2 buffers its writes the same way).
+//
+// Deadlines (setDeadline) go with the writes: bytes are sent under the
+// deadline that was in force when they were accepted, and a deadline set
+// later does not reach them, as it would not reach bytes a socket has taken
+// into its buffer. crypto/tls's Close queues its close_notify and then sets
+// the write deadline to now, to fail any later write; applied to the send
+// that followed, that lost the connection's last records (TestQueueWrites,
+// once in CI). A write while a past deadline is in force fails, as on a
+// socket.
 type writeQueue struct {
 	mu       sync.Mutex
 	cond     sync.Cond // on mu: the queue was taken, or the flusher ended (a value: nothing allocated per idle connection)
 	pending  *[]byte   // pooled; bytes accepted and not yet taken by the flusher
 	flushing bool      // a flusher goroutine runs
 	err      error     // the first failed send (or close): the connection is broken
-	deadline time.Time // for the sends that start after it is set
+	deadline time.Time // for the writes accepted after it is set
+	// pendingBy is when pending must have left: the latest deadline of
+	// its writes (they go in order, so the last bounds them all), zero
+	// when one of them had none.
+	pendingBy time.Time
 }
 
 // maxPending is how many bytes a queue holds before writers wait for the
@@ -65,8 +78,14 @@ func (q *writeQueue) write(p []byte) (n int, start bool, err error) {
 		if q.err != nil {
 			return n, start, q.err
 		}
+		if !q.deadline.IsZero() && !time.Now().Before(q.deadline) {
+			return n, start, os.ErrDeadlineExceeded
+		}
 		if q.pending == nil {
 			q.pending = pendingBuffers.Get().(*[]byte)
+			q.pendingBy = q.deadline
+		} else {
+			q.pendingBy = later(q.pendingBy, q.deadline)
 		}
 		chunk := p[:min(len(p), maxPending-len(*q.pending))]
 		*q.pending = append(*q.pending, chunk...)
@@ -113,7 +132,7 @@ func (q *writeQueue) run(send func(p []byte, deadline time.Time) error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	for q.err == nil && q.pending != nil {
-		buf, deadline := q.pending, q.deadline
+		buf, deadline := q.pending, q.pendingBy
 		q.pending = nil
 		q.cond.Broadcast() // room for writers waiting on a full queue
 		q.mu.Unlock()
@@ -141,6 +160,7 @@ func (q *writeQueue) drain(deadline time.Time, bound func(time.Time)) {
 	}
 	if q.flushing {
 		q.deadline = deadline
+		q.pendingBy = sooner(q.pendingBy, deadline)
 		bound(deadline)
 		for q.flushing {
 			q.cond.Wait()
@@ -156,6 +176,25 @@ func (q *writeQueue) setDeadline(t time.Time) {
 	q.mu.Lock()
 	q.deadline = t
 	q.mu.Unlock()
+}
+
+// later is the later of two deadlines, where zero (none) is the latest.
+func later(a, b time.Time) time.Time {
+	if a.IsZero() || b.IsZero() {
+		return time.Time{}
+	}
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// sooner is the sooner of two deadlines, where zero (none) is the latest.
+func sooner(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
 }
 
 // QueuedConn is a net.Conn whose writes are queued (see writeQueue): the
@@ -182,13 +221,13 @@ func (c *QueuedConn) send(p []byte, deadline time.Time) error {
 }
 
 // SetDeadline sets the read deadline now and the write deadline of the
-// sends that start after.
+// writes that follow.
 func (c *QueuedConn) SetDeadline(t time.Time) error {
 	c.q.setDeadline(t)
 	return c.Conn.SetReadDeadline(t)
 }
 
-// SetWriteDeadline applies to the sends that start after it.
+// SetWriteDeadline applies to the writes that follow.
 func (c *QueuedConn) SetWriteDeadline(t time.Time) error {
 	c.q.setDeadline(t)
 	return nil

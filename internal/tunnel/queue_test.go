@@ -5,6 +5,8 @@ import (
 	"crypto/rand"
 	"io"
 	"net"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -114,4 +116,84 @@ func TestQueuedConnReportsFailedSend(t *testing.T) {
 	require.Error(t, err, "a failed send is reported")
 	_, err = q.Write([]byte("x"))
 	require.Error(t, err, "and the connection stays broken")
+}
+
+// heldSender is a queue's send that records each send's bytes and deadline
+// and waits for the test to release it.
+type heldSender struct {
+	q       *writeQueue
+	release chan struct{}
+	mu      sync.Mutex
+	sent    []string
+	by      []time.Time
+}
+
+func (h *heldSender) flush() { h.q.run(h.send) }
+
+func (h *heldSender) send(p []byte, deadline time.Time) error {
+	<-h.release
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.sent = append(h.sent, string(p))
+	h.by = append(h.by, deadline)
+	return nil
+}
+
+// TestWriteQueueDeadlines: queued bytes leave under the deadline in force
+// when they were written, so a deadline set after (crypto/tls's Close sets
+// one in the past once its close_notify is queued) does not lose them; a
+// write while a past deadline is in force fails as on a socket.
+func TestWriteQueueDeadlines(t *testing.T) {
+	soon, later := time.Now().Add(time.Minute), time.Now().Add(time.Hour)
+	type write struct {
+		deadline time.Time
+		text     string
+	}
+	tests := []struct {
+		name   string
+		writes []write // queued while the flusher is held
+		wantBy time.Time
+	}{
+		{name: "no deadline", writes: []write{{text: "a"}, {text: "b"}}},
+		{name: "one deadline", writes: []write{{soon, "a"}}, wantBy: soon},
+		{name: "the latest bounds all", writes: []write{{later, "a"}, {soon, "b"}}, wantBy: later},
+		{name: "a write without one", writes: []write{{soon, "a"}, {text: "b"}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			q := &writeQueue{}
+			h := &heldSender{q: q, release: make(chan struct{})}
+			_, err := q.writeAll([]byte("first;"), h) // starts the flusher, held in send
+			require.NoError(t, err)
+			require.Eventually(t, func() bool { // the flusher took "first;"
+				q.mu.Lock()
+				defer q.mu.Unlock()
+				return q.pending == nil
+			}, 5*time.Second, time.Millisecond)
+			want := "first;"
+			for _, w := range tc.writes {
+				q.setDeadline(w.deadline)
+				_, err := q.writeAll([]byte(w.text), h)
+				require.NoError(t, err)
+				want += w.text
+			}
+			q.setDeadline(time.Now().Add(-time.Second)) // as tls.Conn.Close does
+			n, err := q.writeAll([]byte("late"), h)
+			assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "a write past the deadline fails")
+			assert.Zero(t, n)
+
+			close(h.release)
+			require.Eventually(t, func() bool { // the flusher sent all and ended
+				q.mu.Lock()
+				defer q.mu.Unlock()
+				return !q.flushing
+			}, 5*time.Second, time.Millisecond)
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			assert.Equal(t, want, strings.Join(h.sent, ""), "what was written before the past deadline left")
+			require.Len(t, h.by, 2, "the held send, then the rest together")
+			assert.True(t, h.by[0].IsZero(), "first; had no deadline")
+			assert.True(t, tc.wantBy.Equal(h.by[1]), "second send's deadline: got %v, want %v", h.by[1], tc.wantBy)
+		})
+	}
 }
