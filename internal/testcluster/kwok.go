@@ -100,8 +100,8 @@ func (c *Cluster) startKwok(ctx context.Context) error {
 		}
 		c.KubeletPort = port
 		err = c.waitKwok(ctx, p, port)
-		if err != nil && p.portInUse() && attempt < 3 {
-			c.log.Warn("kwok port was taken, retrying", "attempt", attempt)
+		if err != nil && (p.portInUse() || p.raceAtStart()) && attempt < 3 {
+			c.log.Warn("kwok died starting, retrying", "attempt", attempt, "error", err)
 			c.dropLast()
 			continue
 		}
