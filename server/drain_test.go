@@ -379,3 +379,47 @@ func newForwardedCluster(t *testing.T, uid string) forwardedCluster {
 	require.Eventually(t, func() bool { return f.holds("relay-a", hostname.DefaultSubdomain(uid)) }, 5*time.Second, 10*time.Millisecond)
 	return fc
 }
+
+// TestDrainCutsHalfClosedUpgrade: an upgrade whose backend has ended its
+// side while the user keeps the connection and sends nothing (an exec
+// session left open after the command's output) is cut by the drain's
+// hard stop, on the replica holding the tunnel and on one forwarding to
+// it. ReverseProxy waits for the user's side once the backend ended
+// cleanly; the relay once waited with it, forever.
+func TestDrainCutsHalfClosedUpgrade(t *testing.T) {
+	for _, via := range []string{"holder", "forwarder"} {
+		t.Run(via, func(t *testing.T) {
+			fc := newForwardedCluster(t, "hc"+via[:1])
+			r := fc.holder
+			if via == "forwarder" {
+				r = fc.forwarder
+			}
+			d := websocket.Dialer{
+				NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+					return (&net.Dialer{}).DialContext(ctx, network, r.addr)
+				},
+				TLSClientConfig: &tls.Config{ServerName: fc.host, RootCAs: relayRoots(t, fc.stateDir)},
+			}
+			ws, resp, err := d.Dial("wss://"+fc.host+"/ws-once", nil)
+			require.NoError(t, err)
+			defer ws.Close()
+			require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
+			require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte("hi")))
+			_, got, err := ws.ReadMessage()
+			require.NoError(t, err)
+			require.Equal(t, "echo hi", string(got))
+			_, _, err = ws.ReadMessage()
+			require.Error(t, err, "the backend's end reaches the user (a half-close)")
+
+			stopped := make(chan struct{})
+			start := time.Now()
+			go func() { r.stop(); close(stopped) }()
+			select {
+			case <-stopped: // DrainTimeout is 2 s
+				t.Logf("%s stopped after %v", via, time.Since(start).Round(time.Millisecond))
+			case <-time.After(15 * time.Second):
+				t.Fatalf("the %s's drain waited on the half-closed upgrade", via)
+			}
+		})
+	}
+}

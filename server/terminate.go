@@ -49,6 +49,7 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 	if isUpgrade(r) {
 		s.conns.Add(1) // hijacked connections are ours to drain
 		defer s.conns.Done()
+		w = closeOnStop{ResponseWriter: w, ctx: r.Context()}
 		s.m.streams.WithLabelValues("upgrade").Inc()
 		defer s.m.streams.WithLabelValues("upgrade").Dec()
 	} else {
@@ -384,3 +385,30 @@ func (c *closeBoth) Close() error {
 }
 
 var _ net.Conn = (*sni.Conn)(nil)
+
+// closeOnStop is an upgrade's ResponseWriter: the connection it hijacks is
+// closed when the request's context ends, which the drain's hard stop
+// does. ReverseProxy then closes the backend's side, but it waits for the
+// user's side to end as well once the backend has ended cleanly (it
+// half-closes to the user, who may still be sending), and a user who
+// sends nothing and keeps the connection (an exec session left open)
+// never ends it: the relay's drain waited forever
+// (TestDrainCutsHalfClosedUpgrade; TestDrainCutsForwardedUpgrade, now
+// and then, when the tunnel's end read as a clean one).
+type closeOnStop struct {
+	http.ResponseWriter
+	ctx context.Context
+}
+
+func (w closeOnStop) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w closeOnStop) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Once the request is over (ReverseProxy closed c), this closes it
+	// again: harmless.
+	context.AfterFunc(w.ctx, func() { c.Close() })
+	return c, brw, nil
+}
