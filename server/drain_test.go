@@ -328,22 +328,8 @@ func TestDrainEndsForwardedWatches(t *testing.T) {
 // waited on it forever: TestScaleOut's rolling restart).
 func TestDrainCutsForwardedUpgrade(t *testing.T) {
 	fc := newForwardedCluster(t, "fu")
-	host, forwarder, stateDir := fc.host, fc.forwarder, fc.stateDir
-
-	d := websocket.Dialer{
-		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, network, forwarder.addr)
-		},
-		TLSClientConfig: &tls.Config{ServerName: host, RootCAs: relayRoots(t, stateDir)},
-	}
-	ws, resp, err := d.Dial("wss://"+host+"/ws", nil)
-	require.NoError(t, err)
-	defer ws.Close()
-	require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
-	require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte("hi")))
-	_, got, err := ws.ReadMessage()
-	require.NoError(t, err)
-	require.Equal(t, "echo hi", string(got), "the session goes through the forwarder")
+	forwarder := fc.forwarder
+	ws := fc.echoSession(t, forwarder, "/ws") // through the forwarder
 
 	stopped := make(chan struct{})
 	start := time.Now()
@@ -354,7 +340,7 @@ func TestDrainCutsForwardedUpgrade(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("the forwarder's drain waited on the open forwarded upgrade")
 	}
-	_, _, err = ws.ReadMessage()
+	_, _, err := ws.ReadMessage()
 	assert.Error(t, err, "the client's session was cut")
 }
 
@@ -394,21 +380,8 @@ func TestDrainCutsHalfClosedUpgrade(t *testing.T) {
 			if via == "forwarder" {
 				r = fc.forwarder
 			}
-			d := websocket.Dialer{
-				NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-					return (&net.Dialer{}).DialContext(ctx, network, r.addr)
-				},
-				TLSClientConfig: &tls.Config{ServerName: fc.host, RootCAs: relayRoots(t, fc.stateDir)},
-			}
-			ws, resp, err := d.Dial("wss://"+fc.host+"/ws-once", nil)
-			require.NoError(t, err)
-			defer ws.Close()
-			require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
-			require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte("hi")))
-			_, got, err := ws.ReadMessage()
-			require.NoError(t, err)
-			require.Equal(t, "echo hi", string(got))
-			_, _, err = ws.ReadMessage()
+			ws := fc.echoSession(t, r, "/ws-once")
+			_, _, err := ws.ReadMessage()
 			require.Error(t, err, "the backend's end reaches the user (a half-close)")
 
 			stopped := make(chan struct{})
@@ -422,4 +395,25 @@ func TestDrainCutsHalfClosedUpgrade(t *testing.T) {
 			}
 		})
 	}
+}
+
+// echoSession opens a WebSocket to the backend's path through relay r and
+// checks that one message is echoed. The test's end closes it.
+func (fc forwardedCluster) echoSession(t *testing.T, r *fleetRelay, path string) *websocket.Conn {
+	t.Helper()
+	d := websocket.Dialer{
+		NetDialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, r.addr)
+		},
+		TLSClientConfig: &tls.Config{ServerName: fc.host, RootCAs: relayRoots(t, fc.stateDir)},
+	}
+	ws, resp, err := d.Dial("wss://"+fc.host+path, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { ws.Close() })
+	require.Equal(t, http.StatusSwitchingProtocols, resp.StatusCode)
+	require.NoError(t, ws.WriteMessage(websocket.TextMessage, []byte("hi")))
+	_, got, err := ws.ReadMessage()
+	require.NoError(t, err)
+	require.Equal(t, "echo hi", string(got))
+	return ws
 }
