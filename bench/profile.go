@@ -35,9 +35,12 @@ type ProcProfile struct {
 	// CPU is user+system CPU per request; Mallocs heap allocations per
 	// request (the Go runtime's count); Reads and Writes read- and
 	// write-family syscalls per request (/proc/<pid>/io syscr, syscw:
-	// socket reads and writes, not epoll or futex).
-	CPU                    time.Duration
-	Mallocs, Reads, Writes float64
+	// socket reads and writes, not epoll or futex); Switches the context
+	// switches of all its threads per request (/proc/<pid>/task/*/status):
+	// every time one of them slept (a goroutine handoff that had to wake
+	// a thread, a wait in epoll) or was preempted.
+	CPU                              time.Duration
+	Mallocs, Reads, Writes, Switches float64
 	// CPUFile and AllocFile are the pprof files (CPU, and allocations
 	// during the run).
 	CPUFile, AllocFile string
@@ -66,9 +69,37 @@ func freeAddr() (string, error) {
 func profileArgs(addr string) []string { return []string{"--health-addr", addr, "--pprof"} }
 
 type procCounters struct {
-	cpu           time.Duration
-	mallocs       float64
-	reads, writes int64
+	cpu                     time.Duration
+	mallocs                 float64
+	reads, writes, switches int64
+}
+
+// contextSwitches sums the voluntary and involuntary context switches of
+// process pid's threads. (A thread that ended takes its count along; Go
+// keeps its threads.)
+func contextSwitches(pid int) (int64, error) {
+	files, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	if err != nil {
+		return 0, fmt.Errorf("listing the threads of process %d: %w", pid, err)
+	}
+	if len(files) == 0 {
+		return 0, fmt.Errorf("listing the threads of process %d: no such process", pid)
+	}
+	var sum int64
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // the thread ended meanwhile
+		}
+		for line := range strings.Lines(string(b)) {
+			k, v, _ := strings.Cut(line, ":")
+			if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
+				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				sum += n
+			}
+		}
+	}
+	return sum, nil
 }
 
 func readCounters(ctx context.Context, pp profiled) (procCounters, error) {
@@ -91,6 +122,9 @@ func readCounters(ctx context.Context, pp profiled) (procCounters, error) {
 		case "syscw":
 			c.writes = n
 		}
+	}
+	if c.switches, err = contextSwitches(pp.p.Pid()); err != nil {
+		return c, fmt.Errorf("reading %s context switches: %w", pp.p.Name(), err)
 	}
 	m, err := promtext.Scrape(ctx, http.DefaultClient, "http://"+pp.health+"/metrics")
 	if err != nil {
@@ -173,6 +207,7 @@ func profileGets(ctx context.Context, dir string, t Target, h2 bool, conc int, d
 		res.Procs[i].Mallocs = (after.mallocs - b.mallocs) / n
 		res.Procs[i].Reads = float64(after.reads-b.reads) / n
 		res.Procs[i].Writes = float64(after.writes-b.writes) / n
+		res.Procs[i].Switches = float64(after.switches-b.switches) / n
 	}
 	wg.Wait()
 	for _, err := range errs {
@@ -215,14 +250,16 @@ func (r *Results) writeProfiles(b *strings.Builder) {
 	}
 	fmt.Fprintf(b, "\n## Cost per small GET (profiled run)\n\n"+
 		"Relay and agent with `--pprof`, %v of small GETs per row (`-profile DIR` keeps the pprof files). Per request: CPU, Go heap "+
-		"allocations, and read/write syscalls (from /proc/<pid>/io; epoll and futex not counted). The profiler itself costs a few percent.\n\n",
+		"allocations, read/write syscalls (from /proc/<pid>/io; epoll and futex not counted), and context switches of all its threads "+
+		"(/proc/<pid>/task/*/status: each a thread that slept and was woken, or was preempted; at 1 concurrent, mostly goroutine hand-offs that "+
+		"woke a thread). The profiler itself costs a few percent.\n\n",
 		r.Options.ProfileDuration)
-	fmt.Fprintf(b, "| mode | protocol | concurrent | req/s | relay CPU µs | relay allocs | relay reads | relay writes | agent CPU µs | agent allocs | agent reads | agent writes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(b, "| mode | protocol | concurrent | req/s | relay CPU µs | relay allocs | relay reads | relay writes | relay switches | agent CPU µs | agent allocs | agent reads | agent writes | agent switches |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, p := range r.Profiles {
 		row := []string{p.Mode, proto(p.H2), strconv.Itoa(p.Conc), fmt.Sprintf("%.0f", p.RPS)}
 		for _, pp := range p.Procs {
 			row = append(row, fmt.Sprintf("%.1f", float64(pp.CPU)/float64(time.Microsecond)), fmt.Sprintf("%.0f", pp.Mallocs),
-				fmt.Sprintf("%.2f", pp.Reads), fmt.Sprintf("%.2f", pp.Writes))
+				fmt.Sprintf("%.2f", pp.Reads), fmt.Sprintf("%.2f", pp.Writes), fmt.Sprintf("%.2f", pp.Switches))
 		}
 		fmt.Fprintf(b, "| %s |\n", strings.Join(row, " | "))
 	}

@@ -45,7 +45,14 @@ type writeQueue struct {
 	// its writes (they go in order, so the last bounds them all), zero
 	// when one of them had none.
 	pendingBy time.Time
+	lastWrite time.Time // when the last write was accepted (see writeAll)
 }
+
+// quietGap is how long a connection must have had no write for the next
+// one to be sent by its writer (see writeAll): longer than the gap between
+// the frames of one response written in a burst, far shorter than the gap
+// between requests at one request at a time.
+const quietGap = 50 * time.Microsecond
 
 // maxPending is how many bytes a queue holds before writers wait for the
 // flusher: one full tunnel message.
@@ -99,13 +106,32 @@ func (q *writeQueue) write(p []byte) (n int, start bool, err error) {
 }
 
 // flusher starts a queue's flusher goroutine: go x.flush(), where flush
-// calls the queue's run. (An interface with pointer receivers, so that a
-// write allocates no closure.)
-type flusher interface{ flush() }
+// calls the queue's run with send, and sends one write itself (see
+// writeAll). (An interface with pointer receivers, so that a write
+// allocates no closure.)
+type flusher interface {
+	flush()
+	send(p []byte, deadline time.Time) error
+}
 
 // writeAll queues all of p, starting f's flusher whenever write asks for
 // one; a failed earlier send is returned here.
+//
+// A write to a quiet connection (no send under way, nothing queued, no
+// write for quietGap) is sent by the writer itself, in its goroutine: at
+// one request at a time there is nothing to batch with, and handing each
+// write to a new flusher cost a goroutine start and a thread wake-up per
+// hop (docs/performance.md, fourth pass). Writes meanwhile queue as usual
+// and a flusher takes them after. An earlier try sent every lone write
+// inline and lost throughput at 64 concurrent, where writes come closer
+// together than quietGap and now queue.
 func (q *writeQueue) writeAll(p []byte, f flusher) (n int, err error) {
+	if sent, err := q.writeThrough(p, f); sent {
+		if err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
 	for {
 		m, start, err := q.write(p[n:])
 		n += m
@@ -116,6 +142,43 @@ func (q *writeQueue) writeAll(p []byte, f flusher) (n int, err error) {
 			return n, err
 		}
 	}
+}
+
+// writeThrough sends p in the caller when the connection is quiet (see
+// writeAll) and reports whether it did; err is then the send's.
+func (q *writeQueue) writeThrough(p []byte, f flusher) (sent bool, err error) {
+	q.mu.Lock()
+	now := time.Now()
+	quiet := !q.flushing && q.pending == nil && q.err == nil && now.Sub(q.lastWrite) > quietGap &&
+		(q.deadline.IsZero() || now.Before(q.deadline))
+	q.lastWrite = now
+	if !quiet {
+		q.mu.Unlock()
+		return false, nil
+	}
+	if q.cond.L == nil {
+		q.cond.L = &q.mu
+	}
+	q.flushing = true // writes meanwhile queue behind this one
+	deadline := q.deadline
+	q.mu.Unlock()
+
+	err = f.send(p, deadline)
+
+	q.mu.Lock()
+	if err != nil && q.err == nil {
+		q.err = err
+	}
+	more := q.pending != nil && q.err == nil
+	if !more {
+		q.flushing = false
+		q.cond.Broadcast() // for drain
+	}
+	q.mu.Unlock()
+	if more {
+		go f.flush() // still flushing: take over what queued meanwhile
+	}
+	return true, err
 }
 
 // run is the flusher: it sends what is queued with send until nothing is

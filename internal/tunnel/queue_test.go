@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -126,6 +127,7 @@ type heldSender struct {
 	mu      sync.Mutex
 	sent    []string
 	by      []time.Time
+	in      []string // the goroutine each send ran in (see goroutine)
 }
 
 func (h *heldSender) flush() { h.q.run(h.send) }
@@ -136,7 +138,59 @@ func (h *heldSender) send(p []byte, deadline time.Time) error {
 	defer h.mu.Unlock()
 	h.sent = append(h.sent, string(p))
 	h.by = append(h.by, deadline)
+	h.in = append(h.in, goroutine())
 	return nil
+}
+
+// goroutine names the calling goroutine ("goroutine 42").
+func goroutine() string {
+	buf := make([]byte, 64)
+	buf = buf[:runtime.Stack(buf, false)]
+	return string(buf[:bytes.Index(buf, []byte(" ["))])
+}
+
+// TestWriteThroughWhenQuiet: a write to a quiet connection is sent by the
+// writer, in its goroutine; one right after another write is queued for a
+// flusher goroutine, and the writer does not wait for its send.
+func TestWriteThroughWhenQuiet(t *testing.T) {
+	tests := []struct {
+		name      string
+		lastWrite time.Duration // before the write
+		byWriter  bool
+	}{
+		{name: "quiet", lastWrite: time.Hour, byWriter: true},
+		{name: "never written", byWriter: true},
+		{name: "just written", lastWrite: -time.Hour, byWriter: false}, // the clock reads "now" as before it
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			q := &writeQueue{}
+			if tc.lastWrite != 0 {
+				q.lastWrite = time.Now().Add(-tc.lastWrite)
+			}
+			h := &heldSender{q: q, release: make(chan struct{})}
+			if !tc.byWriter {
+				n, err := q.writeAll([]byte("x"), h) // returns while the send is held
+				require.NoError(t, err)
+				require.Equal(t, 1, n)
+				close(h.release)
+			} else {
+				close(h.release)
+				n, err := q.writeAll([]byte("x"), h)
+				require.NoError(t, err)
+				require.Equal(t, 1, n)
+			}
+			require.Eventually(t, func() bool {
+				q.mu.Lock()
+				defer q.mu.Unlock()
+				return !q.flushing
+			}, 5*time.Second, time.Millisecond)
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			require.Equal(t, []string{"x"}, h.sent)
+			assert.Equal(t, tc.byWriter, h.in[0] == goroutine(), "sent by the writer's goroutine (%s, writer %s)", h.in[0], goroutine())
+		})
+	}
 }
 
 // TestWriteQueueDeadlines: queued bytes leave under the deadline in force
@@ -163,12 +217,15 @@ func TestWriteQueueDeadlines(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			q := &writeQueue{}
 			h := &heldSender{q: q, release: make(chan struct{})}
-			_, err := q.writeAll([]byte("first;"), h) // starts the flusher, held in send
-			require.NoError(t, err)
-			require.Eventually(t, func() bool { // the flusher took "first;"
+			first := make(chan error, 1)
+			go func() { // a quiet connection: sent by this writer, held in send
+				_, err := q.writeAll([]byte("first;"), h)
+				first <- err
+			}()
+			require.Eventually(t, func() bool { // "first;" is being sent
 				q.mu.Lock()
 				defer q.mu.Unlock()
-				return q.pending == nil
+				return q.flushing && q.pending == nil
 			}, 5*time.Second, time.Millisecond)
 			want := "first;"
 			for _, w := range tc.writes {
@@ -183,6 +240,7 @@ func TestWriteQueueDeadlines(t *testing.T) {
 			assert.Zero(t, n)
 
 			close(h.release)
+			require.NoError(t, <-first)
 			require.Eventually(t, func() bool { // the flusher sent all and ended
 				q.mu.Lock()
 				defer q.mu.Unlock()
