@@ -160,13 +160,13 @@ func TestWriteThroughWhenQuiet(t *testing.T) {
 	}{
 		{name: "quiet", lastWrite: time.Hour, byWriter: true},
 		{name: "never written", byWriter: true},
-		{name: "just written", lastWrite: -time.Hour, byWriter: false}, // the clock reads "now" as before it
+		{name: "just written", lastWrite: -time.Hour, byWriter: false}, // "now" reads as before it
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			q := &writeQueue{}
 			if tc.lastWrite != 0 {
-				q.lastWrite = time.Now().Add(-tc.lastWrite)
+				q.lastWrite = time.Since(clockStart) - tc.lastWrite
 			}
 			h := &heldSender{q: q, release: make(chan struct{})}
 			if !tc.byWriter {

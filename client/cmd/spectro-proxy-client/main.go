@@ -95,7 +95,7 @@ func agent(args []string) error {
 // another thread that then finds nothing to do. On one, a request at a
 // time costs half the context switches and a third less CPU, and one core
 // carries about 17,000 small requests a second or 450 MiB/s on the bench
-// machine (docs/performance.md, fourth pass).
+// machine (docs/performance.md, sixth pass).
 func setProcs(n int) error {
 	if n < 0 {
 		return fmt.Errorf("--procs %d: must be 0 (Go's default) or more", n)
