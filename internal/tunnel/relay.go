@@ -299,7 +299,23 @@ func (s *Stream) Read(p []byte) (int, error) {
 	return s.body.Read(p)
 }
 
-func (s *Stream) Write(p []byte) (int, error) { return s.w.Write(p) }
+// Write sends p in the request body. A write that fails because the
+// agent refused the stream returns the refusal (which names the target it
+// could not reach), not the closed pipe it met: on an early stream
+// (OpenStreamEarly) the refusal can close the body while a first write
+// still waits for x/net to read it, and what the user is told should not
+// depend on which came first (TestTerminateTargetDown failed 1 run in
+// 300). The answer is in by then or comes within the header timeout.
+func (s *Stream) Write(p []byte) (int, error) {
+	n, err := s.w.Write(p)
+	if err != nil {
+		<-s.ready
+		if s.openErr != nil {
+			return n, s.openErr
+		}
+	}
+	return n, err
+}
 
 // ReadFrom sends everything src yields into the stream, read by the HTTP/2
 // transport directly, and returns once src has ended or the stream is

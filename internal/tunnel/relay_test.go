@@ -90,7 +90,7 @@ func TestRelayTransportsShareNothing(t *testing.T) {
 
 // OpenStreamEarly returns before the agent answers: bytes written at once
 // arrive once it accepts, and a refusal or silence is the first Read's
-// error.
+// error, and a refusal every Write's after it.
 func TestOpenStreamEarly(t *testing.T) {
 	accept := make(chan struct{})
 	srv := NewAgentServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -131,6 +131,11 @@ func TestOpenStreamEarly(t *testing.T) {
 
 	st = OpenStreamEarly(ctx, cc, "x", "refused", 5*time.Second)
 	_, err = st.Read(got)
+	require.ErrorIs(t, err, ErrRefused)
+	assert.ErrorContains(t, err, "target unreachable")
+	// A write after the refusal says why too, not that the pipe is
+	// closed (an HTTP client that writes first reports the write's error).
+	_, err = st.Write([]byte("late"))
 	require.ErrorIs(t, err, ErrRefused)
 	assert.ErrorContains(t, err, "target unreachable")
 	st.Close()
