@@ -15,28 +15,45 @@ import (
 // Binaries are the relay and agent executables under test.
 type Binaries struct {
 	Relay, Agent string
-	// Forwarder is bench/cmd/tcp-forwarder, the floor; without it (binaries
-	// given on the command line) the floor is not measured.
+	// Forwarder is bench/cmd/tcp-forwarder, the floor, always built from
+	// this tree: binaries of another tree given on the command line are
+	// measured against the same floors.
 	Forwarder string
 }
 
-// Build compiles the relay and agent from the module this package lives in
-// into dir. Measuring the real binaries as separate processes keeps their
-// CPU and memory apart from the load generator's.
+// Build compiles the relay, the agent and the floor's forwarder from the
+// module this package lives in into dir. Measuring the real binaries as
+// separate processes keeps their CPU and memory apart from the load
+// generator's.
 func Build(ctx context.Context, dir string) (Binaries, error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	if err != nil {
-		return Binaries{}, fmt.Errorf("finding the module root: %w", err)
-	}
-	root := filepath.Dir(strings.TrimSpace(string(out)))
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/",
-		"./server/cmd/spectro-proxy-server", "./client/cmd/spectro-proxy-client", "./bench/cmd/tcp-forwarder")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return Binaries{}, fmt.Errorf("building relay and agent: %w: %s", err, out)
+	if err := goBuild(ctx, dir, "./server/cmd/spectro-proxy-server", "./client/cmd/spectro-proxy-client", "./bench/cmd/tcp-forwarder"); err != nil {
+		return Binaries{}, fmt.Errorf("building relay and agent: %w", err)
 	}
 	return Binaries{Relay: filepath.Join(dir, "spectro-proxy-server"), Agent: filepath.Join(dir, "spectro-proxy-client"),
 		Forwarder: filepath.Join(dir, "tcp-forwarder")}, nil
+}
+
+// BuildForwarder compiles only the floor's forwarder into dir, for
+// relay and agent binaries given on the command line.
+func BuildForwarder(ctx context.Context, dir string) (string, error) {
+	if err := goBuild(ctx, dir, "./bench/cmd/tcp-forwarder"); err != nil {
+		return "", fmt.Errorf("building the floor's forwarder: %w", err)
+	}
+	return filepath.Join(dir, "tcp-forwarder"), nil
+}
+
+// goBuild builds pkgs of this module into dir.
+func goBuild(ctx context.Context, dir string, pkgs ...string) error {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return fmt.Errorf("finding the module root: %w", err)
+	}
+	cmd := exec.CommandContext(ctx, "go", append([]string{"build", "-o", dir + "/"}, pkgs...)...)
+	cmd.Dir = filepath.Dir(strings.TrimSpace(string(out)))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%w: %s", err, out)
+	}
+	return nil
 }
 
 // StartForwarder starts a tcp-forwarder process to addr (with extra args)

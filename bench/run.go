@@ -221,6 +221,12 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		if o.Binaries, err = Build(ctx, o.Dir); err != nil {
 			return nil, err
 		}
+	} else if o.Binaries.Forwarder == "" {
+		say("building the floor's forwarder")
+		var err error
+		if o.Binaries.Forwarder, err = BuildForwarder(ctx, o.Dir); err != nil {
+			return nil, err
+		}
 	}
 	bins := o.Binaries
 	if o.ScaleOnly {

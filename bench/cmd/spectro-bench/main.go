@@ -36,7 +36,7 @@ func run(args []string) error {
 	fs.DurationVar(&o.GetDuration, "get-duration", o.GetDuration, "How long each small-GET and new-connection figure runs.")
 	idle := fs.String("idle-tunnels", "1000,10000", "Idle tunnel counts at which relay memory is read; empty skips.")
 	fs.DurationVar(&o.WANDelay, "wan-delay", o.WANDelay, "One-way delay of the long link; 0 skips it.")
-	fs.StringVar(&o.Binaries.Relay, "relay-bin", "", "A relay binary to measure instead of building one from this tree (needs --agent-bin).")
+	fs.StringVar(&o.Binaries.Relay, "relay-bin", "", "A relay binary to measure instead of building one from this tree (needs --agent-bin). The floors are still this tree's forwarder.")
 	fs.StringVar(&o.Binaries.Agent, "agent-bin", "", "An agent binary to measure instead of building one from this tree.")
 	skip := fs.String("skip", "", "Comma-separated groups of figures to leave out: get, tls, bulk, watch.")
 	only := fs.Bool("skip-main", false, "Skip the comparison figures (for working on the idle or long-link phases).")
