@@ -142,6 +142,16 @@ func (h *heldSender) send(p []byte, deadline time.Time) error {
 	return nil
 }
 
+// waitQueue waits until cond, called with q's lock held, holds.
+func waitQueue(t *testing.T, q *writeQueue, cond func() bool) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return cond()
+	}, 5*time.Second, time.Millisecond)
+}
+
 // goroutine names the calling goroutine ("goroutine 42").
 func goroutine() string {
 	buf := make([]byte, 64)
@@ -180,11 +190,7 @@ func TestWriteThroughWhenQuiet(t *testing.T) {
 				require.NoError(t, err)
 				require.Equal(t, 1, n)
 			}
-			require.Eventually(t, func() bool {
-				q.mu.Lock()
-				defer q.mu.Unlock()
-				return !q.flushing
-			}, 5*time.Second, time.Millisecond)
+			waitQueue(t, q, func() bool { return !q.flushing })
 			h.mu.Lock()
 			defer h.mu.Unlock()
 			require.Equal(t, []string{"x"}, h.sent)
@@ -222,11 +228,7 @@ func TestWriteQueueDeadlines(t *testing.T) {
 				_, err := q.writeAll([]byte("first;"), h)
 				first <- err
 			}()
-			require.Eventually(t, func() bool { // "first;" is being sent
-				q.mu.Lock()
-				defer q.mu.Unlock()
-				return q.flushing && q.pending == nil
-			}, 5*time.Second, time.Millisecond)
+			waitQueue(t, q, func() bool { return q.flushing && q.pending == nil }) // "first;" is being sent
 			want := "first;"
 			for _, w := range tc.writes {
 				q.setDeadline(w.deadline)
@@ -241,11 +243,7 @@ func TestWriteQueueDeadlines(t *testing.T) {
 
 			close(h.release)
 			require.NoError(t, <-first)
-			require.Eventually(t, func() bool { // the flusher sent all and ended
-				q.mu.Lock()
-				defer q.mu.Unlock()
-				return !q.flushing
-			}, 5*time.Second, time.Millisecond)
+			waitQueue(t, q, func() bool { return !q.flushing }) // the flusher sent all and ended
 			h.mu.Lock()
 			defer h.mu.Unlock()
 			assert.Equal(t, want, strings.Join(h.sent, ""), "what was written before the past deadline left")
