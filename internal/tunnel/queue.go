@@ -60,6 +60,15 @@ var clockStart = time.Now()
 // between requests at one request at a time.
 const quietGap = 50 * time.Microsecond
 
+// lock takes mu, setting cond on it the first time: a zero writeQueue is
+// ready to use.
+func (q *writeQueue) lock() {
+	q.mu.Lock()
+	if q.cond.L == nil {
+		q.cond.L = &q.mu
+	}
+}
+
 // maxPending is how many bytes a queue holds before writers wait for the
 // flusher: one full tunnel message.
 const maxPending = maxWriteMessage
@@ -76,11 +85,8 @@ var pendingBuffers = sync.Pool{New: func() any {
 // then call write again with the rest. (Returning start rather than taking
 // the flusher as a function saves a closure per write.)
 func (q *writeQueue) write(p []byte) (n int, start bool, err error) {
-	q.mu.Lock()
+	q.lock()
 	defer q.mu.Unlock()
-	if q.cond.L == nil {
-		q.cond.L = &q.mu
-	}
 	for len(p) > 0 {
 		for q.err == nil && q.pending != nil && len(*q.pending) >= maxPending {
 			if start {
@@ -153,7 +159,7 @@ func (q *writeQueue) writeAll(p []byte, f flusher) (n int, err error) {
 // writeThrough sends p in the caller when the connection is quiet (see
 // writeAll) and reports whether it did; err is then the send's.
 func (q *writeQueue) writeThrough(p []byte, f flusher) (sent bool, err error) {
-	q.mu.Lock()
+	q.lock()
 	now := time.Now()
 	mono := now.Sub(clockStart)
 	quiet := !q.flushing && q.pending == nil && q.err == nil && (q.lastWrite == 0 || mono-q.lastWrite > quietGap) &&
@@ -162,9 +168,6 @@ func (q *writeQueue) writeThrough(p []byte, f flusher) (sent bool, err error) {
 	if !quiet {
 		q.mu.Unlock()
 		return false, nil
-	}
-	if q.cond.L == nil {
-		q.cond.L = &q.mu
 	}
 	q.flushing = true // writes meanwhile queue behind this one
 	deadline := q.deadline
@@ -223,11 +226,8 @@ func (q *writeQueue) run(send func(p []byte, deadline time.Time) error) {
 // is under way: a peer that reads nothing would hold it forever, so bound
 // must end it by then (a deadline on the socket).
 func (q *writeQueue) drain(deadline time.Time, bound func(time.Time)) {
-	q.mu.Lock()
+	q.lock()
 	defer q.mu.Unlock()
-	if q.cond.L == nil {
-		q.cond.L = &q.mu
-	}
 	if q.flushing {
 		q.deadline = deadline
 		q.pendingBy = sooner(q.pendingBy, deadline)
