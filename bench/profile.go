@@ -87,19 +87,30 @@ func contextSwitches(pid int) (int64, error) {
 	}
 	var sum int64
 	for _, f := range files {
-		b, err := os.ReadFile(f)
+		v, err := procFields(f)
 		if err != nil {
 			continue // the thread ended meanwhile
 		}
-		for line := range strings.Lines(string(b)) {
-			k, v, _ := strings.Cut(line, ":")
-			if k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches" {
-				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-				sum += n
-			}
-		}
+		sum += v["voluntary_ctxt_switches"] + v["nonvoluntary_ctxt_switches"]
 	}
 	return sum, nil
+}
+
+// procFields reads the "key: value" lines of a /proc file (io, status)
+// whose values are integers; the others are left out.
+func procFields(path string) (map[string]int64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	fields := map[string]int64{}
+	for line := range strings.Lines(string(b)) {
+		k, v, _ := strings.Cut(line, ":")
+		if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
+			fields[k] = n
+		}
+	}
+	return fields, nil
 }
 
 func readCounters(ctx context.Context, pp profiled) (procCounters, error) {
@@ -109,20 +120,11 @@ func readCounters(ctx context.Context, pp profiled) (procCounters, error) {
 		return c, err
 	}
 	c.cpu = u.CPU
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pp.p.Pid()))
+	io, err := procFields(fmt.Sprintf("/proc/%d/io", pp.p.Pid()))
 	if err != nil {
 		return c, fmt.Errorf("reading %s syscall counts: %w", pp.p.Name(), err)
 	}
-	for line := range strings.Lines(string(b)) {
-		k, v, _ := strings.Cut(strings.TrimSpace(line), ": ")
-		n, _ := strconv.ParseInt(v, 10, 64)
-		switch k {
-		case "syscr":
-			c.reads = n
-		case "syscw":
-			c.writes = n
-		}
-	}
+	c.reads, c.writes = io["syscr"], io["syscw"]
 	if c.switches, err = contextSwitches(pp.p.Pid()); err != nil {
 		return c, fmt.Errorf("reading %s context switches: %w", pp.p.Name(), err)
 	}

@@ -25,3 +25,18 @@ func TestContextSwitches(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "1073741824")
 }
+
+// TestProcFields: integer fields of /proc/<pid>/io and status are read by
+// name, and the rest (names, lists) left out.
+func TestProcFields(t *testing.T) {
+	io, err := procFields("/proc/self/io")
+	require.NoError(t, err)
+	assert.Contains(t, io, "syscr")
+	assert.Contains(t, io, "syscw")
+	st, err := procFields("/proc/self/status")
+	require.NoError(t, err)
+	assert.Contains(t, st, "voluntary_ctxt_switches")
+	assert.NotContains(t, st, "Name", "a name is not a number")
+	_, err = procFields("/proc/self/no-such-file")
+	require.Error(t, err)
+}

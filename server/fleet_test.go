@@ -286,17 +286,7 @@ func newAPIBackend(t *testing.T, sans ...string) *apiBackend {
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) })
 	mux.HandleFunc("/watch", relaytest.WatchHandler(b.events))
 	mux.HandleFunc("/ws", relaytest.EchoWebSocket("echo "))
-	mux.HandleFunc("/ws-once", func(w http.ResponseWriter, r *http.Request) {
-		// Echoes one message, then ends its side cleanly.
-		c, err := (&websocket.Upgrader{}).Upgrade(w, r, nil)
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		if typ, msg, err := c.ReadMessage(); err == nil {
-			_ = c.WriteMessage(typ, append([]byte("echo "), msg...))
-		}
-	})
+	mux.HandleFunc("/ws-once", relaytest.EchoWebSocketN("echo ", 1)) // then ends its side cleanly
 	srv := httptest.NewUnstartedServer(mux)
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	srv.StartTLS()

@@ -34,7 +34,11 @@ func WatchHandler(events <-chan string) http.HandlerFunc {
 
 // EchoWebSocket upgrades and sends every message back, prefix first, until
 // the client closes.
-func EchoWebSocket(prefix string) http.HandlerFunc {
+func EchoWebSocket(prefix string) http.HandlerFunc { return EchoWebSocketN(prefix, -1) }
+
+// EchoWebSocketN is EchoWebSocket for n messages, after which it ends its
+// side cleanly (n < 0: no limit).
+func EchoWebSocketN(prefix string, n int) http.HandlerFunc {
 	up := websocket.Upgrader{}
 	return func(w http.ResponseWriter, r *http.Request) {
 		c, err := up.Upgrade(w, r, nil)
@@ -42,7 +46,7 @@ func EchoWebSocket(prefix string) http.HandlerFunc {
 			return
 		}
 		defer c.Close()
-		for {
+		for i := 0; n < 0 || i < n; i++ {
 			typ, msg, err := c.ReadMessage()
 			if err != nil {
 				return
