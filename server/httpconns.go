@@ -2,10 +2,9 @@ package server
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
-	"net"
+	"io"
 	"net/http"
 	"sync"
 	"time"
@@ -13,15 +12,17 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
-// Terminate-mode requests that end soon and carry no body (gets, lists,
-// deletes: most of what kubectl and dashboards send) travel as HTTP/1.1
-// on keep-alive connections to the route's target, each a raw stream
+// Terminate-mode requests that end soon, carry no body and may be sent
+// twice (gets and lists: most of what kubectl and dashboards send; see
+// connPool for why they must be replayable) travel as HTTP/1.1 on
+// keep-alive connections to the route's target, each a raw stream
 // (tunnel.StreamHTTP) that the agent joins to a connection of its own.
 // The agent then reads none of them: no HTTP/2 request, handler and
 // second reverse proxy per request there, which cost as much again as
 // the relay's own work (docs/performance.md, fifth pass). Watches, logs
-// -f and requests with a body stay HTTP/2 requests on the tunnel, where
-// any number share one connection and a body may stream both ways.
+// -f, requests with a body and deletes stay HTTP/2 requests on the
+// tunnel, where any number share one connection and a body may stream
+// both ways.
 const (
 	// maxIdleHTTPConns bounds the idle connections a session keeps per
 	// route: each holds a stream on the tunnel, about 80 KiB of the
@@ -96,7 +97,7 @@ func (s *Server) retireHTTPConns(ctx context.Context) {
 // made by the first request for the label.
 type httpConns struct {
 	mu      sync.Mutex
-	byLabel map[string]*http.Transport
+	byLabel map[string]*connPool
 	closed  bool
 }
 
@@ -104,37 +105,28 @@ type httpConns struct {
 // the HTTP/2 path, which fails over to another tunnel.
 var errPoolClosed = errors.New("tunnel going away")
 
-// transport returns sess's pool for label.
-func (s *Server) httpTransport(sess *session, label string) (*http.Transport, error) {
+// httpPool returns sess's pool for label.
+func (s *Server) httpPool(sess *session, label string) (*connPool, error) {
 	hc := &sess.http
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
 	if hc.closed {
 		return nil, errPoolClosed
 	}
-	if t := hc.byLabel[label]; t != nil {
-		return t, nil
+	if p := hc.byLabel[label]; p != nil {
+		return p, nil
 	}
-	t := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return s.dialHTTPConn(ctx, sess, label)
-		},
-		// The client's Accept-Encoding goes through untouched, and so
-		// does the answer.
-		DisableCompression:     true,
-		MaxIdleConnsPerHost:    maxIdleHTTPConns,
-		IdleConnTimeout:        httpConnIdle,
-		MaxResponseHeaderBytes: tunnel.MaxResponseHeaderBytes,
-		// No proxy (the zero Transport's), and no HTTP/2: the stream
-		// is plain bytes, TLS is the agent's.
-		TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{},
-	}
+	p := newConnPool(func() io.ReadWriteCloser {
+		// The connection outlives the request that dialed it (it goes
+		// back to the pool): its stream must not end with that request.
+		return tunnel.OpenStreamEarly(context.Background(), sess.cc, label, tunnel.StreamHTTP, s.cfg.StreamTimeout)
+	}, maxIdleHTTPConns, httpConnIdle)
 	if hc.byLabel == nil {
-		hc.byLabel = map[string]*http.Transport{}
+		hc.byLabel = map[string]*connPool{}
 		s.pooled.add(sess)
 	}
-	hc.byLabel[label] = t
-	return t, nil
+	hc.byLabel[label] = p
+	return p, nil
 }
 
 // closeHTTPConns closes sess's pools for good (its tunnel went away or
@@ -145,14 +137,13 @@ func (s *Server) closeHTTPConns(sess *session) {
 }
 
 // close closes the pools' idle connections, and the busy ones once their
-// requests end (no request queues on a closed pool again, so net/http
-// keeps closing connections that become idle).
+// requests end.
 func (hc *httpConns) close() {
 	hc.mu.Lock()
 	defer hc.mu.Unlock()
 	hc.closed = true
-	for _, t := range hc.byLabel {
-		t.CloseIdleConnections()
+	for _, p := range hc.byLabel {
+		p.close()
 	}
 }
 
@@ -163,51 +154,17 @@ func (hc *httpConns) close() {
 // doing now, and an idle pool never keeps an upgrade or a passthrough
 // connection out.
 func (s *Server) roundTripHTTP(sess *session, label string, req *http.Request) (*http.Response, error) {
-	t, err := s.httpTransport(sess, label)
+	p, err := s.httpPool(sess, label)
 	if err != nil {
 		return nil, err
 	}
 	if !sess.acquire() {
 		return nil, fmt.Errorf("agent %s: %w (%d)", sess.agentID, errTooManyStreams, sess.maxStreams)
 	}
-	// The request line says http: the bytes on the stream are plain,
-	// whatever the target speaks (the agent's connection to it).
-	out := *req
-	u := *req.URL
-	u.Scheme = "http"
-	out.URL = &u
-	resp, err := t.RoundTrip(&out)
+	sl := &slot{sess: sess}
+	resp, err := p.roundTrip(req, sl.free)
 	if err != nil {
-		sess.release()
 		return nil, fmt.Errorf("agent %s: %w", sess.agentID, err)
 	}
-	resp.Body = &releaseBody{ReadCloser: resp.Body, slot: &slot{sess: sess}}
 	return resp, nil
 }
-
-// dialHTTPConn opens a StreamHTTP stream for label on sess without
-// waiting for the agent's answer (the request follows the stream's
-// headers at once).
-func (s *Server) dialHTTPConn(ctx context.Context, sess *session, label string) (net.Conn, error) {
-	// The connection outlives the request that dialed it (it goes back
-	// to the pool): its stream must not end with that request.
-	st := tunnel.OpenStreamEarly(context.WithoutCancel(ctx), sess.cc, label, tunnel.StreamHTTP, s.cfg.StreamTimeout)
-	return streamConn{st}, nil
-}
-
-// streamConn is a stream as the net.Conn http.Transport dials. It has no
-// addresses and no deadlines (the Transport sets none on plain
-// connections); the tunnel's liveness checks end a stream whose agent is
-// gone.
-type streamConn struct{ *tunnel.Stream }
-
-func (streamConn) LocalAddr() net.Addr                { return streamAddr{} }
-func (streamConn) RemoteAddr() net.Addr               { return streamAddr{} }
-func (streamConn) SetDeadline(t time.Time) error      { return nil }
-func (streamConn) SetReadDeadline(t time.Time) error  { return nil }
-func (streamConn) SetWriteDeadline(t time.Time) error { return nil }
-
-type streamAddr struct{}
-
-func (streamAddr) Network() string { return "tunnel" }
-func (streamAddr) String() string  { return "tunnel" }

@@ -5,10 +5,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/pem"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -18,6 +22,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/spectroproxy/spectro-proxy/client"
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
@@ -139,7 +144,7 @@ func TestTerminateRequestsByAgent(t *testing.T) {
 	}{
 		{name: "agent serves HTTP connections", httpStreams: true, wantConns: 1, want: []string{
 			"http GET /api/v1/pods", "h2 GET /api/v1/pods?watch=true", "h2 POST /api/v1/pods",
-			"http DELETE /api/v1/pods/web", "h2 GET /api/v1/pods/web/log?follow=1", "http GET /api/v1/pods?watch=false",
+			"h2 DELETE /api/v1/pods/web", "h2 GET /api/v1/pods/web/log?follow=1", "http GET /api/v1/pods?watch=false",
 		}},
 		{name: "agent that predates them", httpStreams: false, wantConns: 0, want: []string{
 			"h2 GET /api/v1/pods", "h2 GET /api/v1/pods?watch=true", "h2 POST /api/v1/pods",
@@ -205,7 +210,7 @@ func TestTerminateOversizedResponseHeaders(t *testing.T) {
 	startRecordingAgent(t, r, a, true)
 	code, body := getThrough(t, r, "/api")
 	assert.Equal(t, http.StatusBadGateway, code)
-	assert.Contains(t, body, "response headers exceeded")
+	assert.Contains(t, body, "header section too large (limit 1048576 bytes)")
 	assert.Contains(t, scrape(t, r.Srv), `spectro_proxy_refusals_total{reason="upstream_headers_too_large"} 1`)
 }
 
@@ -243,4 +248,50 @@ func TestAgentShutdownClosesIdleConnections(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatalf("the tunnel's graceful shutdown still waits after %v: an idle connection holds it", drainTimeout)
 	}
+}
+
+// A target that closes its idle kept-alive connections (the API server
+// does after its idle timeout; dashboards often sooner) costs the user
+// nothing: the relay's next request on such a connection finds it ended
+// and goes again on a new one, through the real agent.
+func TestTerminateTargetClosesIdleConnections(t *testing.T) {
+	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
+	var mu sync.Mutex
+	remotes := map[string]bool{}
+	target := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		mu.Lock()
+		remotes[req.RemoteAddr] = true
+		mu.Unlock()
+		io.WriteString(w, "ok "+req.URL.Path)
+	}))
+	target.StartTLS()
+	t.Cleanup(target.Close)
+	caFile := filepath.Join(t.TempDir(), "ca.crt")
+	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: target.Certificate().Raw}), 0o600))
+	relaytest.StartAgent(t, client.Config{
+		RelayAddress: r.Addr, RelayCAFile: r.CAFile(), ClusterUID: uid, TokenFile: r.IssueToken(t, uid),
+		AgentID: "agent-0", Mode: tunnel.Terminate, APIServer: target.URL, APIServerCAFile: caFile, Tunnels: "1",
+	})
+	require.Eventually(t, func() bool { return r.Srv.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond)
+
+	user := drainUser(t, r, false)
+	for i := range 5 {
+		for _, m := range []string{http.MethodGet, http.MethodHead} {
+			req, err := http.NewRequest(m, clusterURL(fmt.Sprintf("/api/%d", i)), nil)
+			require.NoError(t, err)
+			resp, err := user.Do(req)
+			require.NoError(t, err)
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			require.NoError(t, err)
+			require.Equal(t, http.StatusOK, resp.StatusCode, "%s %d: %s", m, i, body)
+			if m == http.MethodGet {
+				assert.Equal(t, fmt.Sprintf("ok /api/%d", i), string(body))
+			}
+		}
+		target.CloseClientConnections() // all idle now: as an idle timeout would
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Len(t, remotes, 5, "each round after the first comes on a new connection to the target")
 }

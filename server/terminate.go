@@ -154,7 +154,7 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		s.refuse(reasonTooManyStreams, "host", r.Host, "remote", r.RemoteAddr)
 	} else if errors.Is(err, errUpgradeMismatch) {
 		s.refuse(reasonUpgradeMismatch, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
-	} else if tunnel.IsHeaderTooLarge(err) || responseHeadersTooLarge(err) {
+	} else if tunnel.IsHeaderTooLarge(err) {
 		s.refuse(reasonUpstreamHeadersTooLarge, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	} else if errors.Is(err, context.Canceled) {
 		return // the client went away; nobody to answer
@@ -162,13 +162,6 @@ func (s *Server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		s.refuse(reasonStreamFailed, "host", r.Host, "remote", r.RemoteAddr, "error", err.Error())
 	}
 	kubestatus.Write(w, code, reason, "spectro-proxy: "+err.Error())
-}
-
-// responseHeadersTooLarge tells net/http's HTTP/1.1 client refusing an
-// answer past MaxResponseHeaderBytes (httpconns.go), which it says only
-// in words.
-func responseHeadersTooLarge(err error) bool {
-	return strings.Contains(err.Error(), "server response headers exceeded")
 }
 
 type noAgentError struct{ label string }
@@ -195,7 +188,7 @@ func (t routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	// connection to the target where the agent serves them
 	// (httpconns.go); the rest are HTTP/2 requests on the tunnel, which
 	// name their route.
-	short := kubereq.Short(req)
+	short := kubereq.Short(req) && kubereq.Replayable(req)
 	var errs []error
 	for i, sess := range cands {
 		var resp *http.Response

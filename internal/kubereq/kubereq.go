@@ -12,6 +12,19 @@ import (
 // on a kept-alive HTTP/1.1 connection than as an HTTP/2 stream.
 func Short(r *http.Request) bool { return !HasBody(r) && !StaysOpen(r.URL) }
 
+// Replayable reports whether r may be sent a second time when its
+// connection turns out to have been closed by the server before any
+// answer: a method that changes nothing (GET, HEAD, OPTIONS) and no body,
+// the requests net/http's client replays too. A DELETE is not: the first
+// one may have been carried out, and the second would answer NotFound.
+func Replayable(r *http.Request) bool {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, "":
+		return !HasBody(r)
+	}
+	return false
+}
+
 // HasBody reports whether r carries a request body.
 func HasBody(r *http.Request) bool { return r.Body != nil && r.Body != http.NoBody }
 

@@ -45,18 +45,23 @@ func TestShort(t *testing.T) {
 	tests := []struct {
 		name, method, uri string
 		body              io.Reader
-		want              bool
+		want, replayable  bool
 	}{
-		{"list", http.MethodGet, "/api/v1/pods", nil, true},
-		{"delete", http.MethodDelete, "/api/v1/namespaces/default/pods/web", nil, true},
-		{"watch", http.MethodGet, "/api/v1/pods?watch=true", nil, false},
-		{"followed log", http.MethodGet, "/api/v1/namespaces/default/pods/web/log?follow=1", nil, false},
-		{"create", http.MethodPost, "/api/v1/namespaces/default/pods", strings.NewReader("{}"), false},
+		{"list", http.MethodGet, "/api/v1/pods", nil, true, true},
+		{"head", http.MethodHead, "/healthz", nil, true, true},
+		{"options", http.MethodOptions, "/api/v1/pods", nil, true, true},
+		{"delete", http.MethodDelete, "/api/v1/namespaces/default/pods/web", nil, true, false},
+		{"post without a body", http.MethodPost, "/api/v1/namespaces/default/pods/web/eviction", nil, true, false},
+		{"watch", http.MethodGet, "/api/v1/pods?watch=true", nil, false, true},
+		{"followed log", http.MethodGet, "/api/v1/namespaces/default/pods/web/log?follow=1", nil, false, true},
+		{"create", http.MethodPost, "/api/v1/namespaces/default/pods", strings.NewReader("{}"), false, false},
+		{"get with a body", http.MethodGet, "/api/v1/pods", strings.NewReader("{}"), false, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			r := httptest.NewRequest(tc.method, tc.uri, tc.body)
 			assert.Equal(t, tc.want, Short(r))
+			assert.Equal(t, tc.replayable, Replayable(r))
 			assert.Equal(t, tc.body != nil, HasBody(r))
 		})
 	}
