@@ -90,35 +90,37 @@ func readAll(t *testing.T, resp *http.Response, done *atomic.Int32) string {
 	return string(b)
 }
 
-func TestConnPoolReusesConnections(t *testing.T) {
-	pt := newPipeTarget(t, ok)
-	p := newConnPool(pt.dial, 4, time.Minute)
-	defer p.close()
-	for i := range 3 {
-		resp, done, err := getVia(t, p, t.Context())
-		require.NoError(t, err)
-		assert.Equal(t, fmt.Sprintf("0/%d", i), readAll(t, resp, done))
+// Connections are reused, and one its target closed while it was idle is
+// found out when the next request finds no answer on it: that request
+// goes again on a new connection, and the user never sees the stale one.
+func TestConnPoolReuse(t *testing.T) {
+	tests := []struct {
+		name      string
+		keep      bool // the target keeps its connections open
+		body      func(i int) string
+		wantDials int32
+	}{
+		{name: "kept open", keep: true, body: func(i int) string { return fmt.Sprintf("0/%d", i) }, wantDials: 1},
+		// The target closes without saying Connection: close.
+		{name: "closed while idle", keep: false, body: func(i int) string { return fmt.Sprintf("%d/0", i) }, wantDials: 3},
 	}
-	assert.Equal(t, int32(1), pt.dials.Load())
-	assert.Equal(t, 1, p.idleConns())
-}
-
-// A connection its target closed while it was idle is found out when the
-// next request finds no answer on it; that request goes again on a new
-// connection, and the user never sees the stale one.
-func TestConnPoolReplaysOnConnectionClosedWhileIdle(t *testing.T) {
-	pt := newPipeTarget(t, func(conn, n int, req *http.Request, w io.Writer) bool {
-		ok(conn, n, req, w)
-		return false // closes without saying Connection: close
-	})
-	p := newConnPool(pt.dial, 4, time.Minute)
-	defer p.close()
-	for i := range 3 {
-		resp, done, err := getVia(t, p, t.Context())
-		require.NoError(t, err)
-		assert.Equal(t, fmt.Sprintf("%d/0", i), readAll(t, resp, done))
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pt := newPipeTarget(t, func(conn, n int, req *http.Request, w io.Writer) bool {
+				ok(conn, n, req, w)
+				return tc.keep
+			})
+			p := newConnPool(pt.dial, 4, time.Minute)
+			defer p.close()
+			for i := range 3 {
+				resp, done, err := getVia(t, p, t.Context())
+				require.NoError(t, err)
+				assert.Equal(t, tc.body(i), readAll(t, resp, done))
+			}
+			assert.Equal(t, tc.wantDials, pt.dials.Load())
+			assert.Equal(t, 1, p.idleConns())
+		})
 	}
-	assert.Equal(t, int32(3), pt.dials.Load())
 }
 
 // A new connection that ends before its answer is an error, not a retry:
