@@ -150,9 +150,12 @@ func TestSourceOf(t *testing.T) {
 		{"127.0.0.1:443", "127.0.0.1"},
 		{"[::1]:8443", "::/64"},
 		{"not-a-hostport", "not-a-hostport"},
+		{"192.0.2.7", "192.0.2.7"},
+		{"192.000.2.7:443", "192.000.2.7"}, // not an address: as it came, as before
 	} {
 		assert.Equal(t, tc.want, sourceOf(tc.remote), tc.remote)
 	}
+	assert.Zero(t, testing.AllocsPerRun(100, func() { sourceOf("192.0.2.7:443") }), "an IPv4 source costs no allocation")
 }
 
 func TestSourceStreams(t *testing.T) {
