@@ -23,9 +23,8 @@ import (
 // net/http's client gives every connection a write loop and a read loop,
 // which cost four goroutine hand-offs per request and their bookkeeping:
 // a tenth of the relay's CPU per small request (docs/performance.md,
-// seventh pass). What its
-// read loop also does is see at once that an idle connection was closed
-// by its target. Here that shows when the connection is next used, as an
+// seventh pass). What its read loop also does is see at once that an idle
+// connection was closed by its target. Here that shows when the connection is next used, as an
 // answer that ends before its first byte, and the request is sent again
 // on a new connection. So only requests that may be sent twice may come
 // this way (kubereq.Replayable).
@@ -161,19 +160,32 @@ func (c *httpConn) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, fmt.Errorf("writing request to tunnel: %w", err)
 	}
-	c.lim.N = tunnel.MaxResponseHeaderBytes
-	resp, err := readResponse(c.br, req)
+	resp, err := readBoundedResponse(c.br, &c.lim, tunnel.MaxResponseHeaderBytes, req)
 	if err != nil {
 		c.unwatch()
-		if tunnel.IsHeaderTooLarge(err) {
-			return nil, fmt.Errorf("reading response from tunnel: %w (limit %d bytes)", tunnel.ErrHeaderTooLarge, tunnel.MaxResponseHeaderBytes)
-		}
+		// The bound unspent: not a byte of the answer was read.
 		if c.lim.N == tunnel.MaxResponseHeaderBytes && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
 			err = fmt.Errorf("%w: %w", errNothingReceived, err)
 		}
 		return nil, fmt.Errorf("reading response from tunnel: %w", err)
 	}
-	c.lim.Lift()
+	return resp, nil
+}
+
+// readBoundedResponse reads the answer to req from br, whose source lim
+// fails past limit bytes until the header section is in: the answer is a
+// target's bytes (a tenant's dashboard, say), and net/http's reader would
+// hold a header line of any length.
+func readBoundedResponse(br *bufio.Reader, lim *tunnel.HeaderLimitReader, limit int64, req *http.Request) (*http.Response, error) {
+	lim.N = limit
+	resp, err := readResponse(br, req)
+	if err != nil {
+		if tunnel.IsHeaderTooLarge(err) {
+			return nil, fmt.Errorf("%w (limit %d bytes)", tunnel.ErrHeaderTooLarge, limit)
+		}
+		return nil, err
+	}
+	lim.Lift()
 	return resp, nil
 }
 
@@ -201,14 +213,15 @@ const max1xx = 5
 
 // readResponse reads the answer to req from br, handing informational
 // (1xx) answers to the request's trace as net/http's client does:
-// ReverseProxy passes them on to the user.
+// ReverseProxy passes them on to the user. An upgrade's first answer is
+// its answer (101 or a refusal).
 func readResponse(br *bufio.Reader, req *http.Request) (*http.Response, error) {
 	for range max1xx + 1 {
 		resp, err := http.ReadResponse(br, req)
 		if err != nil {
 			return nil, err
 		}
-		if resp.StatusCode < 100 || resp.StatusCode > 199 {
+		if resp.StatusCode < 100 || resp.StatusCode > 199 || isUpgrade(req) {
 			return resp, nil
 		}
 		if resp.StatusCode == http.StatusSwitchingProtocols {

@@ -110,8 +110,8 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 // whose stack starts small (Go sizes it to the average of all of the
 // relay's goroutines, most of them small) and was doubled three times
 // deep inside ReverseProxy, each time copying and adjusting every frame
-// above: 9% of the relay's CPU for HTTP/2 requests at 64 concurrent
-// (docs/performance.md, seventh pass). One growth here, near the
+// above: 4.5-6.4% of the relay's CPU for HTTP/2 requests at 64
+// concurrent (docs/performance.md, seventh pass). One growth here, near the
 // goroutine's top, copies almost nothing. A goroutine that holds its
 // request long (a watch) gets its stack shrunk back by the GC.
 //
@@ -267,23 +267,19 @@ func (t routeTransport) upgrade(req *http.Request, cands []*session) (*http.Resp
 	// connection it cannot hijack), and the request's context ends when
 	// the handler returns, whatever happened.
 	context.AfterFunc(req.Context(), func() { st.Close() })
-	if err := req.Write(st); err != nil {
+	if err := writeRequest(st, req); err != nil {
 		st.Close()
 		return nil, fmt.Errorf("writing upgrade request to tunnel: %w", err)
 	}
 	// The answer comes from the target (a tenant's dashboard, say):
 	// its header section is bounded before the relay holds it.
-	lim := &tunnel.HeaderLimitReader{R: st, N: tunnel.MaxUpgradeResponseHeaderBytes}
+	lim := &tunnel.HeaderLimitReader{R: st}
 	br := bufio.NewReader(lim)
-	resp, err := http.ReadResponse(br, req)
+	resp, err := readBoundedResponse(br, lim, tunnel.MaxUpgradeResponseHeaderBytes, req)
 	if err != nil {
 		st.Close()
-		if tunnel.IsHeaderTooLarge(err) {
-			return nil, fmt.Errorf("reading upgrade response from tunnel: %w (limit %d bytes)", tunnel.ErrHeaderTooLarge, tunnel.MaxUpgradeResponseHeaderBytes)
-		}
 		return nil, fmt.Errorf("reading upgrade response from tunnel: %w", err)
 	}
-	lim.Lift()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		if want, got := upgradeType(req.Header), upgradeType(resp.Header); !strings.EqualFold(want, got) {
 			st.Close()
