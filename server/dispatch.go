@@ -115,20 +115,22 @@ func (s *Server) handOff(c net.Conn) {
 // nothing usable at all (a failed TLS handshake, a bad request, a client
 // that only connected).
 func (s *Server) connState(c net.Conn, state http.ConnState) {
-	if state == http.StateIdle {
-		if !s.idle.enter(c, sourceOf(c.RemoteAddr().String())) {
+	switch state {
+	case http.StateNew:
+		s.idle.add(c, sourceOf(c.RemoteAddr().String()))
+	case http.StateIdle:
+		if !s.idle.enter(c, func() string { return sourceOf(c.RemoteAddr().String()) }) {
 			s.refuse(reasonTooManyIdleConns, "remote", c.RemoteAddr().String(), "max", s.cfg.MaxIdleConnsPerSource)
 			c.Close()
 		}
-	} else {
-		s.idle.leave(c)
-	}
-	switch state {
 	case http.StateActive:
+		s.idle.leave(c)
 		s.queueHTTP2Writes(c)
 	case http.StateHijacked:
+		s.idle.remove(c)
 		s.watched.Delete(c)
 	case http.StateClosed:
+		s.idle.remove(c)
 		v, ok := s.watched.LoadAndDelete(c)
 		if !ok {
 			return

@@ -265,43 +265,110 @@ func (s *sourceStreams) enter(src, label string) (release func(), ok bool) {
 // terminated side; past the cap the connection that just went idle is
 // closed, which a client takes as an ordinary keep-alive close. Busy
 // connections and hijacked ones (tunnels, upgrades) are not counted.
+//
+// A connection is recorded once, when it opens (add), with its source:
+// going idle and busy again happens twice per HTTP/1 request, and
+// formatting the remote address and moving the connection between maps
+// each time was 3% of the relay's CPU for terminate-mode small GETs at 64
+// concurrent (docs/performance.md, eighth pass).
 type idleConns struct {
-	mu   sync.Mutex
-	idle map[string]map[net.Conn]struct{}
-	of   map[net.Conn]string
-	max  int
+	mu    sync.Mutex
+	conns map[net.Conn]*idleConn
+	srcs  map[string]*idleSource
+	max   int
+}
+
+// idleConn is one open connection.
+type idleConn struct {
+	src  *idleSource
+	idle bool
+}
+
+// idleSource is one source's open connections: all, and the idle ones.
+type idleSource struct {
+	key        string
+	open, idle int
 }
 
 func newIdleConns(max int) *idleConns {
-	return &idleConns{idle: map[string]map[net.Conn]struct{}{}, of: map[net.Conn]string{}, max: max}
+	return &idleConns{conns: map[net.Conn]*idleConn{}, srcs: map[string]*idleSource{}, max: max}
 }
 
-// enter marks c idle and reports whether its source may keep it so.
-func (ic *idleConns) enter(c net.Conn, src string) bool {
+// add records c, a new connection from src.
+func (ic *idleConns) add(c net.Conn, src string) {
 	ic.mu.Lock()
 	defer ic.mu.Unlock()
-	if len(ic.idle[src]) >= ic.max {
+	ic.addLocked(c, src)
+}
+
+func (ic *idleConns) addLocked(c net.Conn, src string) *idleConn {
+	if r := ic.conns[c]; r != nil {
+		return r
+	}
+	s := ic.srcs[src]
+	if s == nil {
+		s = &idleSource{key: src}
+		ic.srcs[src] = s
+	}
+	s.open++
+	r := &idleConn{src: s}
+	ic.conns[c] = r
+	return r
+}
+
+// enter marks c idle and reports whether its source may keep it so. src
+// is asked for only if c was not added when it opened.
+func (ic *idleConns) enter(c net.Conn, src func() string) bool {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	r := ic.conns[c]
+	if r == nil {
+		r = ic.addLocked(c, src())
+	}
+	if r.idle {
+		return true
+	}
+	if r.src.idle >= ic.max {
 		return false
 	}
-	if ic.idle[src] == nil {
-		ic.idle[src] = map[net.Conn]struct{}{}
-	}
-	ic.idle[src][c] = struct{}{}
-	ic.of[c] = src
+	r.src.idle++
+	r.idle = true
 	return true
 }
 
-// leave marks c busy, hijacked or closed.
+// leave marks c busy.
 func (ic *idleConns) leave(c net.Conn) {
 	ic.mu.Lock()
 	defer ic.mu.Unlock()
-	src, ok := ic.of[c]
-	if !ok {
+	if r := ic.conns[c]; r != nil && r.idle {
+		r.idle = false
+		r.src.idle--
+	}
+}
+
+// remove forgets c: it was hijacked or closed.
+func (ic *idleConns) remove(c net.Conn) {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	r := ic.conns[c]
+	if r == nil {
 		return
 	}
-	delete(ic.of, c)
-	delete(ic.idle[src], c)
-	if len(ic.idle[src]) == 0 {
-		delete(ic.idle, src)
+	delete(ic.conns, c)
+	if r.idle {
+		r.src.idle--
 	}
+	if r.src.open--; r.src.open == 0 {
+		delete(ic.srcs, r.src.key)
+	}
+}
+
+// idleOf is how many idle connections src holds (for tests).
+func (ic *idleConns) idleOf(src string) int {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	if s := ic.srcs[src]; s != nil {
+		return s.idle
+	}
+	return 0
 }

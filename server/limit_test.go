@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"testing"
 	"testing/synctest"
@@ -176,4 +177,46 @@ func TestSourceStreams(t *testing.T) {
 	assert.True(t, ok)
 	_, ok = s.enter("a", "x")
 	assert.False(t, ok)
+}
+
+func TestIdleConns(t *testing.T) {
+	conns := make([]net.Conn, 4)
+	for i := range conns {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		conns[i] = a
+	}
+	src := func(s string) func() string { return func() string { return s } }
+	ic := newIdleConns(2)
+	ic.add(conns[0], "10.0.0.1")
+	ic.add(conns[1], "10.0.0.1")
+	ic.add(conns[2], "10.0.0.1")
+
+	assert.True(t, ic.enter(conns[0], src("unused")))
+	assert.True(t, ic.enter(conns[0], src("unused")), "idle twice counts once")
+	assert.True(t, ic.enter(conns[1], src("unused")))
+	assert.False(t, ic.enter(conns[2], src("unused")), "a third idle connection of one source")
+	assert.Equal(t, 2, ic.idleOf("10.0.0.1"))
+
+	// Another source has its own count; a connection not added when it
+	// opened is recorded under the source it gives.
+	assert.True(t, ic.enter(conns[3], src("10.0.0.2")))
+	assert.Equal(t, 1, ic.idleOf("10.0.0.2"))
+
+	ic.leave(conns[0]) // busy again
+	ic.leave(conns[0])
+	assert.Equal(t, 1, ic.idleOf("10.0.0.1"))
+	assert.True(t, ic.enter(conns[2], src("unused")), "room after one went busy")
+	assert.False(t, ic.enter(conns[0], src("unused")))
+
+	ic.remove(conns[1]) // closed while idle
+	assert.Equal(t, 1, ic.idleOf("10.0.0.1"))
+	assert.True(t, ic.enter(conns[0], src("unused")))
+
+	for _, c := range conns {
+		ic.remove(c)
+		ic.remove(c)
+	}
+	assert.Empty(t, ic.conns, "closed connections are forgotten")
+	assert.Empty(t, ic.srcs, "sources without connections are forgotten")
 }
