@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/sysmon"
 )
 
 func main() {
@@ -32,10 +33,18 @@ func main() {
 	to := fs.String("to", "", "The address to forward every connection to (host:port).")
 	tlsListen := fs.String("tls-listen", "", "Serve TLS, with a new CA and a certificate for 127.0.0.1 written to this directory (ca.crt).")
 	tlsTo := fs.String("tls-to", "", "Dial --to with TLS, trusting this CA file (server name 127.0.0.1).")
+	// The floor runs on the same runtime settings as relay and agent, so
+	// that its distance to them is the design's, not the runtime's.
+	keepAwake := fs.Bool("keep-sysmon-awake", true, sysmon.FlagUsage)
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
 	}
+	var awakeErr error
+	if *keepAwake {
+		awakeErr = sysmon.Reexec()
+	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	sysmon.Report(log, awakeErr)
 	if err := run(*to, *tlsListen, *tlsTo, log); err != nil {
 		fmt.Fprintln(os.Stderr, "tcp-forwarder:", err)
 		os.Exit(1)

@@ -19,6 +19,7 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubeconfig"
+	"github.com/spectroproxy/spectro-proxy/internal/sysmon"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -68,11 +69,16 @@ func agent(args []string) error {
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", client.DefaultDrainTimeout, "On SIGTERM, how long streams in flight may take to finish.")
 	procs := fs.Int("procs", 1, "How many threads run Go code at once (GOMAXPROCS). 0 is Go's default (the CPUs, or the container's CPU limit, at least 2). A GOMAXPROCS environment variable wins over this flag.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
+	keepAwake := fs.Bool("keep-sysmon-awake", true, sysmon.FlagUsage)
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
 	if err := setProcs(*procs); err != nil {
 		return err
+	}
+	var awakeErr error
+	if *keepAwake {
+		awakeErr = sysmon.Reexec()
 	}
 	cfg.Mode = tunnel.Mode(*mode)
 	var level slog.Level
@@ -80,6 +86,7 @@ func agent(args []string) error {
 		return fmt.Errorf("log level %q: %w", *logLevel, err)
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	sysmon.Report(cfg.Logger, awakeErr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	c, err := client.New(cfg)

@@ -24,6 +24,7 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
 	"github.com/spectroproxy/spectro-proxy/internal/profiling"
 	"github.com/spectroproxy/spectro-proxy/internal/registry"
+	"github.com/spectroproxy/spectro-proxy/internal/sysmon"
 	"github.com/spectroproxy/spectro-proxy/internal/token"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 	"github.com/spectroproxy/spectro-proxy/server"
@@ -86,8 +87,13 @@ func serve(args []string) error {
 	healthAddr := fs.String("health-addr", "", "When set, also serve /healthz, /readyz and /metrics in plain HTTP here (for kubelet probes and scrapers inside the cluster).")
 	pprofOn := fs.Bool("pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
+	keepAwake := fs.Bool("keep-sysmon-awake", true, sysmon.FlagUsage)
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
+	}
+	var awakeErr error
+	if *keepAwake {
+		awakeErr = sysmon.Reexec()
 	}
 	cfg.MaxStreamsPerTunnel = uint32(*maxStreams)
 	cfg.EtcdEndpoints = splitList(*etcdEndpoints)
@@ -96,6 +102,7 @@ func serve(args []string) error {
 		return err
 	}
 	cfg.Logger = logger
+	sysmon.Report(logger, awakeErr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	s, err := server.New(cfg)
