@@ -15,7 +15,8 @@
 // that, one line starting with "SCHED" on stderr at start and then every
 // 24.8 days, which is harmless; and a crash prints the scheduler's state
 // before its stack traces. An awake monitor naps at most 10 ms at a
-// time when the process is idle: about a hundred wake-ups a second.
+// time when the process is idle: about a hundred wake-ups and 3 ms of CPU
+// a second (an idle forwarder, 20 s, measured with /proc).
 //
 // GODEBUG is read when the runtime starts, so Reexec starts the program
 // again in place of itself with it set.
