@@ -5,7 +5,7 @@
 // wake), so each request through relay and agent paid a thread wake-up on
 // its way, in the critical path, and the monitor's own short naps after it:
 // 9-14% of the agent's CPU and 5-8% of the relay's at one request at a
-// time, and 2-4 of their 6-8 context switches per request
+// time, and about half of their 6-17 context switches per request
 // (docs/performance.md, eighth pass).
 //
 // The runtime has no setting for this alone. Its scheduler trace does keep
