@@ -24,10 +24,10 @@ import (
 // which cost four goroutine hand-offs per request and their bookkeeping:
 // a tenth of the relay's CPU per small request (docs/performance.md,
 // seventh pass). What its read loop also does is see at once that an idle
-// connection was closed by its target. Here that shows when the connection is next used, as an
-// answer that ends before its first byte, and the request is sent again
-// on a new connection. So only requests that may be sent twice may come
-// this way (kubereq.Replayable).
+// connection was closed by its target. Here that shows when the
+// connection is next used, as an answer that ends before its first byte,
+// and the request is sent again on a new connection. So only requests
+// that may be sent twice may come this way (kubereq.Replayable).
 type connPool struct {
 	dial    func() io.ReadWriteCloser
 	maxIdle int
