@@ -82,6 +82,15 @@ func Awake() bool {
 	return ms > 0
 }
 
+// Keep calls Reexec when on (the programs' --keep-sysmon-awake) and
+// returns its error, for Report.
+func Keep(on bool) error {
+	if !on {
+		return nil
+	}
+	return Reexec()
+}
+
 // Reexec replaces the process with the same program (same pid, arguments
 // and environment, GODEBUG extended by Environ) when Environ adds
 // something; it returns only if it did not: nil when there was nothing to

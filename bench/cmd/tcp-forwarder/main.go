@@ -39,10 +39,7 @@ func main() {
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
 	}
-	var awakeErr error
-	if *keepAwake {
-		awakeErr = sysmon.Reexec()
-	}
+	awakeErr := sysmon.Keep(*keepAwake)
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 	sysmon.Report(log, awakeErr)
 	if err := run(*to, *tlsListen, *tlsTo, log); err != nil {

@@ -76,10 +76,7 @@ func agent(args []string) error {
 	if err := setProcs(*procs); err != nil {
 		return err
 	}
-	var awakeErr error
-	if *keepAwake {
-		awakeErr = sysmon.Reexec()
-	}
+	awakeErr := sysmon.Keep(*keepAwake)
 	cfg.Mode = tunnel.Mode(*mode)
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {

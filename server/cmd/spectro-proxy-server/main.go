@@ -91,10 +91,7 @@ func serve(args []string) error {
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
-	var awakeErr error
-	if *keepAwake {
-		awakeErr = sysmon.Reexec()
-	}
+	awakeErr := sysmon.Keep(*keepAwake)
 	cfg.MaxStreamsPerTunnel = uint32(*maxStreams)
 	cfg.EtcdEndpoints = splitList(*etcdEndpoints)
 	logger, err := newLogger(*logLevel)
