@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -50,18 +49,6 @@ type ProcProfile struct {
 type profiled struct {
 	p      *Proc
 	health string // host:port of its health port, serving /debug/pprof/ and /metrics
-}
-
-// freeAddr returns a 127.0.0.1 address with a port free now, for a child's
-// health port. Another process could take it before the child listens;
-// the child then fails to start, which the benchmark reports.
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("finding a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // profileArgs are the extra flags that make a relay or agent serve its

@@ -288,7 +288,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		if o.ProfileDir == "" {
 			return nil
 		}
-		addr, err := freeAddr()
+		addr, err := proctest.FreeAddr()
 		if err != nil {
 			return nil // the profiled run then reports the missing port
 		}

@@ -59,12 +59,13 @@ func startProc(t *testing.T, env []string, bin string, args ...string) *proctest
 	return p
 }
 
+// freeAddr is a port for a child process to listen on (see
+// proctest.FreeAddr).
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	a, err := proctest.FreeAddr()
 	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().String()
+	return a
 }
 
 func waitHTTP(t *testing.T, url string, want int) {

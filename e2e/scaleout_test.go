@@ -145,7 +145,6 @@ type scaleTest struct {
 	adminTLS *tls.Config
 	key      []byte
 	requests reqLog
-	ports    map[string]bool // addresses given to processes
 }
 
 // scaleFigures are what the test measures and writes to docs/scale-out.md.
@@ -228,7 +227,7 @@ func TestScaleOut(t *testing.T) {
 	began := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	s := &scaleTest{t: t, ports: map[string]bool{}}
+	s := &scaleTest{t: t}
 	s.srvBin, s.cliBin = binaries(t)
 	s.logs, err = os.MkdirTemp("", "scaleout-logs-")
 	require.NoError(t, err)
@@ -417,7 +416,7 @@ func (s *scaleTest) writeState() {
 
 func (s *scaleTest) startRelays(ctx context.Context) {
 	for i := range scaleReplicas {
-		r := &relaySlot{id: fmt.Sprintf("r%d", i+1), pub: s.freeAddr(), peer: s.freeAddr(), health: s.freeAddr()}
+		r := &relaySlot{id: fmt.Sprintf("r%d", i+1), pub: freeAddr(s.t), peer: freeAddr(s.t), health: freeAddr(s.t)}
 		s.relays = append(s.relays, r)
 		require.NoError(s.t, s.startRelay(ctx, r))
 	}
@@ -477,7 +476,7 @@ func (s *scaleTest) startRelay(ctx context.Context, r *relaySlot) error {
 // connect.
 func (s *scaleTest) startHAProxy(ctx context.Context, bin string) (addr, sock string, p *proctest.Process) {
 	t := s.t
-	addr = s.freeAddr()
+	addr = freeAddr(s.t)
 	sock = filepath.Join(s.logs, "haproxy.sock")
 	var servers strings.Builder
 	for _, r := range s.relays {
@@ -645,7 +644,7 @@ func (s *scaleTest) startAgents(cl *scaleCluster, n int, extra ...string) {
 
 // startAgent starts (or starts again) one agent process on a new health port.
 func (s *scaleTest) startAgent(a *scaleAgent) error {
-	a.health = s.freeAddr()
+	a.health = freeAddr(s.t)
 	p, err := proctest.Start(proctest.Options{Name: "agent-" + a.id, Bin: s.cliBin, LogFile: filepath.Join(s.logs, "agent-"+a.id+".log"),
 		Args: append(slices.Clone(a.args), "--health-addr", a.health),
 		Env:  append(os.Environ(), "HTTPS_PROXY=", "https_proxy=", "HTTP_PROXY=", "http_proxy=")})
@@ -669,20 +668,6 @@ func (s *scaleTest) agentAlive(a *scaleAgent) error {
 		return errors.Join(errors.New("agent "+a.id+" restarted: its health port was taken"), s.startAgent(a))
 	}
 	return err
-}
-
-// freeAddr is a free 127.0.0.1 port none of this test's processes was given
-// yet (the kernel may hand out a port again once its probe socket closed).
-func (s *scaleTest) freeAddr() string {
-	for range 100 {
-		a := freeAddr(s.t)
-		if !s.ports[a] {
-			s.ports[a] = true
-			return a
-		}
-	}
-	s.t.Fatal("no unused port in 100 tries")
-	return ""
 }
 
 // agentTunnels is the tunnels one agent holds once settled: 2 when agents

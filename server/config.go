@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"log/slog"
+	"net"
 	"path/filepath"
 	"time"
 
@@ -115,6 +116,11 @@ type Config struct {
 	// PeerListen is the address of the internal mTLS listener other
 	// replicas forward to ("" = none; required with EtcdEndpoints).
 	PeerListen string
+	// PeerListener, when set, is the peer listener already open on
+	// PeerListen, which Serve then owns and closes. A program embedding
+	// the relay (and its tests) opens port 0 first, so no other socket
+	// can take the port between choosing it and listening on it.
+	PeerListener net.Listener
 	// PeerAdvertise is host:port other replicas dial (default: env POD_IP
 	// with PeerListen's port, else PeerListen when it names a host).
 	PeerAdvertise string

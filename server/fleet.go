@@ -241,9 +241,11 @@ func EtcdTLS(caFile, certFile, keyFile string) (*tls.Config, error) {
 // withdraws everything this replica announced (the registry's Close).
 func (s *Server) joinFleet(ctx, connCtx context.Context) (leave func(), err error) {
 	if s.cfg.PeerListen != "" {
-		ln, err := net.Listen("tcp", s.cfg.PeerListen)
-		if err != nil {
-			return nil, fmt.Errorf("listening for peers on %s: %w", s.cfg.PeerListen, err)
+		ln := s.cfg.PeerListener
+		if ln == nil {
+			if ln, err = net.Listen("tcp", s.cfg.PeerListen); err != nil {
+				return nil, fmt.Errorf("listening for peers on %s: %w", s.cfg.PeerListen, err)
+			}
 		}
 		s.fl.peerSrv, s.fl.peerDone = s.newPeerServer(connCtx), make(chan struct{})
 		go func() {

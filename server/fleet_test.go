@@ -207,16 +207,28 @@ func testLog(t *testing.T) *slog.Logger {
 // stateDir (one CA, one signing key, as a fleet's pods share Secrets).
 func startFleetRelay(t *testing.T, f *fakeFleet, id, stateDir string) *fleetRelay {
 	t.Helper()
-	peerAddr := freeAddr(t)
-	return startRelayWith(t, id, peerAddr, stateDir, func(c *server.Config) {
-		c.Registry = f.member(fleet.Replica{ID: id, PeerAddr: peerAddr})
+	peer := peerListener(t)
+	return startRelayWith(t, id, peer, stateDir, func(c *server.Config) {
+		c.Registry = f.member(fleet.Replica{ID: id, PeerAddr: c.PeerAdvertise})
 	})
 }
 
-// startRelayWith starts replica id with its peer listener on peerAddr;
-// tweak sets the registry.
-func startRelayWith(t *testing.T, id, peerAddr, stateDir string, tweak func(*server.Config)) *fleetRelay {
+// peerListener opens a replica's peer listener on a port of its own:
+// choosing a free port and listening on it later lets another socket
+// (another test package's) take it in between.
+func peerListener(t *testing.T) net.Listener {
 	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// startRelayWith starts replica id serving peers on peer; tweak sets
+// the registry.
+func startRelayWith(t *testing.T, id string, peer net.Listener, stateDir string, tweak func(*server.Config)) *fleetRelay {
+	t.Helper()
+	peerAddr := peer.Addr().String()
 	cfg := server.Config{
 		Domain:             fleetDomain,
 		StateDir:           stateDir,
@@ -226,6 +238,7 @@ func startRelayWith(t *testing.T, id, peerAddr, stateDir string, tweak func(*ser
 		DrainTimeout:       2 * time.Second,
 		ReplicaID:          id,
 		PeerListen:         peerAddr,
+		PeerListener:       peer,
 		PeerAdvertise:      peerAddr,
 	}
 	tweak(&cfg)
@@ -565,8 +578,8 @@ func TestFleetOnEtcd(t *testing.T) {
 	ptHost, tmHost := hostname.Host(hostname.DefaultSubdomain(ptUID), fleetDomain), hostname.Host(hostname.DefaultSubdomain(tmUID), fleetDomain)
 	stateDir := t.TempDir()
 	onEtcd := func(c *server.Config) { c.EtcdEndpoints = []string{etcd.Endpoint()}; c.LeaseTTL = 2 * time.Second }
-	a := startRelayWith(t, "relay-a", freeAddr(t), stateDir, onEtcd)
-	b := startRelayWith(t, "relay-b", freeAddr(t), stateDir, onEtcd)
+	a := startRelayWith(t, "relay-a", peerListener(t), stateDir, onEtcd)
+	b := startRelayWith(t, "relay-b", peerListener(t), stateDir, onEtcd)
 	be := newAPIBackend(t, ptHost)
 	startFleetAgent(t, a, stateDir, ptUID, tunnel.Passthrough, be)
 	tmToken := startFleetAgent(t, a, stateDir, tmUID, tunnel.Terminate, be)
@@ -633,10 +646,11 @@ func (f *failingStart) Close(ctx context.Context) error {
 // what Start began is stopped, the peer listener's port released.
 func TestFleetJoinFails(t *testing.T) {
 	stateDir := t.TempDir()
-	peerAddr := freeAddr(t)
+	peer := peerListener(t)
+	peerAddr := peer.Addr().String()
 	reg := &failingStart{fakeMember: newFakeFleet().member(fleet.Replica{ID: "r", PeerAddr: peerAddr}).(*fakeMember)}
 	srv, err := server.New(server.Config{Domain: fleetDomain, StateDir: stateDir, ReplicaID: "r",
-		PeerListen: peerAddr, PeerAdvertise: peerAddr, Registry: reg, Logger: testLog(t)})
+		PeerListen: peerAddr, PeerListener: peer, PeerAdvertise: peerAddr, Registry: reg, Logger: testLog(t)})
 	require.NoError(t, err)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

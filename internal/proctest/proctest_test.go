@@ -2,8 +2,11 @@ package proctest
 
 import (
 	"bytes"
+	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -109,4 +112,42 @@ func TestRun(t *testing.T) {
 	var ee *exec.ExitError
 	require.ErrorAs(t, err, &ee)
 	assert.Equal(t, "/bin/sh -c echo partial; echo oops >&2; exit 2: exit status 2: oops", err.Error())
+}
+
+// FreeAddr's ports are listenable, outside the ephemeral range that
+// outgoing connections draw from, and never repeat in one process.
+func TestFreeAddr(t *testing.T) {
+	b, _ := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	lo, hi := quietRange(string(b))
+	seen := map[string]bool{}
+	for range 50 {
+		a, err := FreeAddr()
+		require.NoError(t, err)
+		require.False(t, seen[a], "%s given twice", a)
+		seen[a] = true
+		_, port, err := net.SplitHostPort(a)
+		require.NoError(t, err)
+		p, err := strconv.Atoi(port)
+		require.NoError(t, err)
+		assert.True(t, p >= lo && p < hi, "%d outside [%d, %d)", p, lo, hi)
+		ln, err := net.Listen("tcp", a)
+		require.NoError(t, err, "listening on the port given")
+		ln.Close()
+	}
+}
+
+func TestQuietRange(t *testing.T) {
+	for _, tc := range []struct {
+		file   string
+		lo, hi int
+	}{
+		{"32768\t60999\n", 22768, 32768},
+		{"40000 65000", 30000, 40000},
+		{"", 20000, 30000},
+		{"1024 65535", 20000, 30000},
+		{"junk", 20000, 30000},
+	} {
+		lo, hi := quietRange(tc.file)
+		assert.Equal(t, [2]int{tc.lo, tc.hi}, [2]int{lo, hi}, "%q", tc.file)
+	}
 }

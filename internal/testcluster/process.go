@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -80,14 +79,7 @@ func childEnv() []string {
 // None of etcd, kube-apiserver and kwok can report a port they picked
 // themselves or take over a listener, so the callers retry a start when
 // the port was taken in between (see portInUse).
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
+func freePort() (int, error) { return proctest.FreePort() }
 
 func itoa(i int) string { return strconv.Itoa(i) }
 
