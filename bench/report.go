@@ -223,7 +223,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	fmt.Fprintf(&b, "## Targets\n\n")
 	fmt.Fprintf(&b, "Issue 12's targets, each a ratio of two medians of this run: the mode's figure over the same figure for two TCP "+
 		"forwarder processes standing where relay and agent stand and doing the same TLS and nothing else "+
-		"(`bench/cmd/tcp-forwarder`: io.Copy, one goroutine per direction, on the same Go runtime settings: its monitor thread kept awake as theirs, `--keep-sysmon-awake`). For passthrough that is *floor+TLS* (TLS between the "+
+		"(`bench/cmd/tcp-forwarder`: io.Copy, one goroutine per direction, on the same Go runtime settings as theirs: its monitor thread kept awake, `--keep-sysmon-awake`, and one Go processor while at most two connections are open, `--adapt-procs`, as the relay). For passthrough that is *floor+TLS* (TLS between the "+
 		"two: the least an encrypted tunnel costs); for terminate *floor+terminate* (also the client's TLS ended at the first and TLS "+
 		"from the second to the backend). The proxy's own cost is its distance from that floor.\n\n")
 	if r.Options.Reps < 5 {

@@ -400,6 +400,13 @@ func TestFleetForwarding(t *testing.T) {
 		assert.Contains(t, body, "host="+ptHost)
 		assert.Equal(t, 1.0, metric(t, b.srv, `spectro_proxy_forwarded_total{kind="conn",result="ok"}`))
 		assert.Equal(t, 1.0, metric(t, a.srv, `spectro_proxy_peer_served_total{kind="conn"}`))
+		// The kept-alive connection is in flight on both replicas (what
+		// the relay's processors adapt to, internal/procs), until closed.
+		assert.Equal(t, 1, b.srv.InFlight(), "relay B: the forwarded connection")
+		assert.Equal(t, 1, a.srv.InFlight(), "relay A: the connection it serves for B")
+		pt.CloseIdleConnections()
+		require.Eventually(t, func() bool { return a.srv.InFlight() == 0 && b.srv.InFlight() == 0 }, 5*time.Second, 5*time.Millisecond,
+			"in flight after the connection closed: A %d, B %d", a.srv.InFlight(), b.srv.InFlight())
 	})
 
 	t.Run("terminate request", func(t *testing.T) {
@@ -477,6 +484,14 @@ func TestFleetForwarding(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, ev+"\n", line)
 		}
+		// A terminated request counts while its answer streams: at B, and
+		// at A, which serves it for B.
+		tm.CloseIdleConnections() // the earlier subtests' kept-alive connections
+		require.Eventually(t, func() bool { return a.srv.InFlight() == 1 && b.srv.InFlight() == 1 }, 5*time.Second, 5*time.Millisecond,
+			"in flight with one watch open: A %d, B %d", a.srv.InFlight(), b.srv.InFlight())
+		resp.Body.Close()
+		require.Eventually(t, func() bool { return a.srv.InFlight() == 0 && b.srv.InFlight() == 0 }, 5*time.Second, 5*time.Millisecond,
+			"in flight after the watch ended: A %d, B %d", a.srv.InFlight(), b.srv.InFlight())
 	})
 
 	t.Run("a label held by another cluster on another replica", func(t *testing.T) {

@@ -59,6 +59,8 @@ func (s *Server) forwardConn(ctx context.Context, c *sni.Conn, name, label strin
 	s.fl.forwarded.WithLabelValues(kindConn, "ok").Inc()
 	s.fl.fwdStreams.WithLabelValues(kindConn).Inc()
 	defer s.fl.fwdStreams.WithLabelValues(kindConn).Dec()
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
 	up, down, err := tunnel.Join(c, pc)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		s.refuse(reasonWriteStall, "host", label, "remote", remote, "timeout", s.cfg.WriteStallTimeout.String())

@@ -34,6 +34,8 @@ func (s *Server) passthrough(ctx context.Context, c *sni.Conn, label string, can
 	}
 	s.m.streams.WithLabelValues("passthrough").Inc()
 	defer s.m.streams.WithLabelValues("passthrough").Dec()
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
 	up, down, err := tunnel.Join(c, st)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		// The client took nothing for WriteStallTimeout (see stallConn).

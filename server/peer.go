@@ -120,6 +120,8 @@ func (s *Server) servePeerConn(w http.ResponseWriter, r *http.Request, label, so
 	defer s.track(c, false)
 	s.m.streams.WithLabelValues("passthrough").Inc()
 	defer s.m.streams.WithLabelValues("passthrough").Dec()
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
 	up, down, err := tunnel.Join(c, st)
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		s.refuse(reasonWriteStall, "host", label, "remote", source, "timeout", s.cfg.WriteStallTimeout.String())

@@ -48,6 +48,9 @@ type Server struct {
 	hellos  *helloGate
 	// srcStreams counts each source's streams per host name.
 	srcStreams *sourceStreams
+	// inFlight counts the connections and requests the relay carries
+	// now, of every kind (see InFlight).
+	inFlight atomic.Int64
 	// idle counts each source's idle keep-alive connections.
 	idle *idleConns
 	// clusterRegs rate-limits each cluster's registrations.
@@ -308,3 +311,9 @@ var cipherSuites = []uint16{
 
 // Tunnels returns the number of connected agent sessions.
 func (s *Server) Tunnels() int { return s.reg.count() }
+
+// InFlight is how many connections and requests the relay carries now:
+// passthrough connections (its own and forwarded), terminated requests
+// and upgrades. The relay's main runs on one Go processor while this stays
+// low (internal/procs).
+func (s *Server) InFlight() int { return int(s.inFlight.Load()) }

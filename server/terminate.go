@@ -53,6 +53,8 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		w = closeOnStop{ResponseWriter: w, ctx: r.Context()}
 		s.m.streams.WithLabelValues("upgrade").Inc()
 		defer s.m.streams.WithLabelValues("upgrade").Dec()
+		s.inFlight.Add(1)
+		defer s.inFlight.Add(-1)
 	} else {
 		req := s.drainer.enter()
 		defer req.done()
@@ -60,6 +62,8 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 		g := s.m.streams.WithLabelValues("http") // one label lookup per request, not two
 		g.Inc()
 		defer g.Dec()
+		s.inFlight.Add(1)
+		defer s.inFlight.Add(-1)
 		if r.ProtoMajor == 1 {
 			// The response streams back while the request body may still
 			// be arriving (an upstream that answers early, or echoes).

@@ -12,6 +12,7 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"flag"
@@ -21,10 +22,12 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/pki"
+	"github.com/spectroproxy/spectro-proxy/internal/procs"
 	"github.com/spectroproxy/spectro-proxy/internal/sysmon"
 )
 
@@ -36,19 +39,20 @@ func main() {
 	// The floor runs on the same runtime settings as relay and agent, so
 	// that its distance to them is the design's, not the runtime's.
 	keepAwake := fs.Bool("keep-sysmon-awake", true, sysmon.FlagUsage)
+	adaptProcs := fs.Bool("adapt-procs", true, procs.FlagUsage)
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
 	}
 	awakeErr := sysmon.Keep(*keepAwake)
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
 	sysmon.Report(log, awakeErr)
-	if err := run(*to, *tlsListen, *tlsTo, log); err != nil {
+	if err := run(*to, *tlsListen, *tlsTo, *adaptProcs, log); err != nil {
 		fmt.Fprintln(os.Stderr, "tcp-forwarder:", err)
 		os.Exit(1)
 	}
 }
 
-func run(to, tlsListen, tlsTo string, log *slog.Logger) error {
+func run(to, tlsListen, tlsTo string, adaptProcs bool, log *slog.Logger) error {
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return fmt.Errorf("--to %q: want host:port: %w", to, err)
 	}
@@ -89,6 +93,16 @@ func run(to, tlsListen, tlsTo string, log *slog.Logger) error {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, os.Interrupt)
 	go func() { <-sig; ln.Close() }()
+	var open atomic.Int64 // connections being forwarded, as the relay counts its passthrough ones
+	if adaptProcs {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			procs.Run(ctx, procs.Config{InFlight: func() int { return int(open.Load()) }, Logger: log})
+		}()
+		defer func() { cancel(); <-done }()
+	}
 	log.Info("listening", "addr", ln.Addr().String(), "to", to)
 	for {
 		c, err := ln.Accept()
@@ -98,7 +112,8 @@ func run(to, tlsListen, tlsTo string, log *slog.Logger) error {
 			}
 			return fmt.Errorf("accepting: %w", err)
 		}
-		go forward(c, dial, log)
+		open.Add(1)
+		go func() { defer open.Add(-1); forward(c, dial, log) }()
 	}
 }
 

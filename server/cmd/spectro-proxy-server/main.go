@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/spectroproxy/spectro-proxy/internal/flagenv"
+	"github.com/spectroproxy/spectro-proxy/internal/procs"
 	"github.com/spectroproxy/spectro-proxy/internal/profiling"
 	"github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/sysmon"
@@ -88,6 +89,7 @@ func serve(args []string) error {
 	pprofOn := fs.Bool("pprof", false, "Also serve Go's runtime profiles (net/http/pprof) at /debug/pprof/ on --health-addr. Off by default: for measuring (make bench -profile), not for production.")
 	logLevel := fs.String("log-level", "info", "One of debug, info, warn, error.")
 	keepAwake := fs.Bool("keep-sysmon-awake", true, sysmon.FlagUsage)
+	adaptProcs := fs.Bool("adapt-procs", true, procs.FlagUsage)
 	if err := flagenv.Parse(fs, args, envPrefix); err != nil {
 		return err
 	}
@@ -118,6 +120,12 @@ func serve(args []string) error {
 		hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 		go hs.Serve(ln)
 		defer hs.Close()
+	}
+	if *adaptProcs {
+		pctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); procs.Run(pctx, procs.Config{InFlight: s.InFlight, Logger: logger}) }()
+		defer func() { cancel(); <-done }()
 	}
 	return s.Run(ctx)
 }
