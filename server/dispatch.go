@@ -117,20 +117,31 @@ func (s *Server) handOff(c net.Conn) {
 func (s *Server) connState(c net.Conn, state http.ConnState) {
 	switch state {
 	case http.StateNew:
-		s.idle.add(c, sourceOf(c.RemoteAddr().String()))
+		// Until its first request a new connection is in flight: its TLS
+		// handshake is the costliest part of it, and a wave of agents
+		// reconnecting (a relay restart) is all handshakes.
+		if s.idle.add(c, sourceOf(c.RemoteAddr().String())) {
+			s.inFlight.Add(1)
+		}
 	case http.StateIdle:
 		if !s.idle.enter(c, func() string { return sourceOf(c.RemoteAddr().String()) }) {
 			s.refuse(reasonTooManyIdleConns, "remote", c.RemoteAddr().String(), "max", s.cfg.MaxIdleConnsPerSource)
 			c.Close()
 		}
 	case http.StateActive:
-		s.idle.leave(c)
+		if s.idle.leave(c) {
+			s.inFlight.Add(-1)
+		}
 		s.queueHTTP2Writes(c)
 	case http.StateHijacked:
-		s.idle.remove(c)
+		if s.idle.remove(c) {
+			s.inFlight.Add(-1)
+		}
 		s.watched.Delete(c)
 	case http.StateClosed:
-		s.idle.remove(c)
+		if s.idle.remove(c) {
+			s.inFlight.Add(-1)
+		}
 		v, ok := s.watched.LoadAndDelete(c)
 		if !ok {
 			return

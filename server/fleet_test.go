@@ -697,3 +697,24 @@ func refusedRegistration(t *testing.T, addr string, roots *x509.CertPool, tokFil
 	require.NotNil(t, resp)
 	return resp
 }
+
+// A connection to the relay's HTTPS server counts in flight from its
+// opening (its TLS handshake) until its first request, or until it closes.
+func TestInFlightHandshake(t *testing.T) {
+	stateDir := t.TempDir()
+	r := startFleetRelay(t, newFakeFleet(), "relay-a", stateDir)
+	c, err := tls.Dial("tcp", r.addr, &tls.Config{ServerName: fleetDomain, RootCAs: relayRoots(t, stateDir)})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return r.srv.InFlight() == 1 }, 5*time.Second, 5*time.Millisecond,
+		"in flight with one connection past its handshake and no request: %d", r.srv.InFlight())
+	c.Close()
+	require.Eventually(t, func() bool { return r.srv.InFlight() == 0 }, 5*time.Second, 5*time.Millisecond,
+		"in flight after it closed: %d", r.srv.InFlight())
+
+	// Its first request ends its freshness.
+	cl := userClient(r, fleetDomain, relayRoots(t, stateDir))
+	defer cl.CloseIdleConnections()
+	code, _ := get(t, cl, "https://"+fleetDomain+"/healthz")
+	assert.NotZero(t, code)
+	assert.Equal(t, 0, r.srv.InFlight(), "a kept-alive connection after its request")
+}

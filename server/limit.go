@@ -282,6 +282,9 @@ type idleConns struct {
 type idleConn struct {
 	src  *idleSource
 	idle bool
+	// fresh: added when it opened and not yet active, hijacked or
+	// closed, which for a TLS connection is its handshake.
+	fresh bool
 }
 
 // idleSource is one source's open connections: all, and the idle ones.
@@ -294,11 +297,16 @@ func newIdleConns(max int) *idleConns {
 	return &idleConns{conns: map[net.Conn]*idleConn{}, srcs: map[string]*idleSource{}, max: max}
 }
 
-// add records c, a new connection from src.
-func (ic *idleConns) add(c net.Conn, src string) {
+// add records c, a new connection from src, as fresh, and reports
+// whether it was new here.
+func (ic *idleConns) add(c net.Conn, src string) bool {
 	ic.mu.Lock()
 	defer ic.mu.Unlock()
-	ic.addLocked(c, src)
+	if ic.conns[c] != nil {
+		return false
+	}
+	ic.addLocked(c, src).fresh = true
+	return true
 }
 
 func (ic *idleConns) addLocked(c net.Conn, src string) *idleConn {
@@ -336,23 +344,30 @@ func (ic *idleConns) enter(c net.Conn, src func() string) bool {
 	return true
 }
 
-// leave marks c busy.
-func (ic *idleConns) leave(c net.Conn) {
-	ic.mu.Lock()
-	defer ic.mu.Unlock()
-	if r := ic.conns[c]; r != nil && r.idle {
-		r.idle = false
-		r.src.idle--
-	}
-}
-
-// remove forgets c: it was hijacked or closed.
-func (ic *idleConns) remove(c net.Conn) {
+// leave marks c busy, and reports whether it was fresh until now.
+func (ic *idleConns) leave(c net.Conn) (wasFresh bool) {
 	ic.mu.Lock()
 	defer ic.mu.Unlock()
 	r := ic.conns[c]
 	if r == nil {
-		return
+		return false
+	}
+	if r.idle {
+		r.idle = false
+		r.src.idle--
+	}
+	wasFresh, r.fresh = r.fresh, false
+	return wasFresh
+}
+
+// remove forgets c (it was hijacked or closed), and reports whether it
+// was still fresh.
+func (ic *idleConns) remove(c net.Conn) (wasFresh bool) {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	r := ic.conns[c]
+	if r == nil {
+		return false
 	}
 	delete(ic.conns, c)
 	if r.idle {
@@ -361,6 +376,7 @@ func (ic *idleConns) remove(c net.Conn) {
 	if r.src.open--; r.src.open == 0 {
 		delete(ic.srcs, r.src.key)
 	}
+	return r.fresh
 }
 
 // idleOf is how many idle connections src holds (for tests).

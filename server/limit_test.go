@@ -220,3 +220,32 @@ func TestIdleConns(t *testing.T) {
 	assert.Empty(t, ic.conns, "closed connections are forgotten")
 	assert.Empty(t, ic.srcs, "sources without connections are forgotten")
 }
+
+// A connection is fresh (counted in flight, for its TLS handshake) from
+// its opening until it first goes busy, is hijacked or closes, and counts
+// as fresh once whatever follows.
+func TestIdleConnsFresh(t *testing.T) {
+	conns := make([]net.Conn, 4)
+	for i := range conns {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		conns[i] = a
+	}
+	ic := newIdleConns(2)
+	assert.True(t, ic.add(conns[0], "10.0.0.1"))
+	assert.False(t, ic.add(conns[0], "10.0.0.1"), "added twice")
+	assert.True(t, ic.leave(conns[0]), "its first request")
+	assert.False(t, ic.leave(conns[0]), "its second")
+	assert.False(t, ic.remove(conns[0]), "closed after requests")
+
+	assert.True(t, ic.add(conns[1], "10.0.0.1"))
+	assert.True(t, ic.remove(conns[1]), "closed in its handshake")
+	assert.False(t, ic.remove(conns[1]))
+
+	assert.True(t, ic.add(conns[2], "10.0.0.1"))
+	assert.True(t, ic.enter(conns[2], func() string { return "unused" }))
+	assert.True(t, ic.leave(conns[2]), "idle does not end freshness; the first request does")
+
+	assert.True(t, ic.enter(conns[3], func() string { return "10.0.0.2" }))
+	assert.False(t, ic.leave(conns[3]), "not seen opening: never fresh")
+}

@@ -313,7 +313,8 @@ var cipherSuites = []uint16{
 func (s *Server) Tunnels() int { return s.reg.count() }
 
 // InFlight is how many connections and requests the relay carries now:
-// passthrough connections (its own and forwarded), terminated requests
-// and upgrades. The relay's main runs on one Go processor while this stays
-// low (internal/procs).
+// passthrough connections (its own, forwarded, and served for a peer),
+// terminated requests and upgrades, and connections to its HTTPS server
+// before their first request (their TLS handshake). The relay's main runs
+// on one Go processor while this stays low (internal/procs).
 func (s *Server) InFlight() int { return int(s.inFlight.Load()) }

@@ -14,7 +14,7 @@
 // one sample of the load's start.
 //
 // The signal is the program's own count of work in flight (open streams
-// and connections), not CPU use: a relay at one request at a time and one
+// and connections, the relay's TLS handshakes), not CPU use: a relay at one request at a time and one
 // at 64 concurrent small requests use about the same CPU on a small
 // machine, and only the latter gains from more processors.
 package procs
