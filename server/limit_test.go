@@ -180,12 +180,7 @@ func TestSourceStreams(t *testing.T) {
 }
 
 func TestIdleConns(t *testing.T) {
-	conns := make([]net.Conn, 4)
-	for i := range conns {
-		a, b := net.Pipe()
-		t.Cleanup(func() { a.Close(); b.Close() })
-		conns[i] = a
-	}
+	conns := pipeConns(t, 4)
 	src := func(s string) func() string { return func() string { return s } }
 	ic := newIdleConns(2)
 	ic.add(conns[0], "10.0.0.1")
@@ -225,12 +220,7 @@ func TestIdleConns(t *testing.T) {
 // its opening until it first goes busy, is hijacked or closes, and counts
 // as fresh once whatever follows.
 func TestIdleConnsFresh(t *testing.T) {
-	conns := make([]net.Conn, 4)
-	for i := range conns {
-		a, b := net.Pipe()
-		t.Cleanup(func() { a.Close(); b.Close() })
-		conns[i] = a
-	}
+	conns := pipeConns(t, 4)
 	ic := newIdleConns(2)
 	assert.True(t, ic.add(conns[0], "10.0.0.1"))
 	assert.False(t, ic.add(conns[0], "10.0.0.1"), "added twice")
@@ -248,4 +238,16 @@ func TestIdleConnsFresh(t *testing.T) {
 
 	assert.True(t, ic.enter(conns[3], func() string { return "10.0.0.2" }))
 	assert.False(t, ic.leave(conns[3]), "not seen opening: never fresh")
+}
+
+// pipeConns returns n connections (one end of a net.Pipe each) for
+// tables keyed by connection.
+func pipeConns(t *testing.T, n int) []net.Conn {
+	conns := make([]net.Conn, n)
+	for i := range conns {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		conns[i] = a
+	}
+	return conns
 }
