@@ -14,9 +14,10 @@
 // one sample of the load's start.
 //
 // The signal is the program's own count of work in flight (open streams
-// and connections, the relay's TLS handshakes), not CPU use: a relay at one request at a time and one
-// at 64 concurrent small requests use about the same CPU on a small
-// machine, and only the latter gains from more processors.
+// and connections, the relay's TLS handshakes), not CPU use: a relay at
+// one request at a time and one at 64 concurrent small requests use about
+// the same CPU on a small machine, and only the latter gains from more
+// processors.
 package procs
 
 import (
@@ -57,6 +58,15 @@ type Config struct {
 // processor by default, and no GOMAXPROCS set by the operator.
 func Enabled() bool {
 	return os.Getenv("GOMAXPROCS") == "" && runtime.GOMAXPROCS(0) > 1
+}
+
+// Start runs Run in a goroutine of its own until ctx ends or stop is
+// called; stop returns once it has left Go's default.
+func Start(ctx context.Context, c Config) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); Run(ctx, c) }()
+	return func() { cancel(); <-done }
 }
 
 // Run adapts the processors until ctx ends, and leaves Go's default.

@@ -47,13 +47,8 @@ func TestRun(t *testing.T) {
 		return n
 	}
 	sw := &switches{}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		Run(ctx, Config{InFlight: read, Sample: sample, Quiet: quiet, set: sw.set})
-	}()
-	defer func() { cancel(); <-done }()
+	stop := Start(context.Background(), Config{InFlight: read, Sample: sample, Quiet: quiet, set: sw.set})
+	defer stop()
 
 	// Busy from the start: nothing to change, however long it lasts.
 	require.Never(t, func() bool { one, _ := sw.get(); return len(one) > 0 }, 3*quiet, time.Millisecond, "switched while busy")
@@ -76,8 +71,7 @@ func TestRun(t *testing.T) {
 	// Quiet again, then the program ends: it ends on the default.
 	inFlight.Store(0)
 	require.Eventually(t, func() bool { one, _ := sw.get(); return len(one) == 3 }, 5*time.Second, time.Millisecond)
-	cancel()
-	<-done
+	stop()
 	one, _ = sw.get()
 	assert.Equal(t, []bool{true, false, true, false}, one)
 }

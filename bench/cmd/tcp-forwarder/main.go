@@ -95,13 +95,7 @@ func run(to, tlsListen, tlsTo string, adaptProcs bool, log *slog.Logger) error {
 	go func() { <-sig; ln.Close() }()
 	var open atomic.Int64 // connections being forwarded, as the relay counts its passthrough ones
 	if adaptProcs {
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			procs.Run(ctx, procs.Config{InFlight: func() int { return int(open.Load()) }, Logger: log})
-		}()
-		defer func() { cancel(); <-done }()
+		defer procs.Start(context.Background(), procs.Config{InFlight: func() int { return int(open.Load()) }, Logger: log})()
 	}
 	log.Info("listening", "addr", ln.Addr().String(), "to", to)
 	for {

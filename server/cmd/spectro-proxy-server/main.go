@@ -122,10 +122,7 @@ func serve(args []string) error {
 		defer hs.Close()
 	}
 	if *adaptProcs {
-		pctx, cancel := context.WithCancel(ctx)
-		done := make(chan struct{})
-		go func() { defer close(done); procs.Run(pctx, procs.Config{InFlight: s.InFlight, Logger: logger}) }()
-		defer func() { cancel(); <-done }()
+		defer procs.Start(ctx, procs.Config{InFlight: s.InFlight, Logger: logger})()
 	}
 	return s.Run(ctx)
 }
