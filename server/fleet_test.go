@@ -297,6 +297,7 @@ func newAPIBackend(t *testing.T, sans ...string) *apiBackend {
 		fmt.Fprintf(w, "host=%s xff=%s peer-host=%q", r.Host, r.Header.Get("X-Forwarded-For"), r.Header.Get(peer.HeaderHost))
 	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) })
+	mux.HandleFunc("/mirror", mirror)
 	mux.HandleFunc("/watch", relaytest.WatchHandler(b.events))
 	mux.HandleFunc("/ws", relaytest.EchoWebSocket("echo "))
 	mux.HandleFunc("/ws-once", relaytest.EchoWebSocketN("echo ", 1)) // then ends its side cleanly

@@ -75,6 +75,9 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 	if s.forwardTerminated(w, r, label, streamed) {
 		return // no local tunnel: another replica's (forward.go)
 	}
+	if s.serveShort(w, r, label, streamed) {
+		return
+	}
 	bufs := &tunnel.ResponseBuffers{}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {

@@ -64,10 +64,16 @@ func IsHeaderTooLarge(err error) bool {
 // never reach a target.
 func StripInternal(h http.Header) {
 	for k := range h {
-		if len(k) >= len(internalPrefix) && strings.EqualFold(k[:len(internalPrefix)], internalPrefix) {
+		if IsInternal(k) {
 			delete(h, k)
 		}
 	}
+}
+
+// IsInternal reports whether a header field's name is one of the tunnel's
+// own (Spectro-Proxy-*, in any case).
+func IsInternal(name string) bool {
+	return len(name) >= len(internalPrefix) && strings.EqualFold(name[:len(internalPrefix)], internalPrefix)
 }
 
 const internalPrefix = "Spectro-Proxy-"
