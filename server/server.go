@@ -74,6 +74,7 @@ type Server struct {
 
 	draining atomic.Bool
 	drainer  *drainer       // moves and streamed responses (drain.go)
+	workers  *workers       // run HTTP/2 requests (workers.go); set by Serve
 	pooled   pooledSessions // sessions with HTTP connection pools (httpconns.go)
 	conns    sync.WaitGroup // raw connections being proxied or routed
 	connsMu  sync.Mutex
@@ -181,6 +182,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	// accepting, but the streams in flight must outlive it to be drained.
 	// hardStop ends them once the drain is over.
 	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
+	s.workers = newWorkers(maxWorkers, connCtx.Done())
+	defer s.workers.wait() // after the hard stop below
 	defer hardStop()
 	leaveFleet, err := s.joinFleet(ctx, connCtx)
 	if err != nil {

@@ -19,8 +19,17 @@ import (
 )
 
 // serveTerminated forwards a request whose TLS the relay terminated to the
-// agent serving label.
+// agent serving label. An HTTP/2 request is proxied on a worker, whose
+// stack is grown already (workers.go).
 func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label string) {
+	if r.ProtoMajor == 2 {
+		s.workers.run(func() { s.proxyTerminated(w, r, label) })
+		return
+	}
+	s.proxyTerminated(w, r, label)
+}
+
+func (s *Server) proxyTerminated(w http.ResponseWriter, r *http.Request, label string) {
 	// CONNECT is the tunnel's own stream protocol (and a user's CONNECT
 	// would carry the user's :authority down it); nothing behind a
 	// terminate-mode route serves it, nor methods outside HTTP's usual set.
@@ -40,7 +49,6 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 	}
 	defer release()
 	if r.ProtoMajor == 2 {
-		growStack()
 		// A stream of an HTTP/2 connection can stall alone (the client
 		// reads the others): each write to it must finish in time.
 		w = &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), d: s.cfg.WriteStallTimeout}
@@ -113,12 +121,12 @@ func (s *Server) serveTerminated(w http.ResponseWriter, r *http.Request, label s
 }
 
 // growStack makes the calling goroutine's stack fit what a request's
-// proxying needs, in one step. Each HTTP/2 request runs in a new goroutine
+// proxying needs, in one step, for an HTTP/2 request that finds every
+// worker busy (workers.go). Each HTTP/2 request runs in a new goroutine
 // whose stack starts small (Go sizes it to the average of all of the
 // relay's goroutines, most of them small) and was doubled three times
 // deep inside ReverseProxy, each time copying and adjusting every frame
-// above: 4.5-6.4% of the relay's CPU for HTTP/2 requests at 64
-// concurrent (docs/performance.md, seventh pass). One growth here, near the
+// above (docs/performance.md, seventh pass). One growth here, near the
 // goroutine's top, copies almost nothing. A goroutine that holds its
 // request long (a watch) gets its stack shrunk back by the GC.
 //
