@@ -182,7 +182,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	// accepting, but the streams in flight must outlive it to be drained.
 	// hardStop ends them once the drain is over.
 	connCtx, hardStop := context.WithCancel(context.WithoutCancel(ctx))
-	s.workers = newWorkers(maxWorkers, connCtx.Done())
+	s.workers = newWorkers(maxWorkers, connCtx.Done(), idleTick)
 	defer s.workers.wait() // after the hard stop below
 	defer hardStop()
 	leaveFleet, err := s.joinFleet(ctx, connCtx)

@@ -6,6 +6,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // workers run HTTP/2 requests' proxying on goroutines that outlive the
@@ -19,14 +20,21 @@ import (
 // small HTTP/2 request even done in one step (growStack;
 // docs/performance.md, tenth pass). A worker keeps its stack from one
 // request to the next (the GC shrinks it when it stays idle), and costs a
-// hand-off to it and back.
+// hand-off to it and back. Workers idle for a second or two end.
 type workers struct {
 	jobs chan *job
 	stop <-chan struct{} // idle workers end when it closes
 	max  int32           // more requests at once run on their own goroutine
 	n    atomic.Int32
 	wg   sync.WaitGroup
+	// tick is closed and replaced every idleTick: a worker that saw two
+	// ticks go by without a job ends, so a burst's workers do not
+	// outlive it by more than two ticks.
+	tick atomic.Pointer[chan struct{}]
 }
+
+// idleTick is the period of workers' idle check.
+const idleTick = time.Second
 
 type job struct {
 	f    func()
@@ -40,8 +48,29 @@ var jobs = sync.Pool{New: func() any { return &job{done: make(chan any, 1)} }}
 // stack.
 const maxWorkers = 256
 
-func newWorkers(max int32, stop <-chan struct{}) *workers {
-	return &workers{jobs: make(chan *job), stop: stop, max: max}
+func newWorkers(max int32, stop <-chan struct{}, tick time.Duration) *workers {
+	p := &workers{jobs: make(chan *job), stop: stop, max: max}
+	ch := make(chan struct{})
+	p.tick.Store(&ch)
+	p.wg.Add(1)
+	go p.ticks(tick)
+	return p
+}
+
+// ticks closes and replaces tick every period until stop.
+func (p *workers) ticks(period time.Duration) {
+	defer p.wg.Done()
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-t.C:
+		}
+		ch := make(chan struct{})
+		close(*p.tick.Swap(&ch))
+	}
 }
 
 // run calls f on a worker and returns when f has: an idle worker takes
@@ -78,16 +107,24 @@ func (p *workers) run(f func()) {
 	}
 }
 
-// work runs j, then the jobs it is given, until stop.
+// work runs j, then the jobs it is given, until stop or until it has
+// been idle for two ticks.
 func (p *workers) work(j *job) {
 	defer p.wg.Done()
 	defer p.n.Add(-1)
 	for {
 		j.done <- do(j.f)
-		select {
-		case j = <-p.jobs:
-		case <-p.stop:
-			return
+		j = nil
+		for ticks := 0; j == nil; {
+			select {
+			case j = <-p.jobs:
+			case <-p.stop:
+				return
+			case <-*p.tick.Load():
+				if ticks++; ticks == 2 {
+					return
+				}
+			}
 		}
 	}
 }

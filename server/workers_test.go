@@ -20,7 +20,7 @@ func recovered(p *workers, f func()) (v any) {
 func TestWorkers(t *testing.T) {
 	t.Run("one worker serves requests one after another", func(t *testing.T) {
 		stop := make(chan struct{})
-		p := newWorkers(4, stop)
+		p := newWorkers(4, stop, time.Hour)
 		for i := range 10 {
 			ran := false
 			p.run(func() { ran = true })
@@ -34,7 +34,7 @@ func TestWorkers(t *testing.T) {
 
 	t.Run("past max the caller runs it", func(t *testing.T) {
 		stop := make(chan struct{})
-		p := newWorkers(1, stop)
+		p := newWorkers(1, stop, time.Hour)
 		release, started, firstDone := make(chan struct{}), make(chan struct{}), make(chan struct{})
 		go func() {
 			defer close(firstDone)
@@ -53,7 +53,7 @@ func TestWorkers(t *testing.T) {
 
 	t.Run("panics are the caller's", func(t *testing.T) {
 		stop := make(chan struct{})
-		p := newWorkers(4, stop)
+		p := newWorkers(4, stop, time.Hour)
 		v := recovered(p, func() { panic(http.ErrAbortHandler) })
 		assert.Equal(t, http.ErrAbortHandler, v, "net/http's abort reaches the handler as it is")
 		v = recovered(p, func() { panic(errors.New("boom")) })
@@ -70,7 +70,7 @@ func TestWorkers(t *testing.T) {
 
 	t.Run("idle workers end at stop", func(t *testing.T) {
 		stop := make(chan struct{})
-		p := newWorkers(8, stop)
+		p := newWorkers(8, stop, time.Hour)
 		release := make(chan struct{})
 		done := make(chan struct{}, 3)
 		for range 3 { // three at once: three workers
@@ -94,6 +94,31 @@ func TestWorkers(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("workers still running: %d", p.n.Load())
 		}
+	})
+
+	t.Run("idle workers end after two ticks", func(t *testing.T) {
+		stop := make(chan struct{})
+		defer close(stop)
+		p := newWorkers(8, stop, 20*time.Millisecond)
+		release := make(chan struct{})
+		done := make(chan struct{}, 3)
+		for range 3 {
+			started := make(chan struct{})
+			go func() {
+				p.run(func() { close(started); <-release })
+				done <- struct{}{}
+			}()
+			<-started
+		}
+		close(release)
+		for range 3 {
+			<-done
+		}
+		require.Eventually(t, func() bool { return p.n.Load() == 0 }, 10*time.Second, 5*time.Millisecond,
+			"idle workers left: %d", p.n.Load())
+		ran := false
+		p.run(func() { ran = true }) // a new one comes when needed
+		assert.True(t, ran)
 	})
 
 	t.Run("no pool runs inline", func(t *testing.T) {
