@@ -43,12 +43,13 @@ func (s *Server) serveShort(w http.ResponseWriter, r *http.Request, label string
 		Proto:      "HTTP/1.1",
 		ProtoMajor: 1,
 		ProtoMinor: 1,
-		Header:     outHeader(r),
 		Host:       r.Host,
 	}
-	if !kubereq.Short(out) || !kubereq.Replayable(out) {
+	// Short(out) holds already (no body, not StaysOpen).
+	if !kubereq.Replayable(out) {
 		return false
 	}
+	out.Header = outHeader(r)
 	// A target's informational answers (103 Early Hints, say) go to the
 	// user as they come, as ReverseProxy passes them; none once the
 	// final answer is in.
