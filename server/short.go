@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"io"
+	"mime"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -152,9 +153,11 @@ func copyBody(w http.ResponseWriter, resp *http.Response) error {
 	}
 }
 
+// isEventStream reads the media type as ReverseProxy does (case folded,
+// parameters dropped).
 func isEventStream(h http.Header) bool {
-	ct, _, _ := strings.Cut(h.Get("Content-Type"), ";")
-	return strings.TrimSpace(ct) == "text/event-stream"
+	mt, _, _ := mime.ParseMediaType(h.Get("Content-Type"))
+	return mt == "text/event-stream"
 }
 
 // hopHeaders are the fields that describe one connection, not the

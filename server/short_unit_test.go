@@ -77,3 +77,15 @@ func TestCleanQuery(t *testing.T) {
 		assert.Equal(t, want, cleanQuery(q), "%q", q)
 	}
 }
+
+// An event stream is flushed at every write whatever its length, as
+// ReverseProxy flushes one: its media type, case folded, parameters
+// dropped.
+func TestIsEventStream(t *testing.T) {
+	for ct, want := range map[string]bool{
+		"text/event-stream": true, "text/event-stream; charset=utf-8": true, "Text/Event-Stream": true,
+		"text/event-streams": false, "text/plain": false, "": false,
+	} {
+		assert.Equal(t, want, isEventStream(http.Header{"Content-Type": {ct}}), "%q", ct)
+	}
+}
