@@ -20,6 +20,16 @@ import (
 type Latencies struct {
 	Samples []time.Duration
 	Elapsed time.Duration
+	// CPU is what the processes given to the run used while it was timed.
+	CPU time.Duration
+}
+
+// CPUPerOp is CPU over the operations done.
+func (l Latencies) CPUPerOp() time.Duration {
+	if len(l.Samples) == 0 {
+		return 0
+	}
+	return l.CPU / time.Duration(len(l.Samples))
 }
 
 // Quantile returns the q-quantile (0..1) of the samples.
@@ -43,7 +53,8 @@ func (l Latencies) PerSecond() float64 {
 // runWorkers runs conc workers calling op until dur has passed or maxOps
 // operations were started, and records each op's latency. Every worker
 // first runs warm ops untimed, so connections exist before timing starts.
-func runWorkers(ctx context.Context, conc, warm int, dur time.Duration, maxOps int, op func(ctx context.Context) error) (Latencies, error) {
+// The CPU procs use is read over the timed part.
+func runWorkers(ctx context.Context, conc, warm int, dur time.Duration, maxOps int, procs []*Proc, op func(ctx context.Context) error) (Latencies, error) {
 	ctx, cancel := context.WithTimeout(ctx, dur+30*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -67,6 +78,10 @@ func runWorkers(ctx context.Context, conc, warm int, dur time.Duration, maxOps i
 	var mu sync.Mutex
 	var all []time.Duration
 	var started int
+	cpu0, err := cpuOf(procs)
+	if err != nil {
+		return Latencies{}, err
+	}
 	start := time.Now()
 	deadline := start.Add(dur)
 	for range conc {
@@ -97,12 +112,29 @@ func runWorkers(ctx context.Context, conc, warm int, dur time.Duration, maxOps i
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	cpu1, err := cpuOf(procs)
+	if err != nil {
+		return Latencies{}, err
+	}
 	select {
 	case err := <-errc:
 		return Latencies{}, err
 	default:
 	}
-	return Latencies{Samples: all, Elapsed: elapsed}, nil
+	return Latencies{Samples: all, Elapsed: elapsed, CPU: cpu1 - cpu0}, nil
+}
+
+// cpuOf is the CPU time procs have used so far, together.
+func cpuOf(procs []*Proc) (time.Duration, error) {
+	var sum time.Duration
+	for _, p := range procs {
+		u, err := p.Usage()
+		if err != nil {
+			return 0, err
+		}
+		sum += u.CPU
+	}
+	return sum, nil
 }
 
 // getOnce GETs path and reads the whole body, checking its length.
@@ -129,10 +161,10 @@ func getOnce(ctx context.Context, hc *http.Client, url string, want int, sum has
 
 // SmallGets measures small GETs on conc workers sharing one client:
 // HTTP/1.1 with a connection each, or HTTP/2 multiplexed on one connection.
-func SmallGets(ctx context.Context, t Target, h2 bool, conc int, dur time.Duration) (Latencies, error) {
+func SmallGets(ctx context.Context, t Target, h2 bool, conc int, dur time.Duration, procs ...*Proc) (Latencies, error) {
 	hc := t.Client(h2, conc)
 	defer hc.CloseIdleConnections()
-	return runWorkers(ctx, conc, 20, dur, 10_000_000, func(ctx context.Context) error {
+	return runWorkers(ctx, conc, 20, dur, 10_000_000, procs, func(ctx context.Context) error {
 		return getOnce(ctx, hc, t.URL(pathSmall), 1024, nil)
 	})
 }
@@ -142,7 +174,7 @@ func NewConns(ctx context.Context, t Target, conc int, dur time.Duration) (Laten
 	hc := t.Client(false, conc)
 	hc.Transport.(*http.Transport).DisableKeepAlives = true
 	defer hc.CloseIdleConnections()
-	return runWorkers(ctx, conc, 2, dur, 1_000_000, func(ctx context.Context) error {
+	return runWorkers(ctx, conc, 2, dur, 1_000_000, nil, func(ctx context.Context) error {
 		return getOnce(ctx, hc, t.URL(pathSmall), 1024, nil)
 	})
 }
@@ -212,13 +244,13 @@ func Bulk(ctx context.Context, t Target, be *Backend, tr Transfer, verify bool) 
 	}
 	// One small request per worker first, so connections and handshakes
 	// are not timed.
-	if _, err := runWorkers(ctx, tr.Workers, 1, 0, 0, func(ctx context.Context) error {
+	if _, err := runWorkers(ctx, tr.Workers, 1, 0, 0, nil, func(ctx context.Context) error {
 		return getOnce(ctx, hc, t.URL(pathSmall), 1024, nil)
 	}); err != nil {
 		return Throughput{}, err
 	}
 	// The count bounds the run; the time cap only stops a wedged one.
-	lat, err := runWorkers(ctx, tr.Workers, 0, 2*time.Minute, tr.Workers*tr.Each, op)
+	lat, err := runWorkers(ctx, tr.Workers, 0, 2*time.Minute, tr.Workers*tr.Each, nil, op)
 	if err != nil {
 		return Throughput{}, err
 	}

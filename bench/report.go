@@ -43,7 +43,13 @@ var figures = []figure{
 	{"watch_p50", "watch event latency p50 at 1000 events/s", "µs", true, false},
 	{"watch_p99", "watch event latency p99 at 1000 events/s", "µs", true, false},
 	{"cpu_s_per_gib", "relay + agent CPU seconds per GiB moved", "s", true, false},
+	{"get_h1_c64_cpu_us", "relay + agent CPU per small GET, HTTP/1.1, 64 concurrent", "µs", true, false},
+	{"get_h2_c64_cpu_us", "relay + agent CPU per small GET, HTTP/2, 64 concurrent", "µs", true, false},
 }
+
+// cpuFigure marks the figures of relay and agent CPU, which a direct
+// connection has none of: they have a table of their own.
+func cpuFigure(key string) bool { return key == "cpu_s_per_gib" || strings.HasSuffix(key, "_cpu_us") }
 
 func figureByKey(key string) figure {
 	for _, f := range figures {
@@ -255,7 +261,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 
 	fmt.Fprintf(&b, "\n## All figures\n\n| figure | unit | direct | passthrough | × | terminate | × | floor | × | floor+TLS | × | floor+terminate | × |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, f := range figures {
-		if f.key == "cpu_s_per_gib" {
+		if cpuFigure(f.key) {
 			continue // no direct figure; in the CPU table below
 		}
 		row := []string{f.label, f.unit, spread(r.Values[f.key][ModeDirect]).String()}
@@ -274,11 +280,21 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 		fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
 	}
 
-	fmt.Fprintf(&b, "\n## CPU and memory of relay and agent\n\n| figure | passthrough | terminate | floor | floor+TLS | floor+terminate |\n|---|---|---|---|---|---|\n")
-	fmt.Fprintf(&b, "| relay + agent CPU seconds per GiB moved (all bulk transfers) | %s | %s | %s | %s | %s |\n",
-		spread(r.Values["cpu_s_per_gib"][ModePassthrough]), spread(r.Values["cpu_s_per_gib"][ModeTerminate]),
-		spread(r.Values["cpu_s_per_gib"][ModeFloor]), spread(r.Values["cpu_s_per_gib"][ModeFloorTLS]),
-		spread(r.Values["cpu_s_per_gib"][ModeFloorTerminate]))
+	fmt.Fprintf(&b, "\n## CPU and memory of relay and agent\n\nCPU of the two processes between client and backend: relay and agent, or the floor's two forwarders.\n\n| figure | passthrough | terminate | floor | floor+TLS | floor+terminate |\n|---|---|---|---|---|---|\n")
+	for _, f := range figures {
+		if !cpuFigure(f.key) {
+			continue
+		}
+		label := f.label
+		if f.key == "cpu_s_per_gib" {
+			label += " (all bulk transfers)"
+		}
+		row := []string{fmt.Sprintf("%s (%s)", label, f.unit)}
+		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
+			row = append(row, spread(r.Values[f.key][mode]).String())
+		}
+		fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
+	}
 	mib := func(key string) string {
 		v := r.Values[key][""]
 		if len(v) == 0 {
@@ -287,10 +303,13 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 		return fmt.Sprintf("%.1f MiB", v[0]/(1<<20))
 	}
 	fmt.Fprintf(&b, "\n| process | RSS idle | RSS peak under load |\n|---|---|---|\n")
-	for _, p := range []string{"relay", "agent-pt", "agent-tm"} {
-		fmt.Fprintf(&b, "| %s | %s | %s |\n", p, mib("rss_idle_"+p), mib("rss_load_"+p))
+	for _, p := range []string{"relay", "agent-pt", "agent-tm", "frps", "frpc"} {
+		if len(r.Values["rss_load_"+p][""]) > 0 {
+			fmt.Fprintf(&b, "| %s | %s | %s |\n", p, mib("rss_idle_"+p), mib("rss_load_"+p))
+		}
 	}
 	fmt.Fprintf(&b, "\nThe relay serves both modes (one process); agent-pt is the passthrough agent, agent-tm the terminate one.\n")
+	r.writeFRP(&b)
 
 	if len(r.Idle.Points) > 0 {
 		fmt.Fprintf(&b, "\n## Relay memory with idle tunnels\n\nA fresh relay; agents in the harness process, one WebSocket each running the real agent's tunnel server. Nobody uses these tunnels, so "+

@@ -49,7 +49,10 @@ type Options struct {
 	// Dir holds binaries and state; Binaries skips the build when set.
 	Dir      string
 	Binaries Binaries
-	Log      *slog.Logger
+	// FRP, when set, is measured beside the modes as the peer to beat
+	// (BuildFRP).
+	FRP FRPBinaries
+	Log *slog.Logger
 	// Progress receives one line per step.
 	Progress func(string)
 }
@@ -237,7 +240,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		res.Took = time.Since(res.Started)
 		return res, nil
 	}
-	be, err := StartBackend(o.Dir, o.ListSize, []string{hostname.Host(hostname.DefaultSubdomain("pt"), Domain), hostname.Host(hostname.DefaultSubdomain("wpt"), Domain)}, o.Log)
+	be, err := StartBackend(o.Dir, o.ListSize, []string{hostname.Host(hostname.DefaultSubdomain("pt"), Domain), hostname.Host(hostname.DefaultSubdomain("wpt"), Domain), frpHost}, o.Log)
 	if err != nil {
 		return nil, err
 	}
@@ -322,6 +325,17 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 			procs[f.target.Name] = []*Proc{f.far, f.near}
 		}
 	}
+	if o.FRP.Server != "" {
+		say("starting frp " + FRPVersion)
+		f, err := startFRP(ctx, o, o.FRP, be)
+		if err != nil {
+			return err
+		}
+		defer f.stop()
+		targets = append(targets, f.target)
+		procs[ModeFRP] = []*Proc{f.server, f.client}
+	}
+	peaked := append([]*Proc{relay.Proc, pt.Proc, tm.Proc}, procs[ModeFRP]...)
 
 	say("checking every path moves the bytes intact")
 	for _, t := range targets {
@@ -346,7 +360,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 		}
 		res.add("rss_idle_"+p.Name(), "", float64(rss))
 	}
-	stopSampling := samplePeaks([]*Proc{relay.Proc, pt.Proc, tm.Proc})
+	stopSampling := samplePeaks(peaked)
 
 	transfers := []Transfer{
 		{Name: "dl_1", Workers: 1, Each: o.EachSingle},
@@ -366,7 +380,7 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 					break
 				}
 				for _, t := range targets {
-					lat, err := SmallGets(ctx, t, h2, conc, o.GetDuration)
+					lat, err := SmallGets(ctx, t, h2, conc, o.GetDuration, procs[t.Name]...)
 					if err != nil {
 						return fmt.Errorf("small GETs %s: %w", t.Name, err)
 					}
@@ -374,6 +388,9 @@ func runMain(ctx context.Context, o Options, bins Binaries, be *Backend, res *Re
 					res.add(key+"_p50", t.Name, us(lat.Quantile(0.5)))
 					res.add(key+"_p99", t.Name, us(lat.Quantile(0.99)))
 					res.add(key+"_rps", t.Name, lat.PerSecond())
+					if conc > 1 && len(procs[t.Name]) > 0 {
+						res.add(key+"_cpu_us", t.Name, us(lat.CPUPerOp()))
+					}
 				}
 			}
 		}

@@ -24,9 +24,16 @@ func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the relay and agent binaries")
 	}
+	// frp's first build on a machine downloads and compiles it (about a
+	// minute); later ones find it cached.
+	bctx, bcancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer bcancel()
+	frp, err := BuildFRP(bctx, "")
+	require.NoError(t, err, "building frp")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	res, err := Run(ctx, Options{
+		FRP:  frp,
 		Reps: 1, GetDuration: 100 * time.Millisecond, ListSize: 1 << 20,
 		EachSingle: 1, EachParallel: 1, Parallel: 4,
 		WatchRate: 1000, WatchEvents: 50,
@@ -37,27 +44,36 @@ func TestSmoke(t *testing.T) {
 	})
 	require.NoError(t, err)
 
+	proxied := []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate, ModeFRP}
 	for _, f := range figures {
-		if f.key == "cpu_s_per_gib" {
-			continue // not measured for direct; checked below
+		if cpuFigure(f.key) {
+			// Not measured for direct: it has no process in between.
+			assert.Empty(t, res.Values[f.key][ModeDirect], f.key)
+			for _, mode := range proxied {
+				if assert.Len(t, res.Values[f.key][mode], 1, "%s %s measured once", f.key, mode) {
+					assert.Positive(t, res.Values[f.key][mode][0], "%s %s", f.key, mode)
+				}
+			}
+			continue
 		}
-		for _, mode := range []string{ModeDirect, ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
+		for _, mode := range append([]string{ModeDirect}, proxied...) {
 			assert.Len(t, res.Values[f.key][mode], 1, "%s %s measured once", f.key, mode)
 		}
 	}
-	for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
-		assert.Len(t, res.Values["cpu_s_per_gib"][mode], 1, "CPU per GiB for %s", mode)
-	}
-	// Direct, passthrough, terminate and the three floors each checked
-	// four ways, plus the first three over the long link.
-	assert.Len(t, res.Checks, 6*4+3)
+	// Direct, passthrough, terminate, the three floors and frp each
+	// checked four ways, plus the first three over the long link.
+	assert.Len(t, res.Checks, 7*4+3)
+	assert.Len(t, res.Values["rss_load_frps"][""], 1, "frps's peak memory")
+	vsFRP := res.AgainstFRP()
+	assert.Len(t, vsFRP, len(figures)+1, "every figure and the peak memory against frp")
 	require.Len(t, res.WAN, 3)
 	require.Len(t, res.Idle.Points, 2)
 	assert.Equal(t, 20, res.Idle.Points[1].Tunnels)
 
 	var md bytes.Buffer
 	require.NoError(t, res.WriteMarkdown(&md, "go test ./bench"))
-	for _, want := range []string{"## Targets", "small GET p50, HTTP/1.1, 1 concurrent", "Relay memory with idle tunnels", "Long link", "| floor | floor+TLS |", "| floor+terminate |"} {
+	for _, want := range []string{"## Targets", "small GET p50, HTTP/1.1, 1 concurrent", "Relay memory with idle tunnels", "Long link", "| floor | floor+TLS |", "| floor+terminate |",
+		"## Against frp", "| relay + agent CPU per small GET, HTTP/2, 64 concurrent | µs |", "| frps |"} {
 		assert.Contains(t, md.String(), want)
 	}
 	if os.Getenv("BENCH_SMOKE_PRINT") != "" {

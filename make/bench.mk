@@ -9,7 +9,7 @@
 REPS ?= 5
 BENCH_ARGS ?=
 
-bench: ## Benchmark direct vs passthrough vs terminate vs floors of two TCP forwarders, and the scale-out case (~11 min on 2 cores); prints and writes issue 12's targets (ratios to the floors) to docs/bench-results.md. REPS=2 for a quick run
+bench: ## Benchmark direct vs passthrough vs terminate vs floors of two TCP forwarders vs frp, and the scale-out case (~12 min on 2 cores); prints and writes issue 12's targets (ratios to the floors) to docs/bench-results.md. REPS=2 for a quick run
 	go run ./bench/cmd/spectro-bench -reps $(REPS) -out docs/bench-results.md $(BENCH_ARGS)
 
 bench-smoke: ## The short benchmark CI runs inside `make test` (checks bytes arrive intact, no timings)

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -44,6 +45,7 @@ func run(args []string) error {
 	fs.BoolVar(&o.ScaleOnly, "scale-only", false, "Run only the scale case and replace its rows and section in --out, keeping the rest (make bench-scale).")
 	fs.StringVar(&o.ProfileDir, "profile", "", "When set, run relay and agents with --pprof and, after the repetitions, save their CPU and allocation profiles under small-GET loads (both modes, HTTP/1.1 and HTTP/2, 1 and 64 concurrent) into this directory.")
 	fs.DurationVar(&o.ProfileDuration, "profile-duration", o.ProfileDuration, "How long each profiled load runs.")
+	frp := fs.String("frp", "build", "frp, measured beside the modes as the peer to beat: \"build\" builds frps and frpc "+bench.FRPVersion+" from the Go module proxy once, cached beside the control plane's binaries (a failed build is reported and the run goes on without frp); a directory holding frps and frpc; or \"off\".")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -83,6 +85,16 @@ func run(args []string) error {
 	o.Progress = func(s string) { fmt.Fprintf(os.Stderr, "[%5.0fs] %s\n", time.Since(start).Seconds(), s) }
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	switch {
+	case *frp == "off" || o.ScaleOnly || *only:
+	case *frp == "build":
+		o.Progress("building frp " + bench.FRPVersion + " (once; cached)")
+		if o.FRP, err = bench.BuildFRP(ctx, ""); err != nil {
+			o.Progress(fmt.Sprintf("frp not measured: %v", err))
+		}
+	default:
+		o.FRP = bench.FRPBinaries{Server: filepath.Join(*frp, "frps"), Client: filepath.Join(*frp, "frpc")}
+	}
 	res, err := bench.Run(ctx, o)
 	if err != nil {
 		return err
@@ -119,6 +131,19 @@ func run(args []string) error {
 			detail = fmt.Sprintf("(%s %s vs %s %s %s)", v.Mode, trim(v.Measured), v.Floor, trim(v.FloorValue), v.Unit)
 		}
 		fmt.Fprintf(os.Stderr, "%-66s %-11s %6.2f  %-16s %-8s %s\n", v.Label, v.Mode, v.Value, v.Target, met, detail)
+	}
+	if cs := res.AgainstFRP(); len(cs) > 0 {
+		fmt.Fprintf(os.Stderr, "against frp %s (multiple of frp's figure, above 1 is better):\n", bench.FRPVersion)
+		for _, c := range cs {
+			verdict := "passthrough ahead"
+			if !c.PassthroughAhead() {
+				verdict = "passthrough BEHIND"
+			}
+			if !c.TerminateMet() {
+				verdict += fmt.Sprintf(", terminate below %.1f×", bench.FRPTerminateLimit)
+			}
+			fmt.Fprintf(os.Stderr, "%-66s passthrough %5.2f  terminate %5.2f  %s\n", c.Label, c.PassthroughX, c.TerminateX, verdict)
+		}
 	}
 	fmt.Fprintf(os.Stderr, "wrote %s in %s\n", *out, time.Since(start).Round(time.Second))
 	return nil
