@@ -91,7 +91,17 @@ func (r *Results) writeFRP(b *strings.Builder) {
 				tm = fmt.Sprintf("≥ %.1f×: **not met**", FRPTerminateLimit)
 			}
 		}
-		fmt.Fprintf(b, "| %s | %s | %s | %s | %.2f | %s | %s | %.2f | %s |\n", c.Label, c.Unit, num(c.FRP), num(c.Passthrough), c.PassthroughX, ahead,
-			num(c.Terminate), c.TerminateX, tm)
+		fmt.Fprintf(b, "| %s | %s | %s | %s | %.2f | %s | %s | %.2f | %s |\n", c.Label, c.Unit, r.shown(c, ModeFRP, c.FRP), r.shown(c, ModePassthrough, c.Passthrough), c.PassthroughX, ahead,
+			r.shown(c, ModeTerminate, c.Terminate), c.TerminateX, tm)
 	}
+}
+
+// shown is c's figure for mode with its range over the repetitions, as
+// the other tables give it: medians of noisy figures (watch p99) are
+// only read with their spread.
+func (r *Results) shown(c FRPComparison, mode string, median float64) string {
+	if v := r.Values[c.Key][mode]; len(v) > 0 {
+		return spread(v).String()
+	}
+	return num(median)
 }
