@@ -353,7 +353,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 		"- New TLS connections: each GET opens a TCP connection and a full TLS handshake (no session resumption).\n"+
 		"- Bulk: 1 stream = %d transfers in a row on one connection; parallel = %d workers × %d transfers, on %d HTTP/1.1 connections or on %d HTTP/2 streams of one connection. Connections are open before timing starts.\n"+
 		"- Watch: %d events at %d/s over HTTP/2; latency is arrival time minus the backend's write time (same clock).\n"+
-		"- CPU: utime+stime of relay and agent from /proc across all bulk transfers of a repetition, over the payload bytes moved. RSS from /proc (VmRSS); peak sampled every 50 ms.\n"+
+		"- CPU: utime+stime of relay and agent from /proc across all bulk transfers of a repetition, over the payload bytes moved; per small GET, over the timed part of each 64-concurrent run, over the requests done (the same for the floors' forwarders and for frps + frpc). RSS from /proc (VmRSS); peak sampled every 50 ms.\n"+
 		"- Idle tunnels: relay RSS once it has settled (within 2%% for 2 s) after the tunnels are up, minus the fresh relay's RSS.\n",
 		len(jsonObject(1024)), o.ListSize>>20, r.Machine.Cores, o.GetDuration, o.EachSingle, o.Parallel, o.EachParallel, o.Parallel, o.Parallel, o.WatchEvents, o.WatchRate)
 	b.WriteString(notes)
