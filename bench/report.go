@@ -60,6 +60,10 @@ func figureByKey(key string) figure {
 	panic("bench: no figure " + key)
 }
 
+// floorAndProxyModes are the columns after direct: the two modes, then the
+// floors.
+var floorAndProxyModes = []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate}
+
 // encryptedFloor is the floor that does each mode's TLS and nothing else.
 var encryptedFloor = map[string]string{ModePassthrough: ModeFloorTLS, ModeTerminate: ModeFloorTerminate}
 
@@ -250,7 +254,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 	for _, key := range []string{"get_h1_c1_p50", "get_h2_c1_p50", "watch_p50"} {
 		d := spread(r.Values[key][ModeDirect]).Median
 		fmt.Fprintf(&b, " %s:", key)
-		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
+		for _, mode := range floorAndProxyModes {
 			if v := r.Values[key][mode]; len(v) > 0 {
 				fmt.Fprintf(&b, " %s +%.0f µs", mode, spread(v).Median-d)
 			}
@@ -265,7 +269,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 			continue // no direct figure; in the CPU table below
 		}
 		row := []string{f.label, f.unit, spread(r.Values[f.key][ModeDirect]).String()}
-		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
+		for _, mode := range floorAndProxyModes {
 			if (mode == ModeFloorTLS || mode == ModeFloorTerminate) && f.perConn {
 				row = append(row, "–", "")
 				continue
@@ -290,7 +294,7 @@ func (r *Results) WriteMarkdown(w io.Writer, command string) error {
 			label += " (all bulk transfers)"
 		}
 		row := []string{fmt.Sprintf("%s (%s)", label, f.unit)}
-		for _, mode := range []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate} {
+		for _, mode := range floorAndProxyModes {
 			row = append(row, spread(r.Values[f.key][mode]).String())
 		}
 		fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -44,7 +45,7 @@ func TestSmoke(t *testing.T) {
 	})
 	require.NoError(t, err)
 
-	proxied := []string{ModePassthrough, ModeTerminate, ModeFloor, ModeFloorTLS, ModeFloorTerminate, ModeFRP}
+	proxied := append(slices.Clone(floorAndProxyModes), ModeFRP)
 	// /proc counts CPU in 10 ms ticks, and one 100 ms load here may use
 	// less than a tick in the processes between (CI: passthrough HTTP/2
 	// read 0). All of them together used many.
