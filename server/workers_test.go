@@ -17,6 +17,28 @@ func recovered(p *workers, f func()) (v any) {
 	return nil
 }
 
+// runAtOnce runs n jobs on p at the same time (n workers), returns how
+// many workers there were while all n ran, and returns once all n are
+// done.
+func runAtOnce(p *workers, n int) int32 {
+	release := make(chan struct{})
+	done := make(chan struct{}, n)
+	for range n {
+		started := make(chan struct{})
+		go func() {
+			p.run(func() { close(started); <-release })
+			done <- struct{}{}
+		}()
+		<-started
+	}
+	busy := p.n.Load()
+	close(release)
+	for range n {
+		<-done
+	}
+	return busy
+}
+
 func TestWorkers(t *testing.T) {
 	t.Run("one worker serves requests one after another", func(t *testing.T) {
 		stop := make(chan struct{})
@@ -71,21 +93,7 @@ func TestWorkers(t *testing.T) {
 	t.Run("idle workers end at stop", func(t *testing.T) {
 		stop := make(chan struct{})
 		p := newWorkers(8, stop, time.Hour)
-		release := make(chan struct{})
-		done := make(chan struct{}, 3)
-		for range 3 { // three at once: three workers
-			started := make(chan struct{})
-			go func() {
-				p.run(func() { close(started); <-release })
-				done <- struct{}{}
-			}()
-			<-started
-		}
-		assert.EqualValues(t, 3, p.n.Load())
-		close(release)
-		for range 3 {
-			<-done
-		}
+		assert.EqualValues(t, 3, runAtOnce(p, 3))
 		close(stop)
 		waited := make(chan struct{})
 		go func() { p.wait(); close(waited) }()
@@ -100,20 +108,7 @@ func TestWorkers(t *testing.T) {
 		stop := make(chan struct{})
 		defer close(stop)
 		p := newWorkers(8, stop, 20*time.Millisecond)
-		release := make(chan struct{})
-		done := make(chan struct{}, 3)
-		for range 3 {
-			started := make(chan struct{})
-			go func() {
-				p.run(func() { close(started); <-release })
-				done <- struct{}{}
-			}()
-			<-started
-		}
-		close(release)
-		for range 3 {
-			<-done
-		}
+		runAtOnce(p, 3)
 		require.Eventually(t, func() bool { return p.n.Load() == 0 }, 10*time.Second, 5*time.Millisecond,
 			"idle workers left: %d", p.n.Load())
 		ran := false
