@@ -42,6 +42,7 @@ FUZZ_TARGETS := \
 	./internal/tunnel:FuzzConnRead \
 	./internal/kubeconfig:FuzzRewrite \
 	./client:FuzzServeStream \
+	./internal/h2splice:FuzzRead \
 	./templates-test:FuzzMacroValue
 FUZZTIME ?= 30s
 # Go's fuzzing engine sometimes ends a run with "context deadline exceeded"

@@ -1,0 +1,330 @@
+//lint:file-ignore SA1019 x/net/http2 is what the tunnel itself uses (internal/tunnel/relay.go), and its server and ClientConn drive a splice over pipes
+package h2splice_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/spectroproxy/spectro-proxy/internal/h2splice"
+)
+
+// upstream is a real x/net HTTP/2 server behind a splice.
+type upstream struct {
+	srv      *http2.Server
+	handler  http.Handler
+	requests atomic.Int64
+}
+
+// splice serves one client connection: the client's end of a pipe, spliced
+// onto a pipe to the upstream's server. It returns the client's end and
+// the splice's result once both directions end.
+func (u *upstream) splice(t *testing.T, opts h2splice.Options) (net.Conn, *h2splice.Conn, <-chan error) {
+	t.Helper()
+	cliC, cliS := net.Pipe()
+	upC, upS := net.Pipe()
+	go u.srv.ServeConn(upS, &http2.ServeConnOpts{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u.requests.Add(1)
+		u.handler.ServeHTTP(w, r)
+	})})
+	sc := h2splice.New(cliS, opts)
+	done := make(chan error, 2)
+	go func() {
+		_, err := io.Copy(upC, sc)
+		upC.Close()
+		sc.Close()
+		done <- err
+	}()
+	go func() {
+		_, err := io.Copy(sc, upC)
+		sc.Close()
+		done <- err
+	}()
+	t.Cleanup(func() { cliC.Close(); upC.Close() })
+	return cliC, sc, done
+}
+
+func echo() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		sum := sha256.Sum256(body)
+		w.Header().Set("X-Host", r.Host)
+		w.Header().Set("X-Big-Len", fmt.Sprint(len(r.Header.Get("X-Big"))))
+		w.Header().Set("X-Got-Forwarded", strings.Join(r.Header.Values("X-Forwarded-For"), ", "))
+		w.Header().Set("X-Body-Sha", hex.EncodeToString(sum[:]))
+		_, _ = w.Write(bytes.Repeat([]byte("r"), 40<<10))
+	})
+}
+
+func allowOnly(host string) h2splice.Options {
+	return h2splice.Options{Allow: func(h string) bool { return h == host }, MaxHeaderBlock: 64 << 10}
+}
+
+func TestRequestsGoThrough(t *testing.T) {
+	u := &upstream{srv: &http2.Server{}, handler: echo()}
+	opts := allowOnly("cluster-a.relay.test")
+	opts.Extra = h2splice.Fields(hpack.HeaderField{Name: "x-forwarded-for", Value: "192.0.2.7"})
+	c, _, _ := u.splice(t, opts)
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	require.NoError(t, err)
+	defer cc.Close()
+	tests := []struct {
+		name string
+		big  int // an X-Big header this long: over 16 KiB the client sends CONTINUATION frames
+		body int
+		xff  string // the client's own X-Forwarded-For
+	}{
+		{name: "small GET"},
+		{name: "same headers again (HPACK's dynamic table)"},
+		{name: "the client's own X-Forwarded-For comes first", xff: "6.6.6.6"},
+		{name: "and again, from the dynamic table", xff: "6.6.6.6"},
+		{name: "header block in CONTINUATION frames", big: 40 << 10},
+		{name: "request body", body: 300 << 10},
+		{name: "both", big: 20 << 10, body: 70 << 10},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			payload := bytes.Repeat([]byte("b"), tt.body)
+			req, _ := http.NewRequest(http.MethodPost, "https://cluster-a.relay.test:443/x", bytes.NewReader(payload))
+			req.Header.Set("X-Big", strings.Repeat("x", tt.big))
+			want := "192.0.2.7"
+			if tt.xff != "" {
+				req.Header.Set("X-Forwarded-For", tt.xff)
+				want = tt.xff + ", " + want
+			}
+			resp, err := cc.RoundTrip(req)
+			require.NoError(t, err)
+			got, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			require.NoError(t, err)
+			sum := sha256.Sum256(payload)
+			assert.Equal(t, 40<<10, len(got))
+			assert.Equal(t, "cluster-a.relay.test:443", resp.Header.Get("X-Host"))
+			assert.Equal(t, fmt.Sprint(tt.big), resp.Header.Get("X-Big-Len"))
+			assert.Equal(t, hex.EncodeToString(sum[:]), resp.Header.Get("X-Body-Sha"))
+			assert.Equal(t, want, resp.Header.Get("X-Got-Forwarded"), "the splice's field is added last")
+		})
+	}
+}
+
+// Many requests at once on one connection: their frames interleave.
+func TestConcurrentRequests(t *testing.T) {
+	u := &upstream{srv: &http2.Server{}, handler: echo()}
+	c, _, _ := u.splice(t, allowOnly("cluster-a.relay.test"))
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	require.NoError(t, err)
+	defer cc.Close()
+	const n = 64
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequest(http.MethodPost, "https://cluster-a.relay.test/x", strings.NewReader(strings.Repeat("p", i*1000)))
+			req.Header.Set(fmt.Sprintf("X-Req-%d", i), fmt.Sprint(i))
+			resp, err := cc.RoundTrip(req)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			if err == nil && len(b) != 40<<10 {
+				err = fmt.Errorf("request %d: %d bytes back", i, len(b))
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		assert.NoError(t, err)
+	}
+	assert.Equal(t, int64(n), u.requests.Load())
+}
+
+// An upstream that lets the client's encoder use a larger header table
+// than HPACK's default: the splice's decoder must follow its SETTINGS.
+func TestUpstreamHeaderTableSize(t *testing.T) {
+	const table = 64 << 10
+	u := &upstream{srv: &http2.Server{MaxDecoderHeaderTableSize: table}, handler: echo()}
+	c, _, _ := u.splice(t, allowOnly("cluster-a.relay.test"))
+	cc, err := (&http2.Transport{MaxEncoderHeaderTableSize: table}).NewClientConn(c)
+	require.NoError(t, err)
+	defer cc.Close()
+	for i := range 20 {
+		req, _ := http.NewRequest(http.MethodGet, "https://cluster-a.relay.test/x", nil)
+		// 20 distinct 1 KiB values: the table outgrows 4 KiB.
+		req.Header.Set(fmt.Sprintf("X-V%d", i), strings.Repeat(fmt.Sprint(i%10), 1000))
+		resp, err := cc.RoundTrip(req)
+		require.NoError(t, err, "request %d", i)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+}
+
+// A request for another host on the connection is held back: the client
+// is told to go away, with the requests before it served, and its
+// transport retries the request on a connection of its own.
+func TestMisdirectedRequest(t *testing.T) {
+	u := &upstream{srv: &http2.Server{}, handler: echo()}
+	var mu sync.Mutex
+	var misdirected []string
+	var dials []string
+	tr := &http2.Transport{
+		DialTLSContext: func(_ context.Context, _, addr string, _ *tls.Config) (net.Conn, error) {
+			host, _, _ := net.SplitHostPort(addr)
+			mu.Lock()
+			dials = append(dials, host)
+			mu.Unlock()
+			// The connection's SNI is the host it was dialed for.
+			opts := allowOnly(host)
+			opts.Misdirected = func(h string) { mu.Lock(); misdirected = append(misdirected, h); mu.Unlock() }
+			c, _, _ := u.splice(t, opts)
+			return c, nil
+		},
+	}
+	defer tr.CloseIdleConnections()
+	get := func(host string) string {
+		req, _ := http.NewRequest(http.MethodGet, "https://"+host+"/x", nil)
+		resp, err := tr.RoundTrip(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.Header.Get("X-Host")
+	}
+	assert.Equal(t, "cluster-a.relay.test", get("cluster-a.relay.test"))
+
+	// The transport would open a connection per host; a browser coalesces
+	// hosts its certificate covers. Send one on A's connection by hand.
+	opts := allowOnly("cluster-a.relay.test")
+	opts.Misdirected = func(h string) { mu.Lock(); misdirected = append(misdirected, h); mu.Unlock() }
+	c, _, done := u.splice(t, opts)
+	cc, err := tr.NewClientConn(c)
+	require.NoError(t, err)
+	first, _ := http.NewRequest(http.MethodGet, "https://cluster-a.relay.test/x", nil)
+	resp, err := cc.RoundTrip(first)
+	require.NoError(t, err)
+	resp.Body.Close()
+	before := u.requests.Load()
+	other, _ := http.NewRequest(http.MethodGet, "https://cluster-b.relay.test/x", nil)
+	_, err = cc.RoundTrip(other)
+	require.Error(t, err, "the request for another host is not answered on this connection")
+	assert.Equal(t, before, u.requests.Load(), "the upstream never saw it")
+	assert.False(t, cc.CanTakeNewRequest(), "the client was told to go away")
+	mu.Lock()
+	assert.Equal(t, []string{"cluster-b.relay.test"}, misdirected)
+	mu.Unlock()
+	cc.Close()
+	<-done
+
+	// Through the transport's own retry: B gets its own connection.
+	assert.Equal(t, "cluster-b.relay.test", get("cluster-b.relay.test"))
+}
+
+// GoAway lets the streams open finish and turns new requests away.
+func TestGoAway(t *testing.T) {
+	release := make(chan struct{})
+	u := &upstream{srv: &http2.Server{}, handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/watch" {
+			_, _ = w.Write([]byte("event-1\n"))
+			w.(http.Flusher).Flush()
+			<-release
+			_, _ = w.Write([]byte("event-2\n"))
+		}
+	})}
+	c, sc, _ := u.splice(t, allowOnly("cluster-a.relay.test"))
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	require.NoError(t, err)
+	defer cc.Close()
+	req, _ := http.NewRequest(http.MethodGet, "https://cluster-a.relay.test/watch", nil)
+	resp, err := cc.RoundTrip(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	buf := make([]byte, 8)
+	_, err = io.ReadFull(resp.Body, buf)
+	require.NoError(t, err)
+
+	sc.GoAway()
+	require.Eventually(t, func() bool { return !cc.CanTakeNewRequest() }, 5*time.Second, 5*time.Millisecond)
+	close(release)
+	rest, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	assert.Equal(t, "event-2\n", string(rest), "the open stream finishes")
+}
+
+func TestBadClients(t *testing.T) {
+	frame := func(typ, flags byte, sid uint32, payload []byte) []byte {
+		f := []byte{byte(len(payload) >> 16), byte(len(payload) >> 8), byte(len(payload)), typ, flags,
+			byte(sid >> 24), byte(sid >> 16), byte(sid >> 8), byte(sid)}
+		return append(f, payload...)
+	}
+	preface := []byte(http2.ClientPreface)
+	var enc bytes.Buffer
+	e := hpack.NewEncoder(&enc)
+	_ = e.WriteField(hpack.HeaderField{Name: ":authority", Value: "cluster-a.relay.test"})
+	block := enc.Bytes()
+	tests := []struct {
+		name, want string
+		in         []byte
+	}{
+		{"not HTTP/2", "does not start with HTTP/2's client preface", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")},
+		{"continuation alone", "CONTINUATION on stream 1 outside a header block", append(preface, frame(0x9, 0x4, 1, block)...)},
+		{"push promise", "PUSH_PROMISE from a client", append(preface, frame(0x5, 0x4, 1, block)...)},
+		{"block interrupted", "interrupted by a frame of type 0", append(append(preface, frame(0x1, 0, 1, block)...), frame(0x0, 0, 1, []byte("x"))...)},
+		{"block too large", "over 1024 bytes", append(preface, frame(0x1, 0x4, 1, make([]byte, 2000))...)},
+		{"bad HPACK", "decoding the header block of stream 1", append(preface, frame(0x1, 0x4, 1, []byte{0xff, 0xff, 0xff, 0xff, 0xff})...)},
+		{"padding past the end", "padding longer than the payload", append(preface, frame(0x1, 0x4|0x8, 1, append([]byte{200}, block...))...)},
+		{"cut inside a frame", "unexpected EOF", append(preface, frame(0x0, 0, 1, []byte("abc"))[:11]...)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b := net.Pipe()
+			defer a.Close()
+			go func() { _, _ = a.Write(tt.in); a.Close() }()
+			sc := h2splice.New(b, h2splice.Options{Allow: func(string) bool { return true }, MaxHeaderBlock: 1024})
+			_, err := io.Copy(io.Discard, sc)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tt.want)
+			if tt.name != "cut inside a frame" && tt.name != "not HTTP/2" {
+				assert.True(t, errors.Is(err, h2splice.ErrProtocol), "%v is ErrProtocol", err)
+			}
+		})
+	}
+}
+
+// What a client sends comes out unchanged, or the splice stops with an
+// error: it never makes up bytes.
+func FuzzRead(f *testing.F) {
+	preface := []byte(http2.ClientPreface)
+	f.Add(append(append([]byte{}, preface...), 0, 0, 0, 4, 0, 0, 0, 0, 0))
+	f.Add(append(append([]byte{}, preface...), 0, 0, 5, 1, 4, 0, 0, 0, 1, 0x82, 0x86, 0x84, 0x41, 0x0))
+	f.Add([]byte("garbage"))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		a, b := net.Pipe()
+		go func() { _, _ = a.Write(in); a.Close() }()
+		sc := h2splice.New(b, h2splice.Options{Allow: func(string) bool { return true }, MaxHeaderBlock: 4096})
+		out, _ := io.ReadAll(sc)
+		if !bytes.HasPrefix(in, out) {
+			t.Fatalf("output is not a prefix of the input")
+		}
+	})
+}
