@@ -176,7 +176,7 @@ func (c *Client) dial(ctx context.Context, agentID string) (*liveTunnel, error) 
 	h.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
 	h.Set(tunnel.HeaderAgent, agentID)
 	h.Set(tunnel.HeaderRoutes, tunnel.FormatRoutes(routes))
-	h.Set(tunnel.HeaderStreams, tunnel.StreamHTTP)
+	h.Set(tunnel.HeaderStreams, tunnel.StreamHTTP+", "+tunnel.StreamH2)
 	u := "wss://" + net.JoinHostPort(c.cfg.Server, strconv.Itoa(c.cfg.Port)) + tunnel.Path
 	ws, resp, err := c.dialer.DialContext(ctx, u, h)
 	if err != nil {

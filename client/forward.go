@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -217,6 +218,14 @@ func (c *Client) serveStream(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			c.serveHTTPConn(w, r, rt)
+		case tunnel.StreamH2:
+			// The relay reads nothing of a spliced connection's answers,
+			// so a dashboard's (whose cookies it must rewrite) never is.
+			if rt.mode != tunnel.Terminate || rt.label != c.cfg.Subdomain || rt.tlsConf == nil {
+				tunnel.RefuseStream(w, http.StatusForbidden, "route "+rt.label+" does not take HTTP/2 connections")
+				return
+			}
+			c.serveH2Conn(w, r, rt)
 		default:
 			tunnel.RefuseStream(w, http.StatusBadRequest, "unknown stream kind")
 		}
@@ -260,11 +269,35 @@ func (c *Client) serveHTTPConn(w http.ResponseWriter, r *http.Request, rt *route
 	})
 }
 
+// serveH2Conn joins a client's HTTP/2 connection, spliced by the relay,
+// to an HTTP/2 connection of the agent's own to the target.
+func (c *Client) serveH2Conn(w http.ResponseWriter, r *http.Request, rt *route) {
+	c.joinTarget(w, r, rt, "http/2 connection", func(ctx context.Context) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+		defer cancel()
+		return c.dialTLS(ctx, rt, "h2")
+	})
+}
+
+// noH2Error: the target's TLS did not negotiate HTTP/2.
+type noH2Error struct{ target, got string }
+
+func (e *noH2Error) Error() string {
+	return fmt.Sprintf("%s does not speak HTTP/2 (negotiated %q)", e.target, e.got)
+}
+
 // joinTarget connects to rt's target with dial and joins the stream to
 // it; when the target cannot be reached it refuses the stream with the
-// reason, which the relay reports.
+// reason, which the relay reports (505 for a target without HTTP/2, which
+// the relay then stops asking for it).
 func (c *Client) joinTarget(w http.ResponseWriter, r *http.Request, rt *route, what string, dial func(context.Context) (net.Conn, error)) {
 	target, err := dial(r.Context())
+	var noH2 *noH2Error
+	if errors.As(err, &noH2) {
+		c.log.Info("target does not speak HTTP/2; the relay will send its requests one by one", "host", rt.label, "target", rt.target.Host, "negotiated", noH2.got)
+		tunnel.RefuseStream(w, http.StatusHTTPVersionNotSupported, err.Error())
+		return
+	}
 	if err != nil {
 		c.log.Warn("dialing target", "host", rt.label, "target", rt.target.Host, "error", err)
 		tunnel.RefuseStream(w, http.StatusBadGateway, fmt.Sprintf("spectro-proxy agent could not reach %s: %v", rt.target.Host, err))
@@ -323,16 +356,35 @@ func (c *Client) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route)
 }
 
 func (c *Client) dialTarget(ctx context.Context, rt *route) (net.Conn, error) {
+	if rt.tlsConf == nil {
+		return rt.dialer.DialContext(ctx, "tcp", rt.target.Host)
+	}
+	// Upgrade does not exist in HTTP/2; the relay's connections speak HTTP/1.1.
+	return c.dialTLS(ctx, rt, "http/1.1")
+}
+
+// dialTLS connects to rt's https target and negotiates proto.
+func (c *Client) dialTLS(ctx context.Context, rt *route, proto string) (net.Conn, error) {
 	conn, err := rt.dialer.DialContext(ctx, "tcp", rt.target.Host)
-	if err != nil || rt.tlsConf == nil {
-		return conn, err
+	if err != nil {
+		return nil, err
 	}
 	conf := rt.tlsConf.Clone()
-	conf.NextProtos = []string{"http/1.1"} // Upgrade does not exist in HTTP/2; the relay's connections speak HTTP/1.1
+	conf.NextProtos = []string{proto}
+	if proto == "h2" {
+		// Offered too, so that a server without HTTP/2 completes the
+		// handshake (Go's refuses one with no protocol in common) and
+		// the refusal can say what it speaks.
+		conf.NextProtos = append(conf.NextProtos, "http/1.1")
+	}
 	tc := tls.Client(conn, conf)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("TLS handshake with %s: %w", rt.target.Host, err)
+	}
+	if got := tc.ConnectionState().NegotiatedProtocol; got != proto && proto == "h2" {
+		tc.Close()
+		return nil, &noH2Error{target: rt.target.Host, got: got}
 	}
 	return tc, nil
 }

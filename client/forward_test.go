@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/pem"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/net/http2"
 
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -68,6 +70,8 @@ func TestServeStreamKindByMode(t *testing.T) {
 		{"request for a passthrough route", http.MethodGet, "cluster-abc.proxy.test", "", "cluster-abc", http.StatusForbidden},
 		{"HTTP connection on a passthrough route", http.MethodConnect, "cluster-abc", tunnel.StreamHTTP, "", http.StatusForbidden},
 		{"HTTP connection to a target that is down", http.MethodConnect, "cluster-abc-dashboard", tunnel.StreamHTTP, "", http.StatusBadGateway},
+		{"HTTP/2 connection on a passthrough route", http.MethodConnect, "cluster-abc", tunnel.StreamH2, "", http.StatusForbidden},
+		{"HTTP/2 connection to a dashboard", http.MethodConnect, "cluster-abc-dashboard", tunnel.StreamH2, "", http.StatusForbidden},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -189,3 +193,68 @@ func newTerminateClient(t *testing.T, backend *httptest.Server) *Client {
 	require.NoError(t, err)
 	return c
 }
+
+// An HTTP/2 connection stream (tunnel.StreamH2) is joined to a connection
+// of the agent's own to the API server that negotiated h2, and carries
+// what the relay splices onto it as it is; a target without HTTP/2 is
+// refused with 505, which tells the relay to stop asking.
+func TestServeH2Connection(t *testing.T) {
+	for _, h2 := range []bool{true, false} {
+		t.Run(fmt.Sprintf("target speaks HTTP/2: %v", h2), func(t *testing.T) {
+			backend := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				fmt.Fprintf(w, "%s %s", r.Proto, r.Header.Get("X-Forwarded-For"))
+			}))
+			backend.EnableHTTP2 = h2
+			backend.StartTLS()
+			defer backend.Close()
+			c := newTerminateClient(t, backend)
+
+			relayEnd, agentEnd := net.Pipe()
+			ctx, cancel := context.WithCancel(context.Background())
+			srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), 10, tunnel.DefaultLiveness)
+			served := make(chan struct{})
+			go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
+			rt, err := tunnel.NewRelayTransport(tunnel.DefaultLiveness)
+			require.NoError(t, err)
+			cc, err := rt.NewClientConn(relayEnd)
+			require.NoError(t, err)
+			defer func() { cc.Close(); cancel(); <-served }()
+
+			st, err := tunnel.OpenStream(ctx, cc, "cluster-abc", tunnel.StreamH2, 5*time.Second)
+			if !h2 {
+				var re *tunnel.RefusedError
+				require.ErrorAs(t, err, &re)
+				assert.Equal(t, http.StatusHTTPVersionNotSupported, re.Code)
+				assert.Contains(t, re.Reason, "does not speak HTTP/2", "the refusal says why")
+				return
+			}
+			require.NoError(t, err)
+			defer st.Close()
+			// The stream is the API server's HTTP/2 connection: a client
+			// speaks HTTP/2 on it directly.
+			//lint:ignore SA1019 x/net/http2 is what the tunnel itself uses (see internal/tunnel/relay.go)
+			h2c, err := (&http2.Transport{}).NewClientConn(streamConn{st})
+			require.NoError(t, err)
+			defer h2c.Close()
+			for range 3 {
+				req := httptest.NewRequest(http.MethodGet, "https://cluster-abc.proxy.test/x", nil)
+				req.Header.Set("X-Forwarded-For", "192.0.2.7")
+				resp, err := h2c.RoundTrip(req)
+				require.NoError(t, err)
+				body, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				require.NoError(t, err)
+				assert.Equal(t, "HTTP/2.0 192.0.2.7", string(body))
+			}
+		})
+	}
+}
+
+// streamConn is a stream as the net.Conn an HTTP/2 client wants.
+type streamConn struct{ *tunnel.Stream }
+
+func (streamConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (streamConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (streamConn) SetDeadline(time.Time) error      { return nil }
+func (streamConn) SetReadDeadline(time.Time) error  { return nil }
+func (streamConn) SetWriteDeadline(time.Time) error { return nil }

@@ -33,6 +33,12 @@ func Dashboard(subdomain string) string { return subdomain + DashboardSuffix }
 // VMDashboard is the VM dashboard's label for subdomain.
 func VMDashboard(subdomain string) string { return subdomain + VMDashboardSuffix }
 
+// IsDashboard says whether label is a dashboard's (CheckSubdomain keeps
+// the suffixes off clusters' subdomains).
+func IsDashboard(label string) bool {
+	return strings.HasSuffix(label, DashboardSuffix) || strings.HasSuffix(label, VMDashboardSuffix)
+}
+
 // Labels are the labels one cluster's subdomain owns: its API server and
 // its two dashboards.
 func Labels(subdomain string) []string {

@@ -43,6 +43,14 @@ const (
 	// the requests and reads the responses. The relay sends it only to an
 	// agent that lists it in HeaderStreams.
 	StreamHTTP = "http"
+	// StreamH2 is an HTTP/2 connection to the API server route's target:
+	// the agent dials it with TLS that must negotiate h2, answers 200,
+	// and copies bytes; the relay splices a client's HTTP/2 connection,
+	// whose TLS it ended, onto it (internal/h2splice). A target that does
+	// not speak HTTP/2 is refused with 502, and the relay then serves that
+	// connection request by request. Sent only to an agent that lists it
+	// in HeaderStreams, and never for a dashboard's route.
+	StreamH2 = "h2"
 	// HeaderStreams lists, on the agent's tunnel request, the stream kinds
 	// it serves beyond tcp, http-upgrade and move (an agent that predates
 	// the header serves only those).

@@ -164,6 +164,20 @@ func (l *LazyClientConn) Close() error {
 // the stream (for example because it could not reach the target).
 var ErrRefused = errors.New("agent refused stream")
 
+// RefusedError is the agent's refusal of a stream: its status and reason.
+// It is ErrRefused to errors.Is.
+type RefusedError struct {
+	Status string // "502 Bad Gateway"
+	Code   int
+	Reason string
+}
+
+func (e *RefusedError) Error() string {
+	return fmt.Sprintf("%v: %s: %s", ErrRefused, e.Status, e.Reason)
+}
+
+func (e *RefusedError) Is(target error) bool { return target == ErrRefused }
+
 // Stream is a raw byte stream over one HTTP/2 stream: writes go in the
 // request body, reads come from the response body.
 type Stream struct {
@@ -277,7 +291,7 @@ func OpenStreamEarly(ctx context.Context, cc http.RoundTripper, label, kind stri
 			err = fmt.Errorf("no answer from agent within %v: %w", headerTimeout, err)
 		}
 		if err == nil && resp.StatusCode != http.StatusOK {
-			err = fmt.Errorf("%w: %s: %s", ErrRefused, resp.Status, resp.Header.Get(HeaderError))
+			err = &RefusedError{Status: resp.Status, Code: resp.StatusCode, Reason: resp.Header.Get(HeaderError)}
 			resp.Body.Close()
 		}
 		if err != nil {
