@@ -537,6 +537,9 @@ func TestAbuseUpgradeSlotsReleased(t *testing.T) {
 		require.NoError(t, err, shape.path)
 		resp.Body.Close()
 		require.Equal(t, http.StatusOK, resp.StatusCode, shape.path)
+		// Its HTTP/2 connection is spliced: a slot of its own while it
+		// is open, which the next shape's count must not see.
+		sc.victimC.CloseIdleConnections()
 		got = append(got, fmt.Sprintf("%s: 0 after %v", shape.path, time.Since(start).Round(10*time.Millisecond)))
 	}
 	assert.Equal(t, float64(attempts), sc.r.metrics(t)[refusals("upgrade_mismatch")])
@@ -750,9 +753,33 @@ func TestAbuseCookieTossingAndMisdirected(t *testing.T) {
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusMisdirectedRequest, resp.StatusCode)
-	figure(t, "a dashboard setting cookies with Domain=<relay domain>; a cluster host on the relay's own SNI",
-		"before (issue 11): passed through (cookie tossing between tenants); 404; now Domain removed (host-only cookies); 421",
-		"no Domain; 421")
+
+	// A cluster's host on an HTTP/2 connection opened for another
+	// cluster's API server, which the relay splices (a browser coalescing
+	// hosts the wildcard certificate covers): held back, and the client
+	// told to go away, with the request before it answered.
+	tc, err := tls.Dial("tcp", sc.r.addr, &tls.Config{ServerName: sc.bystander, RootCAs: roots, NextProtos: []string{"h2"}})
+	require.NoError(t, err)
+	defer tc.Close()
+	//lint:ignore SA1019 x/net/http2 is what the tunnel itself uses (see internal/tunnel/relay.go)
+	cc, err := (&http2.Transport{}).NewClientConn(tc)
+	require.NoError(t, err)
+	own, _ := http.NewRequest(http.MethodGet, "https://"+sc.bystander+"/small", nil)
+	resp, err = cc.RoundTrip(own)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	m := sc.r.metrics(t)
+	assert.Equal(t, 1.0, m[`spectro_proxy_streams_open{kind="spliced"}`], "the connection is spliced")
+	before := m[refusals("misdirected_request")]
+	coalesced, _ := http.NewRequest(http.MethodGet, "https://"+sc.victim+"/small", nil)
+	_, err = cc.RoundTrip(coalesced)
+	require.Error(t, err, "another cluster's request is not answered on this connection")
+	assert.False(t, cc.CanTakeNewRequest(), "the client was told to go away")
+	assert.Equal(t, before+1, sc.r.metrics(t)[refusals("misdirected_request")])
+	figure(t, "a dashboard setting cookies with Domain=<relay domain>; a cluster host on the relay's own SNI; on another cluster's spliced HTTP/2 connection",
+		"before (issue 11): passed through (cookie tossing between tenants); 404; now Domain removed (host-only cookies); 421; held back with GOAWAY (the client retries on its own connection)",
+		"no Domain; 421; not forwarded")
 }
 
 func TestAbuseHelloBudgetFilledBySources(t *testing.T) {

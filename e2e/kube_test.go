@@ -190,6 +190,11 @@ func TestKubectlThroughProxy(t *testing.T) {
 					// it cannot be waiting for a buffer to fill.
 					assert.Equal(t, "configmap/"+name, nextLine(t, lines, 15*time.Second))
 				}
+				if mode == tunnel.Terminate {
+					// kubectl speaks HTTP/2: its connection, this watch's, is
+					// carried as bytes onto the API server's (server/splice.go).
+					assert.GreaterOrEqual(t, p.relay.metrics(t)[`spectro_proxy_streams_open{kind="spliced"}`], 1.0)
+				}
 			})
 
 			t.Run("list of 10 MiB", func(t *testing.T) {

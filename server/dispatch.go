@@ -85,8 +85,9 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 	}
 	if mode == "terminate" {
 		// TLS ends here; HTTP requests then go down the tunnel one stream
-		// each (and "agent not connected" can be said in HTTP).
-		s.handOff(pc)
+		// each (and "agent not connected" can be said in HTTP), or the
+		// whole connection in one (splice.go).
+		s.terminate(ctx, pc, name, label, cands)
 		return
 	}
 	if len(holders) > 0 {
@@ -101,11 +102,15 @@ func (s *Server) handOff(c net.Conn) {
 	wc := &watchedConn{Conn: c}
 	// Tunnels batch their TLS records into one write per message; other
 	// connections write through.
-	tc := tls.Server(tunnel.NewBatchConn(wc), s.tlsConf)
+	s.pushHTTPS(tls.Server(tunnel.NewBatchConn(wc), s.tlsConf), wc)
+}
+
+// pushHTTPS gives tc, over wc, to the HTTPS server.
+func (s *Server) pushHTTPS(tc *tls.Conn, wc *watchedConn) {
 	s.watched.Store(tc, wc)
 	if !s.httpLn.push(tc) {
 		s.watched.Delete(tc)
-		c.Close()
+		tc.Close()
 	}
 }
 

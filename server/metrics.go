@@ -44,6 +44,9 @@ const (
 	// reasonWriteStall: a passthrough client took no data for
 	// WriteStallTimeout; its stream was cut.
 	reasonWriteStall = "write_stall"
+	// reasonBadHTTP2: a spliced connection's client broke HTTP/2's
+	// framing or header compression; the connection was closed.
+	reasonBadHTTP2 = "bad_http2"
 	// reasonSessionRevoked and reasonSessionExpired: a live tunnel ended
 	// because its token was revoked or expired.
 	reasonSessionRevoked = "session_revoked"
@@ -79,7 +82,7 @@ func newMetrics() *metrics {
 			Name: "spectro_proxy_tunnels_connected", Help: "Agent tunnels connected now.",
 		}),
 		streams: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "spectro_proxy_streams_open", Help: "Streams open through tunnels now, by kind (passthrough, http, upgrade).",
+			Name: "spectro_proxy_streams_open", Help: "Streams open through tunnels now, by kind (passthrough, http, upgrade, spliced).",
 		}, []string{"kind"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "spectro_proxy_bytes_total", Help: "Bytes carried through tunnels, by direction (to_agent, from_agent).",

@@ -34,7 +34,11 @@ type session struct {
 	maxStreams int32
 	// httpStreams: the agent serves tunnel.StreamHTTP.
 	httpStreams bool
-	http        httpConns
+	// h2Streams: the agent serves tunnel.StreamH2; noH2: it refused one
+	// (its API server does not speak HTTP/2).
+	h2Streams bool
+	noH2      atomic.Bool
+	http      httpConns
 }
 
 func (s *session) close() { s.cc.Close(); s.conn.Close() }

@@ -73,6 +73,7 @@ type Server struct {
 	fl *fleetPart
 
 	draining atomic.Bool
+	splices  sync.Map       // *h2splice.Conn -> struct{}: spliced connections (splice.go)
 	drainer  *drainer       // moves and streamed responses (drain.go)
 	workers  *workers       // run HTTP/2 requests (workers.go); set by Serve
 	pooled   pooledSessions // sessions with HTTP connection pools (httpconns.go)
@@ -262,6 +263,7 @@ func (s *Server) drain(hardStop context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.DrainTimeout)
 	defer cancel()
 	go s.endStreamedResponses(ctx)
+	s.goAwaySplices()
 	// A fresh context: Shutdown with the already-cancelled serve context
 	// would skip the drain entirely.
 	if err := s.https.Shutdown(ctx); err != nil {

@@ -89,6 +89,7 @@ func (s *Server) serveTunnel(w http.ResponseWriter, r *http.Request) {
 		routes: routes, remote: remote, since: time.Now(), cc: cc, conn: conn,
 		maxStreams:  int32(min(s.cfg.MaxStreamsPerTunnel, math.MaxInt32)),
 		httpStreams: headerHasToken(r.Header, tunnel.HeaderStreams, tunnel.StreamHTTP),
+		h2Streams:   headerHasToken(r.Header, tunnel.HeaderStreams, tunnel.StreamH2),
 	}
 	result := "accepted"
 	old, err := s.reg.add(sess, s.cfg.MaxSessionsPerCluster)

@@ -1,0 +1,154 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"net/http"
+	"os"
+
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/spectroproxy/spectro-proxy/internal/h2splice"
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/sni"
+	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+)
+
+// A terminate-mode connection to a cluster's API server whose client
+// speaks HTTP/2 (kubectl, client-go, browsers) is spliced: the relay ends
+// its TLS and carries its HTTP/2 bytes down one stream, onto an HTTP/2
+// connection the agent opens to the API server. Per request that costs
+// the relay a header block's decoding (to keep the connection on its
+// host, see h2splice) instead of an HTTP/2 server's and a client's work:
+// the floors' design, which the second HTTPS stack kept terminate mode
+// far from (docs/performance.md, twelfth pass).
+//
+// What the request-by-request path does for each request, a splice does
+// per connection or leaves to the API server, as passthrough does: the
+// source's stream limit counts the connection; the API server bounds the
+// streams on it (and answers CONNECT and odd methods itself);
+// X-Forwarded-For and -Proto are added after the client's own; and the
+// drain tells the client to go away (GOAWAY) and lets its requests finish
+// until the drain timeout. The
+// Spectro-Proxy-* fields a user sends reach the API server, which ignores
+// them: the agent reads none of the bytes. Dashboards, HTTP/1.1 clients,
+// connections forwarded to another replica's tunnel and agents that
+// predate StreamH2 keep the request-by-request path.
+
+// terminate ends a terminate-mode connection's TLS and splices it or
+// hands it to the HTTPS server.
+func (s *Server) terminate(ctx context.Context, c *sni.Conn, name, label string, cands []*session) {
+	cands = h2Sessions(label, cands)
+	if len(cands) == 0 {
+		s.handOff(c)
+		return
+	}
+	wc := &watchedConn{Conn: c}
+	tc := tls.Server(tunnel.NewBatchConn(wc), s.tlsConf)
+	// In flight while it lasts, as the HTTPS server's handshakes are
+	// (connState): the processors' adaptation counts them.
+	s.inFlight.Add(1)
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.RequestHeaderTimeout)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	s.inFlight.Add(-1)
+	if err != nil {
+		// As the HTTPS server counts a connection that never made a
+		// request (connState).
+		s.m.refusals.WithLabelValues(reasonNoRequest).Inc()
+		s.log.Debug("refused", "reason", reasonNoRequest, "remote", c.RemoteAddr().String(), "error", err)
+		c.Close()
+		return
+	}
+	if tc.ConnectionState().NegotiatedProtocol != "h2" || !s.splice(ctx, tc, name, label, cands) {
+		s.pushHTTPS(tc, wc)
+	}
+}
+
+// h2Sessions are the sessions among cands that take label's HTTP/2
+// connections.
+func h2Sessions(label string, cands []*session) []*session {
+	if hostname.IsDashboard(label) {
+		return nil
+	}
+	var out []*session
+	for _, sess := range cands {
+		if sess.h2Streams && !sess.noH2.Load() {
+			out = append(out, sess)
+		}
+	}
+	return out
+}
+
+// splice carries tc down a stream; false when none could be opened (the
+// HTTPS server then serves tc, and says why in HTTP).
+func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, cands []*session) bool {
+	remote := tc.RemoteAddr().String()
+	release, ok := s.srcStreams.enter(sourceOf(remote), label)
+	if !ok {
+		return false // each request is refused with 429, and why
+	}
+	defer release()
+	st, err := s.openStream(ctx, label, tunnel.StreamH2, cands)
+	if err != nil {
+		var re *tunnel.RefusedError
+		if errors.As(err, &re) && re.Code == http.StatusHTTPVersionNotSupported {
+			// The API server does not speak HTTP/2: requests go one by
+			// one on these tunnels from now on.
+			for _, sess := range cands {
+				sess.noH2.Store(true)
+			}
+		}
+		s.log.Debug("no HTTP/2 stream; serving requests one by one", "host", label, "remote", remote, "error", err)
+		return false
+	}
+	sc := h2splice.New(tc, h2splice.Options{
+		Allow: func(host string) bool {
+			// As serveHTTPS's 421: a host outside the domain (kubectl
+			// with tls-server-name dialing an address) is no such case.
+			return host == "" || host == name || !hostname.InDomain(host, s.cfg.Domain)
+		},
+		Misdirected: func(host string) {
+			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", remote)
+		},
+		MaxHeaderBlock: s.cfg.MaxHeaderBytes,
+		// As the request-by-request path's X-Forwarded-*, for the API
+		// server's audit log (its sourceIPs), but added after any the
+		// client sent rather than instead: a splice cannot take a field
+		// out of a compressed header block.
+		Extra: h2splice.Fields(
+			hpack.HeaderField{Name: "x-forwarded-for", Value: stripPort(remote)},
+			hpack.HeaderField{Name: "x-forwarded-proto", Value: "https"}),
+	})
+	s.splices.Store(sc, struct{}{})
+	defer s.splices.Delete(sc)
+	if s.draining.Load() {
+		sc.GoAway()
+	}
+	g := s.m.streams.WithLabelValues("spliced")
+	g.Inc()
+	defer g.Dec()
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
+	up, down, err := tunnel.Join(sc, st)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		s.refuse(reasonWriteStall, "host", label, "remote", remote, "timeout", s.cfg.WriteStallTimeout.String())
+	case errors.Is(err, h2splice.ErrProtocol):
+		s.refuse(reasonBadHTTP2, "host", label, "remote", remote, "error", err.Error())
+	}
+	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
+	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
+	s.log.Debug("spliced connection closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
+	return true
+}
+
+// goAwaySplices tells every spliced connection's client to open no new
+// streams on it (the drain).
+func (s *Server) goAwaySplices() {
+	s.splices.Range(func(k, _ any) bool {
+		k.(*h2splice.Conn).GoAway()
+		return true
+	})
+}
