@@ -149,17 +149,8 @@ func TestServeHTTPConnection(t *testing.T) {
 	defer backend.Close()
 	c := newTerminateClient(t, backend)
 
-	relayEnd, agentEnd := net.Pipe()
-	ctx, cancel := context.WithCancel(context.Background())
-	srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), 10, tunnel.DefaultLiveness)
-	served := make(chan struct{})
-	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
-	rt, err := tunnel.NewRelayTransport(tunnel.DefaultLiveness)
-	require.NoError(t, err)
-	cc, err := rt.NewClientConn(relayEnd)
-	require.NoError(t, err)
-	defer func() { cc.Close(); cancel(); <-served }()
-
+	ctx := context.Background()
+	cc := tunnelTo(t, c)
 	st := tunnel.OpenStreamEarly(ctx, cc, "cluster-abc", tunnel.StreamHTTP, 5*time.Second)
 	defer st.Close()
 	br := bufio.NewReader(st)
@@ -180,6 +171,23 @@ func TestServeHTTPConnection(t *testing.T) {
 	for _, s := range got {
 		assert.Equal(t, seen{"HTTP/1.1", got[0].remote, "cluster-abc.proxy.test", "192.0.2.7"}, s, "one keep-alive HTTP/1.1 connection, headers as the relay wrote them")
 	}
+}
+
+// tunnelTo serves c's streams on a tunnel over a pipe and returns the
+// relay's end of it; both end with the test.
+func tunnelTo(t *testing.T, c *Client) *http2.ClientConn {
+	t.Helper()
+	relayEnd, agentEnd := net.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), 10, tunnel.DefaultLiveness)
+	served := make(chan struct{})
+	go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
+	rt, err := tunnel.NewRelayTransport(tunnel.DefaultLiveness)
+	require.NoError(t, err)
+	cc, err := rt.NewClientConn(relayEnd)
+	require.NoError(t, err)
+	t.Cleanup(func() { cc.Close(); cancel(); <-served })
+	return cc
 }
 
 // newTerminateClient is an agent in terminate mode whose API server is
@@ -209,18 +217,8 @@ func TestServeH2Connection(t *testing.T) {
 			defer backend.Close()
 			c := newTerminateClient(t, backend)
 
-			relayEnd, agentEnd := net.Pipe()
-			ctx, cancel := context.WithCancel(context.Background())
-			srv := tunnel.NewAgentServer(http.HandlerFunc(c.serveStream), 10, tunnel.DefaultLiveness)
-			served := make(chan struct{})
-			go func() { srv.ServeConn(ctx, agentEnd); close(served) }()
-			rt, err := tunnel.NewRelayTransport(tunnel.DefaultLiveness)
-			require.NoError(t, err)
-			cc, err := rt.NewClientConn(relayEnd)
-			require.NoError(t, err)
-			defer func() { cc.Close(); cancel(); <-served }()
-
-			st, err := tunnel.OpenStream(ctx, cc, "cluster-abc", tunnel.StreamH2, 5*time.Second)
+			ctx := context.Background()
+			st, err := tunnel.OpenStream(ctx, tunnelTo(t, c), "cluster-abc", tunnel.StreamH2, 5*time.Second)
 			if !h2 {
 				var re *tunnel.RefusedError
 				require.ErrorAs(t, err, &re)
