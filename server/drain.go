@@ -251,7 +251,7 @@ func (s *Server) endStreamedResponses(ctx context.Context) {
 	}
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
-	for s.drainer.plain.Load() > 0 && (!ok || time.Until(deadline) > grace) {
+	for (s.drainer.plain.Load() > 0 || s.splicedPlain() > 0) && (!ok || time.Until(deadline) > grace) {
 		select {
 		case <-ctx.Done():
 		case <-tick.C:
@@ -273,6 +273,7 @@ func (s *Server) endStreamedResponses(ctx context.Context) {
 	for _, b := range bodies {
 		b.end()
 	}
+	s.endSplices()
 }
 
 // request is one terminate-mode request, counted as plain until its

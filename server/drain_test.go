@@ -48,9 +48,9 @@ func twoRelays(t *testing.T, drainTimeout time.Duration) (a, b *relaytest.Relay)
 // apiStandIn is a TLS server standing in for the API server: /slow
 // tells arrived and answers when release is closed, /api/v1/pods?watch=true streams one
 // JSON line every 20 ms until the client goes.
-func apiStandIn(t *testing.T, arrived chan<- struct{}, release <-chan struct{}) (url, caFile string) {
+func apiStandIn(t *testing.T, arrived chan<- struct{}, release <-chan struct{}, h2 bool) (url, caFile string) {
 	t.Helper()
-	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.URL.Path == "/slow":
 			arrived <- struct{}{}
@@ -77,6 +77,8 @@ func apiStandIn(t *testing.T, arrived chan<- struct{}, release <-chan struct{}) 
 			fmt.Fprint(w, "ok")
 		}
 	}))
+	srv.EnableHTTP2 = h2 // with HTTP/2 an HTTP/2 user's connection is spliced onto it
+	srv.StartTLS()
 	t.Cleanup(srv.Close)
 	caFile = filepath.Join(t.TempDir(), "ca.crt")
 	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600))
@@ -102,17 +104,25 @@ func clusterURL(path string) string {
 // relay before the old one closes (the agent never has zero tunnels), a
 // request in flight on the old tunnel finishes, and a watch through the
 // draining relay gets a clean end of its body at an event boundary, over
-// HTTP/1.1 (the last chunk) and HTTP/2 (END_STREAM).
+// HTTP/1.1 (the last chunk) and HTTP/2 (END_STREAM). A spliced HTTP/2
+// connection (an API server that speaks HTTP/2) is closed once only the
+// watch is left on it, after the GOAWAY of the drain's start: the client
+// reads what client-go takes for the watch's end, long before the drain's
+// timeout.
 func TestDrainMovesTheAgent(t *testing.T) {
-	for _, h2 := range []bool{false, true} {
-		t.Run(map[bool]string{false: "http1", true: "h2"}[h2], func(t *testing.T) { testDrainMovesTheAgent(t, h2) })
+	for _, tc := range []struct {
+		name        string
+		h2, spliced bool
+	}{{"http1", false, false}, {"h2", true, false}, {"h2 spliced", true, true}} {
+		t.Run(tc.name, func(t *testing.T) { testDrainMovesTheAgent(t, tc.h2, tc.spliced) })
 	}
 }
 
-func testDrainMovesTheAgent(t *testing.T, h2 bool) {
-	a, b := twoRelays(t, 20*time.Second)
+func testDrainMovesTheAgent(t *testing.T, h2, spliced bool) {
+	const drainTimeout = 20 * time.Second
+	a, b := twoRelays(t, drainTimeout)
 	arrived, release := make(chan struct{}, 1), make(chan struct{})
-	api, caFile := apiStandIn(t, arrived, release)
+	api, caFile := apiStandIn(t, arrived, release, spliced)
 	lb := relaytest.StartLB(t, a.Addr) // the agent's first tunnel lands on a
 	agent := relaytest.StartAgent(t, client.Config{
 		RelayAddress: lb.Addr, RelayCAFile: a.CAFile(), ClusterUID: uid, TokenFile: a.IssueToken(t, uid),
@@ -153,7 +163,12 @@ func testDrainMovesTheAgent(t *testing.T, h2 bool) {
 		t.Fatal("the slow request never reached the API server")
 	}
 
+	if spliced {
+		m := scrape(t, a.Srv)
+		assert.Contains(t, m, `spectro_proxy_streams_open{kind="spliced"} 1`, "the connection of the watch and the slow request is spliced")
+	}
 	least := relaytest.SampleMin(agent.C.Tunnels)
+	stopAt := time.Now()
 	a.Terminate()
 	// b registers the replacement a moment before the agent reads its 101.
 	require.Eventually(t, func() bool { return b.Srv.Tunnels() == 1 && agent.C.Tunnels() == 2 }, 15*time.Second, 5*time.Millisecond,
@@ -168,7 +183,13 @@ func testDrainMovesTheAgent(t *testing.T, h2 bool) {
 	// The watch ends cleanly, on a line boundary: no error, no partial
 	// event.
 	rest, err := io.ReadAll(watch)
-	require.NoError(t, err, "the watch's body ends cleanly")
+	if spliced && err != nil {
+		// utilnet.IsProbableEOF: client-go's watch ends without an error.
+		require.ErrorContains(t, err, "server sent GOAWAY and closed the connection")
+		rest = rest[:strings.LastIndexByte(string(rest), '\n')+1] // the event cut short is not one
+	} else {
+		require.NoError(t, err, "the watch's body ends cleanly")
+	}
 	if len(rest) > 0 {
 		assert.True(t, strings.HasSuffix(string(rest), "\n"), "the watch ends at an event boundary: %q", rest)
 	}
@@ -177,6 +198,7 @@ func testDrainMovesTheAgent(t *testing.T, h2 bool) {
 	}
 
 	require.NoError(t, a.Wait())
+	assert.Less(t, time.Since(stopAt), drainTimeout/2, "the watch did not hold the drain to its timeout")
 	require.Eventually(t, func() bool { return agent.C.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond)
 	assert.GreaterOrEqual(t, least(), 1, "the agent had a tunnel at every moment")
 	assert.Equal(t, 1, b.Srv.Tunnels())
@@ -187,6 +209,45 @@ func testDrainMovesTheAgent(t *testing.T, h2 bool) {
 	body, _ := io.ReadAll(resp2.Body)
 	resp2.Body.Close()
 	assert.Equal(t, "ok", string(body))
+
+	if spliced {
+		// That client keeps its connection, spliced and idle: the agent
+		// stopping is not held by it to its drain timeout (retireSplices).
+		start := time.Now()
+		agent.Stop()
+		assert.Less(t, time.Since(start), 5*time.Second, "the agent's stop waited for an idle connection")
+	}
+}
+
+// A relay that drains while its agent cannot move (no other replica to
+// take it): once the moves are given up and no other request is open, the
+// spliced connection that carries only a watch is closed, as the other
+// path's watches are ended, before the drain's timeout cuts the rest.
+func TestDrainEndsSplicedWatches(t *testing.T) {
+	const drainTimeout = 6 * time.Second
+	a := relaytest.StartRelay(t, t.TempDir(), "relay-a", func(c *server.Config) { c.DrainTimeout = drainTimeout })
+	api, caFile := apiStandIn(t, make(chan struct{}, 1), make(chan struct{}), true)
+	relaytest.StartAgent(t, client.Config{
+		RelayAddress: a.Addr, RelayCAFile: a.CAFile(), ClusterUID: uid, TokenFile: a.IssueToken(t, uid),
+		AgentID: "agent-0", Mode: tunnel.Terminate, APIServer: api, APIServerCAFile: caFile, Tunnels: "1",
+		HealthAddr: "", DrainTimeout: 10 * time.Second,
+	})
+	require.Eventually(t, func() bool { return a.Srv.Tunnels() == 1 }, 10*time.Second, 5*time.Millisecond)
+	resp, err := drainUser(t, a, true).Get(clusterURL("/api/v1/pods?watch=true"))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	watch := bufio.NewReader(resp.Body)
+	_, err = watch.ReadString('\n')
+	require.NoError(t, err)
+	assert.Contains(t, scrape(t, a.Srv), `spectro_proxy_streams_open{kind="spliced"} 1`)
+
+	start := time.Now()
+	a.Terminate()
+	_, err = io.ReadAll(watch)
+	took := time.Since(start)
+	require.ErrorContains(t, err, "server sent GOAWAY and closed the connection", "what client-go takes for a watch's end")
+	assert.Less(t, took, drainTimeout-time.Second, "closed when the drain ends watches, not at its timeout")
+	require.NoError(t, a.Wait())
 }
 
 // An agent that predates move answers it with 400: the relay does not

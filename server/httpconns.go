@@ -90,6 +90,7 @@ func (s *Server) retireHTTPConns(ctx context.Context) {
 				s.closeHTTPConns(sess)
 			}
 		}
+		s.retireSplices()
 	}
 }
 

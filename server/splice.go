@@ -5,12 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"net/http"
+	"net/url"
 	"os"
 
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/spectroproxy/spectro-proxy/internal/h2splice"
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/kubereq"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -29,9 +31,10 @@ import (
 // source's stream limit counts the connection; the API server bounds the
 // streams on it (and answers CONNECT and odd methods itself);
 // X-Forwarded-For and -Proto are added after the client's own; and the
-// drain tells the client to go away (GOAWAY) and lets its requests finish
-// until the drain timeout. The
-// Spectro-Proxy-* fields a user sends reach the API server, which ignores
+// drain tells the client to go away (GOAWAY), lets its requests finish,
+// and closes the connection once only watches and logs -f are left on it,
+// when it ends those of the request-by-request path. The Spectro-Proxy-*
+// fields a user sends reach the API server, which ignores
 // them: the agent reads none of the bytes. Dashboards, HTTP/1.1 clients,
 // connections forwarded to another replica's tunnel and agents that
 // predate StreamH2 keep the request-by-request path.
@@ -121,7 +124,7 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, c
 			hpack.HeaderField{Name: "x-forwarded-for", Value: stripPort(remote)},
 			hpack.HeaderField{Name: "x-forwarded-proto", Value: "https"}),
 	})
-	s.splices.Store(sc, struct{}{})
+	s.splices.Store(sc, st.slot.sess)
 	defer s.splices.Delete(sc)
 	if s.draining.Load() {
 		sc.GoAway()
@@ -142,6 +145,68 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, c
 	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
 	s.log.Debug("spliced connection closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
 	return true
+}
+
+// splicedPlain counts the requests open on spliced connections that end
+// by themselves (not a watch or logs -f).
+func (s *Server) splicedPlain() int {
+	n := 0
+	s.splices.Range(func(k, _ any) bool {
+		plain, _ := k.(*h2splice.Conn).Open(staysOpen)
+		n += plain
+		return true
+	})
+	return n
+}
+
+// endSplices closes the spliced connections that carry only streamed
+// responses (watches, logs -f), when the drain ends those (drain.go).
+// Their clients had the GOAWAY at the drain's start, so each reads "server
+// sent GOAWAY and closed the connection", which client-go's watch takes
+// for a normal end (utilnet.IsProbableEOF) and re-watches elsewhere. A
+// connection with another request still open is left to the drain's
+// timeout.
+func (s *Server) endSplices() {
+	n := 0
+	s.splices.Range(func(k, _ any) bool {
+		sc := k.(*h2splice.Conn)
+		if plain, _ := sc.Open(staysOpen); plain == 0 {
+			sc.Close()
+			n++
+		}
+		return true
+	})
+	if n > 0 {
+		s.log.Info("closing spliced HTTP/2 connections that carry only watches and logs -f", "count", n)
+	}
+}
+
+// staysOpen says whether a request for path never ends by itself.
+func staysOpen(path string) bool {
+	u, err := url.ParseRequestURI(path)
+	return err == nil && kubereq.StaysOpen(u)
+}
+
+// retireSplices deals with the spliced connections of tunnels whose agent
+// sent GOAWAY (it moves or stops, and waits for the streams open on the
+// tunnel, as for the HTTP connections of retireHTTPConns): their clients
+// are told to go away, so that new requests open a connection that takes
+// another tunnel, and each is closed once it carries no request that ends
+// by itself (idle, or only watches and logs -f, which client-go then
+// re-watches elsewhere), rather than holding the agent to its drain
+// timeout.
+func (s *Server) retireSplices() {
+	s.splices.Range(func(k, v any) bool {
+		if !v.(*session).cc.GoingAway() {
+			return true
+		}
+		sc := k.(*h2splice.Conn)
+		sc.GoAway()
+		if plain, _ := sc.Open(staysOpen); plain == 0 {
+			sc.Close()
+		}
+		return true
+	})
 }
 
 // goAwaySplices tells every spliced connection's client to open no new

@@ -35,13 +35,16 @@ import (
 const (
 	frameHeaderLen = 9
 
+	typeData         = 0x0
 	typeHeaders      = 0x1
+	typeRSTStream    = 0x3
 	typeSettings     = 0x4
 	typePushPromise  = 0x5
 	typeGoAway       = 0x7
 	typeContinuation = 0x9
 
 	flagAck        = 0x1
+	flagEndStream  = 0x1
 	flagEndHeaders = 0x4
 	flagPadded     = 0x8
 	flagPriority   = 0x20
@@ -111,6 +114,9 @@ type Conn struct {
 	lastStream  uint32 // the highest stream a request went through on
 	refusing    bool   // a request was held back: new streams are dropped
 	tableSize   uint32 // the decoder's allowed dynamic table size
+	path        string // the :path of the block being decoded
+
+	goneAway atomic.Bool // GoAway ran
 
 	// upstreamTable is the upstream's SETTINGS_HEADER_TABLE_SIZE, which
 	// the client's encoder may use (RFC 7541, 4.2).
@@ -127,11 +133,14 @@ type Conn struct {
 	inSet    bool
 	started  bool   // the upstream's first frame (its SETTINGS) went out
 	goAway   []byte // a GOAWAY to send at the next frame boundary
+	// streams are the requests open on the connection, by stream ID:
+	// those whose client or upstream has not ended its side.
+	streams map[uint32]*stream
 }
 
 // New wraps c, the client's end, once its TLS negotiated "h2".
 func New(c net.Conn, opts Options) *Conn {
-	s := &Conn{Conn: c, opts: opts, br: bufio.NewReaderSize(c, 16<<10), tableSize: 4096}
+	s := &Conn{Conn: c, opts: opts, br: bufio.NewReaderSize(c, 16<<10), tableSize: 4096, streams: map[uint32]*stream{}}
 	s.upstreamTable.Store(4096)
 	s.dec = hpack.NewDecoder(4096, s.field)
 	s.dec.SetMaxStringLength(opts.MaxHeaderBlock)
@@ -140,6 +149,8 @@ func New(c net.Conn, opts Options) *Conn {
 
 func (c *Conn) field(f hpack.HeaderField) {
 	switch f.Name {
+	case ":path":
+		c.path = f.Value
 	case ":authority":
 		c.host, c.sawHost = f.Value, true
 	case "host":
@@ -248,6 +259,9 @@ func (c *Conn) next() error {
 		c.dropLeft = length
 		return nil
 	}
+	if typ == typeRSTStream || (typ == typeData && c.hdr[4]&flagEndStream != 0) {
+		c.ended(sid, true, typ == typeRSTStream)
+	}
 	c.pending, c.passLeft = c.hdr[:], length
 	return nil
 }
@@ -261,7 +275,7 @@ func (c *Conn) headerBlock(length int) error {
 		c.dec.SetAllowedMaxDynamicTableSize(ts)
 		c.tableSize = ts
 	}
-	c.host, c.sawHost, c.decodeErr = "", false, nil
+	c.host, c.sawHost, c.decodeErr, c.path = "", false, nil, ""
 	c.block = append(c.block[:0], first[:]...)
 	flags := first[4]
 	last := 0 // where the block's last frame header is in c.block
@@ -307,6 +321,9 @@ func (c *Conn) headerBlock(length int) error {
 		return fmt.Errorf("%w: decoding the header block of stream %d: %v", ErrProtocol, sid, c.decodeErr)
 	}
 	newStream := sid > c.lastStream
+	if !newStream && first[4]&flagEndStream != 0 {
+		c.ended(sid, true, false) // trailers
+	}
 	if newStream && c.refusing {
 		return nil // the client had been told to go away
 	}
@@ -320,6 +337,9 @@ func (c *Conn) headerBlock(length int) error {
 	}
 	if newStream {
 		c.lastStream = sid
+		c.smu.Lock()
+		c.streams[sid] = &stream{path: c.path, local: first[4]&flagEndStream != 0}
+		c.smu.Unlock()
 		if len(c.opts.Extra) > 0 {
 			// The fields go in a CONTINUATION of their own, which fits
 			// any frame size the upstream allows.
@@ -368,7 +388,12 @@ func canonicalHost(h string) string {
 // GoAway tells the client, at the next frame boundary, to open no more
 // streams on this connection (a GOAWAY naming the highest stream ID, as a
 // server that shuts down gracefully first does); the streams open go on.
-func (c *Conn) GoAway() { c.sendGoAway(lastStreamID) }
+// Calls after the first do nothing.
+func (c *Conn) GoAway() {
+	if !c.goneAway.Swap(true) {
+		c.sendGoAway(lastStreamID)
+	}
+}
 
 func (c *Conn) sendGoAway(last uint32) {
 	f := make([]byte, frameHeaderLen+8)
@@ -460,6 +485,9 @@ func (c *Conn) scan(p []byte, stop bool) int {
 		c.whdrN = 0
 		c.wLeft = frameLen(c.whdr[:])
 		c.inSet = c.whdr[3] == typeSettings && c.whdr[4]&flagAck == 0 && c.wLeft <= maxSettings
+		if t := c.whdr[3]; t == typeRSTStream || ((t == typeData || t == typeHeaders) && c.whdr[4]&flagEndStream != 0) {
+			c.endedLocked(streamOf(c.whdr[:]), false, t == typeRSTStream)
+		}
 		c.settings = c.settings[:0]
 		if c.wLeft == 0 {
 			c.frameDone()
@@ -492,4 +520,47 @@ func (c *Conn) CloseWrite() error {
 		return cw.CloseWrite()
 	}
 	return c.Conn.Close()
+}
+
+// stream is a request open on the connection: which sides have ended.
+type stream struct {
+	path          string
+	local, remote bool // the client's side, the upstream's
+}
+
+// ended notes that a side of stream sid ended (reset: both).
+func (c *Conn) ended(sid uint32, client, reset bool) {
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	c.endedLocked(sid, client, reset)
+}
+
+func (c *Conn) endedLocked(sid uint32, client, reset bool) {
+	st, ok := c.streams[sid]
+	if !ok {
+		return
+	}
+	if client {
+		st.local = true
+	} else {
+		st.remote = true
+	}
+	if reset || (st.local && st.remote) {
+		delete(c.streams, sid)
+	}
+}
+
+// Open counts the requests open on the connection: those whose path
+// staysOpen says never end by themselves (a watch, logs -f), and the rest.
+func (c *Conn) Open(staysOpen func(path string) bool) (plain, streamed int) {
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	for _, st := range c.streams {
+		if staysOpen(st.path) {
+			streamed++
+		} else {
+			plain++
+		}
+	}
+	return plain, streamed
 }

@@ -328,3 +328,49 @@ func FuzzRead(f *testing.F) {
 		}
 	})
 }
+
+// Open follows each request until both sides ended it, or either reset it.
+func TestOpen(t *testing.T) {
+	release := make(chan struct{})
+	u := &upstream{srv: &http2.Server{}, handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.(http.Flusher).Flush() // headers out, no END_STREAM
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})}
+	c, sc, _ := u.splice(t, allowOnly("cluster-a.relay.test"))
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	require.NoError(t, err)
+	defer cc.Close()
+	staysOpen := func(path string) bool { return strings.Contains(path, "watch=true") }
+	open := func() [2]int { p, s := sc.Open(staysOpen); return [2]int{p, s} }
+
+	watchCtx, cancelWatch := context.WithCancel(context.Background())
+	defer cancelWatch()
+	start := func(ctx context.Context, path string) *http.Response {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://cluster-a.relay.test"+path, nil)
+		resp, err := cc.RoundTrip(req)
+		require.NoError(t, err)
+		return resp
+	}
+	watch := start(watchCtx, "/api/v1/pods?watch=true")
+	defer watch.Body.Close()
+	plain := start(context.Background(), "/api/v1/pods")
+	assert.Equal(t, [2]int{1, 1}, open(), "a list and a watch")
+
+	close(release) // both answers end
+	_, _ = io.ReadAll(plain.Body)
+	plain.Body.Close()
+	_, _ = io.ReadAll(watch.Body)
+	require.Eventually(t, func() bool { return open() == [2]int{0, 0} }, 5*time.Second, 5*time.Millisecond, "ended: %v", open())
+
+	// A request the client gives up on is reset: gone at once.
+	release = make(chan struct{})
+	watch2 := start(watchCtx, "/api/v1/pods?watch=true")
+	assert.Equal(t, [2]int{0, 1}, open())
+	cancelWatch()
+	watch2.Body.Close()
+	require.Eventually(t, func() bool { return open() == [2]int{0, 0} }, 5*time.Second, 5*time.Millisecond, "reset: %v", open())
+	close(release)
+}
