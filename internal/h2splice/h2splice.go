@@ -10,10 +10,11 @@
 // reach the tenant this connection goes to, with its cookies. So the
 // frame headers of both directions are followed, every request's header
 // block is decoded (HPACK), and a request for another host is held back:
-// the client gets a GOAWAY naming the last stream that went through and
-// retries the request on a connection of its own (421's effect, which a
-// splice cannot answer in HTTP without re-encoding the upstream's
-// headers). The upstream's answers are not decoded.
+// the splice answers it 421 itself, which sends a browser to a connection
+// of its own for that host, and since the upstream's HPACK table now
+// misses that block, the connection goes away (GOAWAY): requests that
+// follow it are retried on a new connection by the client. The upstream's
+// answers are not decoded.
 package h2splice
 
 import (
@@ -41,6 +42,7 @@ const (
 	typeSettings     = 0x4
 	typePushPromise  = 0x5
 	typeGoAway       = 0x7
+	typeWindowUpdate = 0x8
 	typeContinuation = 0x9
 
 	flagAck        = 0x1
@@ -132,7 +134,7 @@ type Conn struct {
 	settings []byte // the payload of a SETTINGS frame being written, while following it
 	inSet    bool
 	started  bool   // the upstream's first frame (its SETTINGS) went out
-	goAway   []byte // a GOAWAY to send at the next frame boundary
+	own      []byte // frames of the splice's own to send at the next frame boundary
 	// streams are the requests open on the connection, by stream ID:
 	// those whose client or upstream has not ended its side.
 	streams map[uint32]*stream
@@ -255,8 +257,14 @@ func (c *Conn) next() error {
 		return fmt.Errorf("%w: PUSH_PROMISE from a client", ErrProtocol)
 	}
 	if c.refusing && sid > c.lastStream {
-		// A frame of a stream that was held back (its body, say).
+		// A frame of a stream that was held back (its body, say). What
+		// a body takes of the connection's window the upstream never
+		// gives back: the splice does, or the requests still open on
+		// the connection could stall for it.
 		c.dropLeft = length
+		if typ == typeData && length > 0 {
+			c.send(frame(typeWindowUpdate, 0, 0, binary.BigEndian.AppendUint32(nil, uint32(length))))
+		}
 		return nil
 	}
 	if typ == typeRSTStream || (typ == typeData && c.hdr[4]&flagEndStream != 0) {
@@ -328,11 +336,16 @@ func (c *Conn) headerBlock(length int) error {
 		return nil // the client had been told to go away
 	}
 	if host := canonicalHost(c.host); newStream && !c.opts.Allow(host) {
+		// Answered 421 here (a client that chose this connection's name
+		// itself gets the answer, not a retry on a connection like it),
+		// and the connection goes away: the block is not forwarded, so
+		// the upstream's HPACK table no longer matches the client's, and
+		// no other request may follow it there.
 		c.refusing = true
 		if c.opts.Misdirected != nil {
 			c.opts.Misdirected(host)
 		}
-		c.sendGoAway(c.lastStream)
+		c.send(misdirected(sid), goAway(sid))
 		return nil
 	}
 	if newStream {
@@ -391,43 +404,65 @@ func canonicalHost(h string) string {
 // Calls after the first do nothing.
 func (c *Conn) GoAway() {
 	if !c.goneAway.Swap(true) {
-		c.sendGoAway(lastStreamID)
+		c.send(goAway(lastStreamID))
 	}
 }
 
-func (c *Conn) sendGoAway(last uint32) {
-	f := make([]byte, frameHeaderLen+8)
-	f[2], f[3] = 8, typeGoAway
-	binary.BigEndian.PutUint32(f[frameHeaderLen:], last)
-	c.smu.Lock()
-	c.goAway = f
-	c.smu.Unlock()
-	// Not written from the caller's goroutine, which may be Read's: a
-	// client blocked writing to us may not read until Read goes on, and
-	// a Write under way may be blocked on that client. The goroutine ends
-	// once the frame is written, or with the connection.
-	go c.flushGoAway()
+// frame is an HTTP/2 frame.
+func frame(typ, flags byte, sid uint32, payload []byte) []byte {
+	f := []byte{byte(len(payload) >> 16), byte(len(payload) >> 8), byte(len(payload)), typ, flags}
+	f = binary.BigEndian.AppendUint32(f, sid)
+	return append(f, payload...)
 }
 
-// flushGoAway writes a GOAWAY that is waiting, unless a frame is under
-// way (Write sends it when the frame ends).
-func (c *Conn) flushGoAway() {
+// goAway is a GOAWAY (NO_ERROR) naming last.
+func goAway(last uint32) []byte {
+	return frame(typeGoAway, 0, 0, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, last), 0))
+}
+
+// misdirected answers stream sid 421 (RFC 9110, 15.5.20). The header block
+// is ":status: 421" as a literal not indexed (0x08: the name is static
+// entry 8), which changes no HPACK table.
+func misdirected(sid uint32) []byte {
+	return frame(typeHeaders, flagEndHeaders|flagEndStream, sid, []byte{0x08, 3, '4', '2', '1'})
+}
+
+// send queues frames of the splice's own for the client. They are not
+// written from the caller's goroutine, which may be Read's: a client
+// blocked writing to us may not read until Read goes on, and a Write under
+// way may be blocked on that client. The goroutine ends once the frames
+// are written, or with the connection; Write sends them first if it
+// reaches a frame boundary first.
+func (c *Conn) send(frames ...[]byte) {
+	c.smu.Lock()
+	for _, f := range frames {
+		c.own = append(c.own, f...)
+	}
+	c.smu.Unlock()
+	go c.flushOwn()
+}
+
+// flushOwn writes the splice's frames waiting, unless an upstream frame is
+// under way (Write sends them when it ends).
+func (c *Conn) flushOwn() {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if f := c.takeGoAway(); f != nil {
+	if f := c.takeOwn(); f != nil {
 		_, _ = c.Conn.Write(f) // a failed write fails the upstream's next one too
 	}
 }
 
-// takeGoAway returns the GOAWAY waiting, if it can go now.
-func (c *Conn) takeGoAway() []byte {
+// takeOwn returns the splice's frames waiting, if they can go now: after
+// the upstream's SETTINGS (the server's preface comes first) and between
+// its frames.
+func (c *Conn) takeOwn() []byte {
 	c.smu.Lock()
 	defer c.smu.Unlock()
-	if c.goAway == nil || !c.started || c.whdrN != 0 || c.wLeft != 0 {
+	if c.own == nil || !c.started || c.whdrN != 0 || c.wLeft != 0 {
 		return nil
 	}
-	f := c.goAway
-	c.goAway = nil
+	f := c.own
+	c.own = nil
 	return f
 }
 
@@ -438,7 +473,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
 		c.smu.Lock()
-		k := c.scan(p, c.goAway != nil)
+		k := c.scan(p, c.own != nil)
 		c.smu.Unlock()
 		n, err := c.Conn.Write(p[:k])
 		written += n
@@ -446,7 +481,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 			return written, err
 		}
 		p = p[k:]
-		if f := c.takeGoAway(); f != nil {
+		if f := c.takeOwn(); f != nil {
 			if _, err := c.Conn.Write(f); err != nil {
 				return written, err
 			}
