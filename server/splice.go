@@ -171,7 +171,7 @@ func (s *Server) endSplices() {
 	s.splices.Range(func(k, _ any) bool {
 		sc := k.(*h2splice.Conn)
 		if plain, _ := sc.Open(staysOpen); plain == 0 {
-			sc.Close()
+			sc.Shut()
 			n++
 		}
 		return true
@@ -201,9 +201,11 @@ func (s *Server) retireSplices() {
 			return true
 		}
 		sc := k.(*h2splice.Conn)
-		sc.GoAway()
+		if sc.GoAway() {
+			return true // closed a round (250 ms) later at the soonest
+		}
 		if plain, _ := sc.Open(staysOpen); plain == 0 {
-			sc.Close()
+			sc.Shut()
 		}
 		return true
 	})

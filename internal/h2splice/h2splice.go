@@ -118,7 +118,8 @@ type Conn struct {
 	tableSize   uint32 // the decoder's allowed dynamic table size
 	path        string // the :path of the block being decoded
 
-	goneAway atomic.Bool // GoAway ran
+	goneAway  atomic.Bool   // GoAway ran
+	forwarded atomic.Uint32 // lastStream, for Shut
 
 	// upstreamTable is the upstream's SETTINGS_HEADER_TABLE_SIZE, which
 	// the client's encoder may use (RFC 7541, 4.2).
@@ -350,6 +351,7 @@ func (c *Conn) headerBlock(length int) error {
 	}
 	if newStream {
 		c.lastStream = sid
+		c.forwarded.Store(sid)
 		c.smu.Lock()
 		c.streams[sid] = &stream{path: c.path, local: first[4]&flagEndStream != 0}
 		c.smu.Unlock()
@@ -401,11 +403,28 @@ func canonicalHost(h string) string {
 // GoAway tells the client, at the next frame boundary, to open no more
 // streams on this connection (a GOAWAY naming the highest stream ID, as a
 // server that shuts down gracefully first does); the streams open go on.
-// Calls after the first do nothing.
-func (c *Conn) GoAway() {
-	if !c.goneAway.Swap(true) {
-		c.send(goAway(lastStreamID))
+// Calls after the first do nothing; only the first returns true.
+func (c *Conn) GoAway() bool {
+	if c.goneAway.Swap(true) {
+		return false
 	}
+	c.send(goAway(lastStreamID))
+	return true
+}
+
+// Shut ends the connection as a server that shuts down gracefully does
+// (RFC 9113, 6.8): a GOAWAY naming the last stream that went upstream, so
+// that the client retries elsewhere any request it sent after that,
+// then the close. Call it a round trip or more after GoAway. It does not
+// wait for a client that does not read.
+func (c *Conn) Shut() {
+	c.smu.Lock()
+	c.own = append(c.own, goAway(c.forwarded.Load())...)
+	c.smu.Unlock()
+	go func() {
+		c.flushOwn()
+		c.Conn.Close()
+	}()
 }
 
 // frame is an HTTP/2 frame.

@@ -376,3 +376,40 @@ func TestOpen(t *testing.T) {
 	require.Eventually(t, func() bool { return open() == [2]int{0, 0} }, 5*time.Second, 5*time.Millisecond, "reset: %v", open())
 	close(release)
 }
+
+// Shut names the last stream that went upstream before it closes: a
+// client whose request crossed the close knows it was not served, and one
+// still open reads the GOAWAY's end (what client-go's watch takes for an
+// end of the stream).
+func TestShut(t *testing.T) {
+	release := make(chan struct{})
+	u := &upstream{srv: &http2.Server{}, handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})}
+	defer close(release)
+	c, sc, _ := u.splice(t, allowOnly("cluster-a.relay.test"))
+	cc, err := (&http2.Transport{}).NewClientConn(c)
+	require.NoError(t, err)
+	defer cc.Close()
+	var open []*http.Response
+	for range 2 { // streams 1 and 3
+		req, _ := http.NewRequest(http.MethodGet, "https://cluster-a.relay.test/watch", nil)
+		resp, err := cc.RoundTrip(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		open = append(open, resp)
+	}
+	assert.True(t, sc.GoAway())
+	assert.False(t, sc.GoAway(), "only once")
+	require.Eventually(t, func() bool { return !cc.CanTakeNewRequest() }, 5*time.Second, 5*time.Millisecond)
+	sc.Shut()
+	_, err = io.ReadAll(open[1].Body)
+	var ga http2.GoAwayError
+	require.ErrorAs(t, err, &ga)
+	assert.Equal(t, uint32(3), ga.LastStreamID, "the last GOAWAY names the last stream that went upstream")
+	assert.Equal(t, http2.ErrCodeNo, ga.ErrCode)
+}
