@@ -25,11 +25,12 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strings"
 	"sync"
 	"sync/atomic"
 
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 )
 
 // Frame types and flags of RFC 9113, section 6.
@@ -113,13 +114,14 @@ type Conn struct {
 	host        string
 	sawHost     bool
 	decodeErr   error
-	lastStream  uint32 // the highest stream a request went through on
 	refusing    bool   // a request was held back: new streams are dropped
 	tableSize   uint32 // the decoder's allowed dynamic table size
 	path        string // the :path of the block being decoded
 
-	goneAway  atomic.Bool   // GoAway ran
-	forwarded atomic.Uint32 // lastStream, for Shut
+	goneAway atomic.Bool // GoAway ran
+	// lastStream is the highest stream a request went through on;
+	// written by Read, read by Shut too.
+	lastStream atomic.Uint32
 
 	// upstreamTable is the upstream's SETTINGS_HEADER_TABLE_SIZE, which
 	// the client's encoder may use (RFC 7541, 4.2).
@@ -257,7 +259,7 @@ func (c *Conn) next() error {
 	case typePushPromise:
 		return fmt.Errorf("%w: PUSH_PROMISE from a client", ErrProtocol)
 	}
-	if c.refusing && sid > c.lastStream {
+	if c.refusing && sid > c.lastStream.Load() {
 		// A frame of a stream that was held back (its body, say). What
 		// a body takes of the connection's window the upstream never
 		// gives back: the splice does, or the requests still open on
@@ -329,7 +331,7 @@ func (c *Conn) headerBlock(length int) error {
 		// block decoded there is no telling where it goes.
 		return fmt.Errorf("%w: decoding the header block of stream %d: %v", ErrProtocol, sid, c.decodeErr)
 	}
-	newStream := sid > c.lastStream
+	newStream := sid > c.lastStream.Load()
 	if !newStream && first[4]&flagEndStream != 0 {
 		c.ended(sid, true, false) // trailers
 	}
@@ -350,8 +352,7 @@ func (c *Conn) headerBlock(length int) error {
 		return nil
 	}
 	if newStream {
-		c.lastStream = sid
-		c.forwarded.Store(sid)
+		c.lastStream.Store(sid)
 		c.smu.Lock()
 		c.streams[sid] = &stream{path: c.path, local: first[4]&flagEndStream != 0}
 		c.smu.Unlock()
@@ -359,9 +360,7 @@ func (c *Conn) headerBlock(length int) error {
 			// The fields go in a CONTINUATION of their own, which fits
 			// any frame size the upstream allows.
 			c.block[last+4] &^= flagEndHeaders
-			c.block = append(c.block, byte(len(c.opts.Extra)>>16), byte(len(c.opts.Extra)>>8), byte(len(c.opts.Extra)),
-				typeContinuation, flagEndHeaders, byte(sid>>24), byte(sid>>16), byte(sid>>8), byte(sid))
-			c.block = append(c.block, c.opts.Extra...)
+			c.block = appendFrame(c.block, typeContinuation, flagEndHeaders, sid, c.opts.Extra)
 		}
 	}
 	c.pending = c.block
@@ -390,14 +389,12 @@ func fragment(p []byte, flags byte) ([]byte, error) {
 	return p[:len(p)-pad], nil
 }
 
-// canonicalHost is host without its port, lower case, without a trailing
-// dot.
+// canonicalHost is host without its port, in hostname's canonical form.
 func canonicalHost(h string) string {
-	if i := strings.LastIndexByte(h, ':'); i >= 0 && !strings.Contains(h[i:], "]") {
-		h = h[:i]
+	if host, _, err := net.SplitHostPort(h); err == nil {
+		h = host
 	}
-	h = strings.TrimSuffix(strings.TrimPrefix(h, "["), "]")
-	return strings.ToLower(strings.TrimSuffix(h, "."))
+	return hostname.Canonical(h)
 }
 
 // GoAway tells the client, at the next frame boundary, to open no more
@@ -419,7 +416,7 @@ func (c *Conn) GoAway() bool {
 // wait for a client that does not read.
 func (c *Conn) Shut() {
 	c.smu.Lock()
-	c.own = append(c.own, goAway(c.forwarded.Load())...)
+	c.own = append(c.own, goAway(c.lastStream.Load())...)
 	c.smu.Unlock()
 	go func() {
 		c.flushOwn()
@@ -429,9 +426,14 @@ func (c *Conn) Shut() {
 
 // frame is an HTTP/2 frame.
 func frame(typ, flags byte, sid uint32, payload []byte) []byte {
-	f := []byte{byte(len(payload) >> 16), byte(len(payload) >> 8), byte(len(payload)), typ, flags}
-	f = binary.BigEndian.AppendUint32(f, sid)
-	return append(f, payload...)
+	return appendFrame(nil, typ, flags, sid, payload)
+}
+
+// appendFrame appends an HTTP/2 frame to dst.
+func appendFrame(dst []byte, typ, flags byte, sid uint32, payload []byte) []byte {
+	dst = append(dst, byte(len(payload)>>16), byte(len(payload)>>8), byte(len(payload)), typ, flags)
+	dst = binary.BigEndian.AppendUint32(dst, sid)
+	return append(dst, payload...)
 }
 
 // goAway is a GOAWAY (NO_ERROR) naming last.
