@@ -99,10 +99,15 @@ func (s *Server) handleConn(ctx context.Context, conn net.Conn) {
 
 // handOff terminates TLS and gives the connection to the HTTPS server.
 func (s *Server) handOff(c net.Conn) {
+	s.pushHTTPS(s.serverTLS(c))
+}
+
+// serverTLS is the relay's TLS server side of c, over a watchedConn.
+func (s *Server) serverTLS(c net.Conn) (*tls.Conn, *watchedConn) {
 	wc := &watchedConn{Conn: c}
 	// Tunnels batch their TLS records into one write per message; other
 	// connections write through.
-	s.pushHTTPS(tls.Server(tunnel.NewBatchConn(wc), s.tlsConf), wc)
+	return tls.Server(tunnel.NewBatchConn(wc), s.tlsConf), wc
 }
 
 // pushHTTPS gives tc, over wc, to the HTTPS server.
@@ -159,12 +164,25 @@ func (s *Server) connState(c net.Conn, state http.ConnState) {
 		case wc.read.Load() > int64(s.cfg.MaxHeaderBytes):
 			s.refuse(reasonHeadersTooLarge, "remote", remote, "read_bytes", wc.read.Load(), "max_header_bytes", s.cfg.MaxHeaderBytes)
 		default:
-			// Common and harmless (probes, clients that gave up): counted,
-			// logged only at debug level.
-			s.m.refusals.WithLabelValues(reasonNoRequest).Inc()
-			s.log.Debug("refused", "reason", reasonNoRequest, "remote", remote)
+			s.noRequest(remote)
 		}
 	}
+}
+
+// noRequest counts a connection that ended before any request: common
+// and harmless (probes, clients that gave up), so logged only at debug
+// level.
+func (s *Server) noRequest(remote string, args ...any) {
+	s.m.refusals.WithLabelValues(reasonNoRequest).Inc()
+	s.log.Debug("refused", append([]any{"reason", reasonNoRequest, "remote", remote}, args...)...)
+}
+
+// misdirected says whether a request for host (lower case, no port) on a
+// connection for name is for another of the relay's names. A host outside
+// the domain (kubectl with tls-server-name dialing 127.0.0.1) is not: the
+// connection's name alone says where it goes then.
+func (s *Server) misdirected(host, name string) bool {
+	return host != name && hostname.InDomain(host, s.cfg.Domain)
 }
 
 // labelOf returns the label of a name one level under the relay's domain.
@@ -184,7 +202,7 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	if name == s.cfg.Domain || name == "" {
 		// A cluster's host on a connection for the relay itself (or one
 		// without SNI) is misdirected too, not a 404 of the relay's API.
-		if host := strings.ToLower(stripPort(r.Host)); host != s.cfg.Domain && hostname.InDomain(host, s.cfg.Domain) {
+		if host := strings.ToLower(stripPort(r.Host)); s.misdirected(host, s.cfg.Domain) {
 			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
 			http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+s.cfg.Domain, http.StatusMisdirectedRequest)
 			return
@@ -196,9 +214,7 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	// covers, and ours covers *.domain: a request for one cluster could
 	// arrive on a connection opened for another. 421 makes the client
 	// retry on a connection of its own, so routing by SNI stays right.
-	// A Host outside the domain (kubectl with tls-server-name dialing
-	// 127.0.0.1) is no such case: SNI alone names the cluster then.
-	if host := strings.ToLower(stripPort(r.Host)); host != name && hostname.InDomain(host, s.cfg.Domain) {
+	if host := strings.ToLower(stripPort(r.Host)); s.misdirected(host, name) {
 		s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
 		http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+name, http.StatusMisdirectedRequest)
 		return

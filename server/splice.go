@@ -47,8 +47,7 @@ func (s *Server) terminate(ctx context.Context, c *sni.Conn, name, label string,
 		s.handOff(c)
 		return
 	}
-	wc := &watchedConn{Conn: c}
-	tc := tls.Server(tunnel.NewBatchConn(wc), s.tlsConf)
+	tc, wc := s.serverTLS(c)
 	// In flight while it lasts, as the HTTPS server's handshakes are
 	// (connState): the processors' adaptation counts them.
 	s.inFlight.Add(1)
@@ -59,8 +58,7 @@ func (s *Server) terminate(ctx context.Context, c *sni.Conn, name, label string,
 	if err != nil {
 		// As the HTTPS server counts a connection that never made a
 		// request (connState).
-		s.m.refusals.WithLabelValues(reasonNoRequest).Inc()
-		s.log.Debug("refused", "reason", reasonNoRequest, "remote", c.RemoteAddr().String(), "error", err)
+		s.noRequest(c.RemoteAddr().String(), "error", err)
 		c.Close()
 		return
 	}
@@ -107,11 +105,7 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, c
 		return false
 	}
 	sc := h2splice.New(tc, h2splice.Options{
-		Allow: func(host string) bool {
-			// As serveHTTPS's 421: a host outside the domain (kubectl
-			// with tls-server-name dialing an address) is no such case.
-			return host == "" || host == name || !hostname.InDomain(host, s.cfg.Domain)
-		},
+		Allow: func(host string) bool { return !s.misdirected(host, name) }, // as serveHTTPS's 421
 		Misdirected: func(host string) {
 			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", remote)
 		},
