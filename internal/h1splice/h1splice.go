@@ -1,0 +1,910 @@
+// Package h1splice carries a client's HTTP/1.1 connection, whose TLS the
+// relay ended, to an upstream connection as bytes: no request becomes a
+// Go request, no response a Go response, and the relay runs no HTTP
+// server or client for it (h2splice does the same for HTTP/2).
+//
+// It reads just enough to keep the connection honest. Each request's head
+// is parsed, strictly: a request for another of the relay's hosts is
+// answered 421 (the connection was opened for one cluster), the
+// X-Forwarded-* fields are the relay's own, the tunnel's Spectro-Proxy-*
+// fields are dropped, and anything this parser and the upstream's could
+// read differently (bare LF, obs-fold, Content-Length beside
+// Transfer-Encoding, absolute-form targets) is refused with 400 rather
+// than passed on, so that no request can hide inside another's body. The
+// bodies' framing (Content-Length, chunked) is followed so that the next
+// head is found. The upstream's answers are followed, not changed, to
+// know which requests are open, when an upgrade (exec, port-forward)
+// turns the connection into raw bytes, and where a streamed response (a
+// watch) can end cleanly.
+package h1splice
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+)
+
+var (
+	// ErrProtocol is the error of a client that broke HTTP/1.1's syntax
+	// or framing; it was answered 400 (or 431, 501) and the connection
+	// closed.
+	ErrProtocol = errors.New("HTTP/1.1 protocol error")
+	// ErrMisdirected: a request named a host Options.Allow refused; it
+	// was answered 421 and the connection closed.
+	ErrMisdirected = errors.New("misdirected request")
+	// ErrUpstream is the error of an upstream whose answers could not be
+	// followed.
+	ErrUpstream = errors.New("upstream broke HTTP/1.1 framing")
+	// errShut ends Write once Shut cut the connection.
+	errShut = errors.New("connection shut")
+)
+
+// maxQueued bounds the requests a client may have sent ahead of their
+// answers (pipelining): past it, the splice reads no more until one is
+// answered.
+const maxQueued = 16
+
+// maxLine bounds a line of a head or a chunk's size: the reader's buffer.
+const maxLine = 16 << 10
+
+// Options says which requests go through and what they carry.
+type Options struct {
+	// Allow reports whether a request for host (lower case, no port)
+	// may go on this connection.
+	Allow func(host string) bool
+	// MaxHeaderBytes bounds a request's head (request line and fields)
+	// and a response's.
+	MaxHeaderBytes int
+	// ClientIP is sent as X-Forwarded-For, instead of any the client sent.
+	ClientIP string
+}
+
+// request is one request sent upstream whose answer has not ended.
+type request struct {
+	path    string
+	head    bool // HEAD: its answer has no body
+	upgrade bool // asked to switch protocols
+}
+
+// Conn is the client's connection as the upstream should see it: Read
+// yields the client's requests, checked; Write passes the upstream's
+// answers on, following them. One goroutine may Read while another
+// Writes.
+type Conn struct {
+	net.Conn
+	opts Options
+	br   *bufio.Reader
+
+	// Read's state.
+	pending  []byte // checked bytes Read has still to return
+	passLeft int64  // body bytes to pass through
+	body     int    // where in a request's body Read is (bodyNone...)
+	raw      bool   // the connection switched protocols: bytes pass as they are
+	refusal  *refusal
+
+	// Shared, under smu; cond wakes a Read waiting for the answers.
+	smu        sync.Mutex
+	cond       *sync.Cond
+	queue      []request
+	upgrading  bool // an upgrade request waits for its answer
+	switched   bool // the upstream answered it 101
+	stopped    bool // no more requests are read (Connection: close)
+	ended      bool // the connection is closing, or the upstream's side ended
+	goingAway  atomic.Bool
+	shutting   atomic.Bool
+	closeAfter bool // the answer under way told the client Connection: close
+
+	// Write's state, under wmu (which orders writes to the client).
+	wmu      sync.Mutex
+	resp     int // where in an answer Write is (respHead...)
+	line     []byte
+	headLen  int
+	status   int
+	length   int64 // the answer's Content-Length, or -1
+	chunked  bool
+	respLeft int64
+	jsonish  bool // the answer's lines are events (JSON, text)
+	lastByte byte // of the last chunk's data
+}
+
+// Where Read is in a request's body.
+const (
+	bodyNone = iota
+	bodyChunkSize
+	bodyChunkEnd
+	bodyTrailers
+)
+
+// Where Write is in an answer.
+const (
+	respHead = iota
+	respBody
+	respChunkSize
+	respChunkData
+	respChunkEnd
+	respTrailers
+	respToEOF
+	respRaw
+)
+
+// New wraps c, the client's end, once its TLS negotiated HTTP/1.1.
+func New(c net.Conn, opts Options) *Conn {
+	s := &Conn{Conn: c, opts: opts, br: bufio.NewReaderSize(c, maxLine)}
+	s.cond = sync.NewCond(&s.smu)
+	return s
+}
+
+// Read returns the client's bytes that may go upstream. It returns what it
+// holds before it would block for more.
+func (c *Conn) Read(p []byte) (int, error) {
+	if r := c.refusal; r != nil {
+		c.refusal = nil
+		return 0, c.refuse(r)
+	}
+	n := 0
+	for n < len(p) {
+		switch {
+		case len(c.pending) > 0:
+			k := copy(p[n:], c.pending)
+			c.pending = c.pending[k:]
+			n += k
+		case c.raw || c.passLeft > 0:
+			if n > 0 && c.br.Buffered() == 0 {
+				return n, nil
+			}
+			want := len(p) - n
+			if !c.raw {
+				want = int(min(int64(want), c.passLeft))
+			}
+			k, err := c.br.Read(p[n : n+want])
+			n += k
+			if !c.raw {
+				c.passLeft -= int64(k)
+			}
+			if err != nil {
+				if c.raw && errors.Is(err, io.EOF) {
+					return n, io.EOF
+				}
+				return n, unexpected(err)
+			}
+		default:
+			if n > 0 && !c.lineBuffered() {
+				return n, nil
+			}
+			if err := c.next(); err != nil {
+				var r *refusal
+				if !errors.As(err, &r) {
+					return n, err
+				}
+				if n > 0 {
+					// The bytes before it go first: the refusal may
+					// wait for their answers.
+					c.refusal = r
+					return n, nil
+				}
+				return n, c.refuse(r)
+			}
+		}
+	}
+	return n, nil
+}
+
+// lineBuffered says whether the next step can be taken without blocking.
+func (c *Conn) lineBuffered() bool {
+	b, _ := c.br.Peek(c.br.Buffered())
+	switch c.body {
+	case bodyNone:
+		return bytes.Contains(b, []byte("\r\n\r\n")) && !c.mustWait()
+	case bodyTrailers:
+		return bytes.HasPrefix(b, []byte("\r\n")) || bytes.Contains(b, []byte("\r\n\r\n"))
+	}
+	return bytes.IndexByte(b, '\n') >= 0
+}
+
+func (c *Conn) mustWait() bool {
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	return c.upgrading || c.stopped || len(c.queue) >= maxQueued
+}
+
+// unexpected turns an EOF inside a request into io.ErrUnexpectedEOF: only
+// a client that ends between requests ended cleanly.
+func unexpected(err error) error {
+	if errors.Is(err, io.EOF) {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// next takes the next piece of the client's bytes: a request's head, or
+// a chunk's size line, its end, or a body's trailers.
+func (c *Conn) next() error {
+	switch c.body {
+	case bodyChunkSize:
+		line, err := c.readLine()
+		if err != nil {
+			return c.bad(err)
+		}
+		size, err := chunkSize(line)
+		if err != nil {
+			return c.bad(err)
+		}
+		c.pending = append(c.pending[:0], line...)
+		if size == 0 {
+			c.body = bodyTrailers
+		} else {
+			c.passLeft, c.body = size, bodyChunkEnd
+		}
+		return nil
+	case bodyChunkEnd:
+		crlf, err := c.br.Peek(2)
+		if err != nil {
+			return unexpected(err)
+		}
+		if crlf[0] != '\r' || crlf[1] != '\n' {
+			return c.bad(fmt.Errorf("%w: a chunk's data does not end with CRLF", ErrProtocol))
+		}
+		_, _ = c.br.Discard(2)
+		c.pending = append(c.pending[:0], "\r\n"...)
+		c.body = bodyChunkSize
+		return nil
+	case bodyTrailers:
+		c.pending = c.pending[:0]
+		for total := 0; ; {
+			line, err := c.readLine()
+			if err != nil {
+				return c.bad(err)
+			}
+			if total += len(line); total > c.opts.MaxHeaderBytes {
+				return refused(431, "Request Header Fields Too Large", fmt.Errorf("%w: trailers over %d bytes", ErrProtocol, c.opts.MaxHeaderBytes))
+			}
+			c.pending = append(c.pending, line...)
+			if len(line) == 2 {
+				c.body = bodyNone
+				return nil
+			}
+			if _, _, err := field(line); err != nil {
+				return c.bad(err)
+			}
+		}
+	}
+	return c.head()
+}
+
+// wait holds Read until the answers allow another request: the upgrade's
+// (which may have switched the connection to raw bytes), or room in the
+// queue. It reports false once no more requests will be read.
+func (c *Conn) wait() bool {
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	for !c.ended && (c.upgrading || c.stopped || len(c.queue) >= maxQueued) {
+		c.cond.Wait()
+	}
+	if c.switched {
+		c.raw = true
+	}
+	return !c.ended
+}
+
+// head reads and checks a request's head and queues it.
+func (c *Conn) head() error {
+	if !c.wait() {
+		return io.EOF
+	}
+	if c.raw {
+		return nil
+	}
+	if _, err := c.br.Peek(1); err != nil {
+		return err // EOF between requests is a clean end
+	}
+	var out []byte
+	total := 0
+	line, err := c.readLine()
+	if err != nil {
+		return c.bad(err)
+	}
+	total += len(line)
+	method, target, minor, err := requestLine(line)
+	if err != nil {
+		return c.bad(err)
+	}
+	if method == "CONNECT" {
+		return refused(405, "Method Not Allowed", fmt.Errorf("%w: CONNECT", ErrProtocol))
+	}
+	out = append(out, line...)
+	var (
+		hosts         int
+		host          []byte
+		length        = int64(-1)
+		chunked, te   bool
+		closing       = minor == 0
+		conn, upgrade bool
+	)
+	for {
+		line, err := c.readLine()
+		if err != nil {
+			return c.bad(err)
+		}
+		if total += len(line); total > c.opts.MaxHeaderBytes {
+			return refused(431, "Request Header Fields Too Large", fmt.Errorf("%w: request head over %d bytes", ErrProtocol, c.opts.MaxHeaderBytes))
+		}
+		if len(line) == 2 {
+			break
+		}
+		name, value, err := field(line)
+		if err != nil {
+			return c.bad(err)
+		}
+		keep := true
+		switch {
+		case equalFold(name, "host"):
+			hosts++
+			host = value
+		case equalFold(name, "content-length"):
+			n, err := strconv.ParseInt(string(value), 10, 64)
+			if err != nil || n < 0 || !digits(value) || (length >= 0 && n != length) {
+				return c.bad(fmt.Errorf("%w: bad Content-Length %q", ErrProtocol, value))
+			}
+			length = n
+		case equalFold(name, "transfer-encoding"):
+			if te || !equalFold(value, "chunked") {
+				return refused(501, "Not Implemented", fmt.Errorf("%w: Transfer-Encoding %q (only one, chunked, is served)", ErrProtocol, value))
+			}
+			te, chunked = true, true
+		case equalFold(name, "connection"):
+			for _, tok := range bytes.Split(value, []byte(",")) {
+				switch t := bytes.TrimSpace(tok); {
+				case equalFold(t, "close"):
+					closing = true
+				case equalFold(t, "keep-alive") && minor == 0:
+					closing = false
+				case equalFold(t, "upgrade"):
+					conn = true
+				}
+			}
+		case equalFold(name, "upgrade"):
+			upgrade = true
+		case equalFold(name, "x-forwarded-for"), equalFold(name, "x-forwarded-host"), equalFold(name, "x-forwarded-proto"),
+			len(name) > len(internalPrefix) && equalFold(name[:len(internalPrefix)], internalPrefix):
+			keep = false // the relay's to set
+		}
+		if keep {
+			out = append(out, line...)
+		}
+	}
+	switch {
+	case chunked && length >= 0:
+		return c.bad(fmt.Errorf("%w: both Content-Length and Transfer-Encoding", ErrProtocol))
+	case chunked && minor == 0:
+		return c.bad(fmt.Errorf("%w: Transfer-Encoding in an HTTP/1.0 request", ErrProtocol))
+	case hosts > 1 || (hosts == 0 && minor == 1):
+		return c.bad(fmt.Errorf("%w: %d Host fields (HTTP/1.1 needs one)", ErrProtocol, hosts))
+	}
+	if h := canonicalHost(string(host)); hosts == 1 && !c.opts.Allow(h) {
+		return refused(421, "Misdirected Request", fmt.Errorf("%w: for %s", ErrMisdirected, h))
+	}
+	out = append(out, "X-Forwarded-For: "...)
+	out = append(out, c.opts.ClientIP...)
+	if hosts == 1 {
+		out = append(out, "\r\nX-Forwarded-Host: "...)
+		out = append(out, host...)
+	}
+	out = append(out, "\r\nX-Forwarded-Proto: https\r\n\r\n"...)
+	c.pending = out
+	if chunked {
+		c.body = bodyChunkSize
+	} else {
+		c.passLeft = max(length, 0)
+	}
+	c.smu.Lock()
+	c.queue = append(c.queue, request{path: target, head: method == "HEAD", upgrade: conn && upgrade})
+	c.upgrading = conn && upgrade
+	c.stopped = closing
+	c.smu.Unlock()
+	c.cond.Broadcast()
+	return nil
+}
+
+const internalPrefix = "spectro-proxy-"
+
+// readLine returns the next line, CRLF included, which must be its only
+// CR or LF.
+func (c *Conn) readLine() ([]byte, error) {
+	line, err := c.br.ReadSlice('\n')
+	switch {
+	case errors.Is(err, bufio.ErrBufferFull):
+		return nil, fmt.Errorf("%w: a line over %d bytes", ErrProtocol, maxLine)
+	case err != nil:
+		return nil, unexpected(err)
+	case len(line) < 2 || line[len(line)-2] != '\r' || bytes.IndexByte(line[:len(line)-2], '\r') >= 0:
+		return nil, fmt.Errorf("%w: a line not ended by CRLF", ErrProtocol)
+	}
+	return line, nil
+}
+
+// requestLine checks "method SP origin-form SP HTTP/1.x CRLF".
+func requestLine(line []byte) (method, target string, minor int, err error) {
+	s := string(line[:len(line)-2])
+	m, rest, ok1 := cut(s, ' ')
+	t, v, ok2 := cut(rest, ' ')
+	switch {
+	case !ok1 || !ok2 || !isToken(m):
+		return "", "", 0, fmt.Errorf("%w: malformed request line %q", ErrProtocol, truncate(s))
+	case v != "HTTP/1.1" && v != "HTTP/1.0":
+		return "", "", 0, fmt.Errorf("%w: version %q", ErrProtocol, truncate(v))
+	case m == "CONNECT":
+		return m, t, 1, nil
+	case !(len(t) > 0 && t[0] == '/') && !(t == "*" && m == "OPTIONS"):
+		// An absolute-form target names a host of its own, which the
+		// upstream would take over the Host field.
+		return "", "", 0, fmt.Errorf("%w: request target %q is not a path", ErrProtocol, truncate(t))
+	}
+	for i := 0; i < len(t); i++ {
+		if t[i] <= ' ' || t[i] == 0x7f {
+			return "", "", 0, fmt.Errorf("%w: request target with a control character", ErrProtocol)
+		}
+	}
+	return m, t, int(v[7] - '0'), nil
+}
+
+// field splits a header field line. Whitespace before the colon and
+// folded lines are refused, as RFC 9112 5.1 and 5.2 say a server must.
+func field(line []byte) (name, value []byte, err error) {
+	s := line[:len(line)-2]
+	i := bytes.IndexByte(s, ':')
+	if i <= 0 || !isToken(s[:i]) {
+		return nil, nil, fmt.Errorf("%w: malformed header field %q", ErrProtocol, truncate(string(s)))
+	}
+	v := bytes.Trim(s[i+1:], " \t")
+	for _, b := range v {
+		if (b < ' ' && b != '\t') || b == 0x7f {
+			return nil, nil, fmt.Errorf("%w: header field %s with a control character", ErrProtocol, s[:i])
+		}
+	}
+	return s[:i], v, nil
+}
+
+// chunkSize parses a chunk's size line (extensions ignored).
+func chunkSize(line []byte) (int64, error) {
+	s := line[:len(line)-2]
+	if i := bytes.IndexByte(s, ';'); i >= 0 {
+		for _, b := range s[i:] {
+			if b < ' ' && b != '\t' || b == 0x7f {
+				return 0, fmt.Errorf("%w: chunk extension with a control character", ErrProtocol)
+			}
+		}
+		s = s[:i]
+	}
+	if len(s) == 0 || len(s) > 15 {
+		return 0, fmt.Errorf("%w: bad chunk size %q", ErrProtocol, truncate(string(s)))
+	}
+	n, err := strconv.ParseInt(string(s), 16, 64)
+	if err != nil || s[0] == '+' || s[0] == '-' {
+		return 0, fmt.Errorf("%w: bad chunk size %q", ErrProtocol, truncate(string(s)))
+	}
+	return n, nil
+}
+
+func cut(s string, sep byte) (string, string, bool) {
+	for i := 0; i < len(s); i++ {
+		if s[i] == sep {
+			return s[:i], s[i+1:], true
+		}
+	}
+	return s, "", false
+}
+
+func digits[T string | []byte](s T) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return len(s) > 0
+}
+
+// isToken reports whether s is an RFC 9110 token.
+func isToken[T string | []byte](s T) bool {
+	if len(s) == 0 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		b := s[i]
+		if b <= ' ' || b >= 0x7f || bytes.IndexByte([]byte(`"(),/:;<=>?@[\]{}`), b) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func equalFold[T string | []byte](s T, t string) bool {
+	if len(s) != len(t) {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		a, b := s[i], t[i]
+		if 'A' <= a && a <= 'Z' {
+			a += 'a' - 'A'
+		}
+		if 'A' <= b && b <= 'Z' {
+			b += 'a' - 'A'
+		}
+		if a != b {
+			return false
+		}
+	}
+	return true
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
+}
+
+func canonicalHost(h string) string {
+	if host, _, err := net.SplitHostPort(h); err == nil {
+		h = host
+	}
+	return hostname.Canonical(h)
+}
+
+// refusal is a request the splice answers itself, and why.
+type refusal struct {
+	code int
+	text string
+	err  error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
+
+func refused(code int, text string, err error) error {
+	return &refusal{code: code, text: text, err: err}
+}
+
+// bad refuses with 400 a request the splice cannot pass on.
+func (c *Conn) bad(err error) error {
+	if !errors.Is(err, ErrProtocol) {
+		return err // the client went away mid-request
+	}
+	return refused(400, "Bad Request", err)
+}
+
+// refuse answers the client itself and closes the connection, once the
+// answers to the requests before this one are through (HTTP/1.1 answers
+// in order). A request whose body broke its framing was passed on
+// already: its own answer is not waited for (it would wait for the rest
+// of the body), and the refusal goes out only if that answer has not
+// begun.
+func (c *Conn) refuse(r *refusal) error {
+	before := 0
+	if c.body != bodyNone || c.passLeft > 0 {
+		before = 1 // the request is in the queue
+	}
+	c.smu.Lock()
+	c.stopped = true
+	for !c.ended && len(c.queue) > before {
+		c.cond.Wait()
+	}
+	ended := c.ended
+	c.smu.Unlock()
+	c.wmu.Lock()
+	if !ended && c.resp == respHead && len(c.line) == 0 {
+		msg := "spectro-proxy: " + r.err.Error() + "\n"
+		_, _ = fmt.Fprintf(c.Conn, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", r.code, r.text, len(msg), msg)
+	}
+	c.wmu.Unlock()
+	c.Close()
+	return r.err
+}
+
+// end marks the connection as ending and wakes whoever waits on it.
+func (c *Conn) end() {
+	c.smu.Lock()
+	c.ended = true
+	c.smu.Unlock()
+	c.cond.Broadcast()
+}
+
+// Close closes the client's connection.
+func (c *Conn) Close() error {
+	c.end()
+	return c.Conn.Close()
+}
+
+// CloseWrite half-closes the client's connection when it can: the
+// upstream's side ended, so no request is read after it.
+func (c *Conn) CloseWrite() error {
+	c.end()
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// GoAway tells the client to send no more requests on this connection:
+// the next final answer carries Connection: close, and the connection is
+// closed once that answer is through. Calls after the first do nothing;
+// only the first returns true.
+func (c *Conn) GoAway() bool { return !c.goingAway.Swap(true) }
+
+// Shut closes the connection at the next point where no answer is cut: at
+// once between answers, at the next chunk boundary of a streamed one
+// (which then ends with its last chunk, a clean end its client re-watches
+// from). A connection switched to raw bytes is left alone: an exec or
+// port-forward session has no such point. It does not wait.
+func (c *Conn) Shut() {
+	c.shutting.Store(true)
+	go func() {
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		switch {
+		case c.resp == respRaw:
+		case c.resp == respHead && len(c.line) == 0:
+			c.Close()
+		case c.atBoundary():
+			_, _ = c.Conn.Write(lastChunk)
+			c.Close()
+		}
+	}()
+}
+
+var lastChunk = []byte("0\r\n\r\n")
+
+// atBoundary says whether a streamed answer can end here: between chunks,
+// and for line-framed events after a line.
+func (c *Conn) atBoundary() bool {
+	return c.resp == respChunkSize && len(c.line) == 0 && (!c.jsonish || c.lastByte == '\n')
+}
+
+// Open counts the requests open on the connection: those whose path
+// staysOpen says never end by themselves (a watch, logs -f), and the
+// rest. A connection switched to raw bytes counts as neither.
+func (c *Conn) Open(staysOpen func(path string) bool) (plain, streamed int) {
+	c.smu.Lock()
+	defer c.smu.Unlock()
+	if c.switched {
+		return 0, 0
+	}
+	for _, r := range c.queue {
+		if staysOpen(r.path) {
+			streamed++
+		} else {
+			plain++
+		}
+	}
+	return plain, streamed
+}
+
+// Write passes the upstream's bytes to the client, following its answers.
+func (c *Conn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	written := 0
+	for len(p) > 0 {
+		k, act, err := c.scan(p)
+		if k > 0 {
+			n, werr := c.Conn.Write(p[:k])
+			written += n
+			if werr != nil {
+				return written, werr
+			}
+		}
+		p = p[k:]
+		if err != nil {
+			return written, err
+		}
+		switch act {
+		case actInject:
+			if _, err := c.Conn.Write(connectionClose); err != nil {
+				return written, err
+			}
+		case actCut:
+			_, _ = c.Conn.Write(lastChunk)
+			c.Close()
+			return written, errShut
+		case actClose:
+			c.Close()
+			return written, errShut
+		}
+	}
+	return written, nil
+}
+
+var connectionClose = []byte("Connection: close\r\n")
+
+// What Write does after the bytes scan returned.
+const (
+	actNone = iota
+	actInject
+	actCut
+	actClose
+)
+
+// scan follows the answers in p and returns how many bytes of p to write
+// before the action it names.
+func (c *Conn) scan(p []byte) (int, int, error) {
+	i := 0
+	for i < len(p) {
+		switch c.resp {
+		case respRaw, respToEOF:
+			return len(p), actNone, nil
+		case respBody, respChunkData:
+			k := int(min(int64(len(p)-i), c.respLeft))
+			c.respLeft -= int64(k)
+			i += k
+			if k > 0 {
+				c.lastByte = p[i-1]
+			}
+			if c.respLeft == 0 {
+				if c.resp == respBody {
+					if act := c.answered(); act != actNone {
+						return i, act, nil
+					}
+				} else {
+					c.resp = respChunkEnd
+				}
+			}
+		default:
+			if c.resp == respChunkSize && len(c.line) == 0 && c.shutting.Load() && c.atBoundary() {
+				return i, actCut, nil
+			}
+			j := bytes.IndexByte(p[i:], '\n')
+			end := len(p)
+			if j >= 0 {
+				end = i + j + 1
+			}
+			if len(c.line)+end-i > maxLine {
+				return i, actNone, fmt.Errorf("%w: a line over %d bytes", ErrUpstream, maxLine)
+			}
+			c.line = append(c.line, p[i:end]...)
+			i = end
+			if j < 0 {
+				continue
+			}
+			act, err := c.respLine()
+			c.line = c.line[:0]
+			if err != nil || act != actNone {
+				return i, act, err
+			}
+		}
+	}
+	return i, actNone, nil
+}
+
+// respLine takes a whole line of the upstream's.
+func (c *Conn) respLine() (int, error) {
+	line := c.line
+	switch c.resp {
+	case respChunkSize:
+		n, err := chunkSize(line)
+		if err != nil {
+			return actNone, fmt.Errorf("%w: %w", ErrUpstream, err)
+		}
+		if n == 0 {
+			c.resp = respTrailers
+		} else {
+			c.resp, c.respLeft = respChunkData, n
+		}
+		return actNone, nil
+	case respChunkEnd:
+		if !bytes.Equal(line, []byte("\r\n")) {
+			return actNone, fmt.Errorf("%w: a chunk's data does not end with CRLF", ErrUpstream)
+		}
+		c.resp = respChunkSize
+		return actNone, nil
+	case respTrailers:
+		if bytes.Equal(line, []byte("\r\n")) {
+			return c.answered(), nil
+		}
+		return actNone, nil
+	}
+	// respHead
+	if c.headLen += len(line); c.headLen > c.opts.MaxHeaderBytes {
+		return actNone, fmt.Errorf("%w: an answer's head over %d bytes", ErrUpstream, c.opts.MaxHeaderBytes)
+	}
+	if c.status == 0 {
+		if len(line) < 14 || string(line[:7]) != "HTTP/1." || line[8] != ' ' || !digits(string(line[9:12])) || (line[12] != ' ' && line[12] != '\r') {
+			return actNone, fmt.Errorf("%w: malformed status line %q", ErrUpstream, truncate(string(line)))
+		}
+		c.status, _ = strconv.Atoi(string(line[9:12]))
+		c.length, c.chunked, c.jsonish = -1, false, false
+		c.smu.Lock()
+		queued := len(c.queue) > 0
+		c.smu.Unlock()
+		if !queued {
+			return actNone, fmt.Errorf("%w: an answer with no request", ErrUpstream)
+		}
+		if c.status >= 200 && c.goingAway.Load() {
+			c.closeAfter = true
+			return actInject, nil
+		}
+		return actNone, nil
+	}
+	if len(line) == 2 {
+		return c.headDone()
+	}
+	name, value, err := field(line)
+	if err != nil {
+		return actNone, fmt.Errorf("%w: %w", ErrUpstream, err)
+	}
+	switch {
+	case equalFold(name, "content-length"):
+		c.length, err = strconv.ParseInt(string(value), 10, 64)
+		if err != nil || c.length < 0 {
+			return actNone, fmt.Errorf("%w: bad Content-Length %q", ErrUpstream, value)
+		}
+	case equalFold(name, "transfer-encoding"):
+		c.chunked = len(value) >= 7 && equalFold(value[len(value)-7:], "chunked")
+	case equalFold(name, "content-type"):
+		c.jsonish = bytes.Contains(value, []byte("json")) || (len(value) >= 5 && equalFold(value[:5], "text/"))
+	}
+	return actNone, nil
+}
+
+// headDone ends an answer's head: says how its body is framed.
+func (c *Conn) headDone() (int, error) {
+	status := c.status
+	c.status, c.headLen = 0, 0
+	c.smu.Lock()
+	req := c.queue[0]
+	c.smu.Unlock()
+	switch {
+	case status == 101:
+		if !req.upgrade {
+			return actNone, fmt.Errorf("%w: 101 to a request that asked for no upgrade", ErrUpstream)
+		}
+		c.smu.Lock()
+		c.switched, c.upgrading = true, false
+		c.queue = c.queue[1:]
+		c.smu.Unlock()
+		c.cond.Broadcast()
+		c.resp = respRaw
+		return actNone, nil
+	case status < 200:
+		return actNone, nil // informational: the final answer follows
+	}
+	if req.upgrade {
+		c.smu.Lock()
+		c.upgrading = false
+		c.smu.Unlock()
+		c.cond.Broadcast()
+	}
+	switch {
+	case req.head || status == 204 || status == 304:
+		return c.answered(), nil
+	case c.chunked:
+		c.resp = respChunkSize
+	case c.length >= 0:
+		c.resp, c.respLeft = respBody, c.length
+		if c.length == 0 {
+			return c.answered(), nil
+		}
+	default:
+		c.resp = respToEOF
+	}
+	return actNone, nil
+}
+
+// answered ends the answer to the oldest request.
+func (c *Conn) answered() int {
+	c.resp = respHead
+	c.smu.Lock()
+	c.queue = c.queue[1:]
+	c.smu.Unlock()
+	c.cond.Broadcast()
+	if c.closeAfter || c.shutting.Load() {
+		return actClose
+	}
+	return actNone
+}
