@@ -43,6 +43,7 @@ FUZZ_TARGETS := \
 	./internal/kubeconfig:FuzzRewrite \
 	./client:FuzzServeStream \
 	./internal/h2splice:FuzzRead \
+	./internal/h2splice:FuzzWrite \
 	./internal/h1splice:FuzzRead \
 	./templates-test:FuzzMacroValue
 FUZZTIME ?= 30s

@@ -14,7 +14,9 @@
 // of its own for that host, and since the upstream's HPACK table now
 // misses that block, the connection goes away (GOAWAY): requests that
 // follow it are retried on a new connection by the client. The upstream's
-// answers are not decoded.
+// header blocks are decoded too, for the cookies its answers set: a
+// cookie whose Domain names the relay's domain would reach every tenant's
+// hosts, so its Domain is hidden (see Write). Bodies pass as they come.
 package h2splice
 
 import (
@@ -31,6 +33,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/setcookie"
 )
 
 // Frame types and flags of RFC 9113, section 6.
@@ -124,8 +127,10 @@ type Conn struct {
 	lastStream atomic.Uint32
 
 	// upstreamTable is the upstream's SETTINGS_HEADER_TABLE_SIZE, which
-	// the client's encoder may use (RFC 7541, 4.2).
+	// the client's encoder may use (RFC 7541, 4.2); clientTable the
+	// client's, which the upstream's encoder may use.
 	upstreamTable atomic.Uint32
+	clientTable   atomic.Uint32
 
 	// wmu orders writes to the client; smu guards Write's state, which
 	// GoAway reads, and is never held across I/O.
@@ -138,6 +143,17 @@ type Conn struct {
 	inSet    bool
 	started  bool   // the upstream's first frame (its SETTINGS) went out
 	own      []byte // frames of the splice's own to send at the next frame boundary
+
+	// The upstream's header blocks, held whole (answers' cookies, see
+	// Write).
+	rdec       *hpack.Decoder
+	rtable     uint32 // the table size rdec allows
+	collecting bool   // a header block is under way
+	blockEnds  bool   // its frame under way has END_HEADERS
+	rblock     []byte // its frames so far
+	rfrag      []byte // its fragments joined
+	nfield     int    // fields decoded from it so far
+	cookies    []int  // which of them are cookies with a Domain
 	// streams are the requests open on the connection, by stream ID:
 	// those whose client or upstream has not ended its side.
 	streams map[uint32]*stream
@@ -147,8 +163,12 @@ type Conn struct {
 func New(c net.Conn, opts Options) *Conn {
 	s := &Conn{Conn: c, opts: opts, br: bufio.NewReaderSize(c, 16<<10), tableSize: 4096, streams: map[uint32]*stream{}}
 	s.upstreamTable.Store(4096)
+	s.clientTable.Store(4096)
 	s.dec = hpack.NewDecoder(4096, s.field)
 	s.dec.SetMaxStringLength(opts.MaxHeaderBlock)
+	s.rtable = 4096
+	s.rdec = hpack.NewDecoder(4096, s.answerField)
+	s.rdec.SetMaxStringLength(maxAnswerBlock)
 	return s
 }
 
@@ -213,7 +233,7 @@ func (c *Conn) frameBuffered() bool {
 		return false
 	}
 	h, _ := c.br.Peek(frameHeaderLen)
-	return h[3] != typeHeaders || c.br.Buffered() >= frameHeaderLen+frameLen(h)
+	return (h[3] != typeHeaders && h[3] != typeSettings) || c.br.Buffered() >= frameHeaderLen+frameLen(h)
 }
 
 func frameLen(h []byte) int { return int(h[0])<<16 | int(h[1])<<8 | int(h[2]) }
@@ -272,6 +292,22 @@ func (c *Conn) next() error {
 	}
 	if typ == typeRSTStream || (typ == typeData && c.hdr[4]&flagEndStream != 0) {
 		c.ended(sid, true, typ == typeRSTStream)
+	}
+	if typ == typeSettings && c.hdr[4]&flagAck == 0 && length <= maxSettings {
+		// The client's header table size bounds the upstream's encoder,
+		// whose blocks Write decodes.
+		f := make([]byte, frameHeaderLen+length)
+		copy(f, c.hdr[:])
+		if _, err := io.ReadFull(c.br, f[frameHeaderLen:]); err != nil {
+			return unexpected(err)
+		}
+		for s := f[frameHeaderLen:]; len(s) >= 6; s = s[6:] {
+			if binary.BigEndian.Uint16(s) == settingHeaderTableSize {
+				c.clientTable.Store(binary.BigEndian.Uint32(s[2:6]))
+			}
+		}
+		c.pending = f
+		return nil
 	}
 	c.pending, c.passLeft = c.hdr[:], length
 	return nil
@@ -479,7 +515,7 @@ func (c *Conn) flushOwn() {
 func (c *Conn) takeOwn() []byte {
 	c.smu.Lock()
 	defer c.smu.Unlock()
-	if c.own == nil || !c.started || c.whdrN != 0 || c.wLeft != 0 {
+	if c.own == nil || !c.started || c.whdrN != 0 || c.wLeft != 0 || c.collecting {
 		return nil
 	}
 	f := c.own
@@ -488,71 +524,400 @@ func (c *Conn) takeOwn() []byte {
 }
 
 // Write sends the upstream's bytes to the client, following their frames.
+// Its header blocks are held until whole and decoded (HPACK), so that a
+// cookie it sets stays on the host that set it (see setcookie): the
+// Domain attribute of a Set-Cookie is renamed, which keeps the field's
+// length, and with it the two ends' HPACK tables in step. Other frames
+// pass as they come.
 func (c *Conn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	written := 0
+	total := len(p)
+	// A held header block goes out in one write with what follows it in
+	// p, as a batch of answers came: one TLS record, not one per block.
+	var buf *[]byte
+	defer func() {
+		if buf != nil {
+			*buf = (*buf)[:0]
+			writeBufs.Put(buf)
+		}
+	}()
 	for len(p) > 0 {
 		c.smu.Lock()
-		k := c.scan(p, c.own != nil)
+		sc := c.scan(p, c.own != nil)
 		c.smu.Unlock()
-		n, err := c.Conn.Write(p[:k])
-		written += n
-		if err != nil {
-			return written, err
+		out := p[sc.from:sc.pass]
+		if len(sc.held) > 0 || sc.block != nil || (buf != nil && len(*buf) > 0) {
+			if buf == nil {
+				buf = writeBufs.Get().(*[]byte)
+			}
+			*buf = append(append(append(*buf, sc.held...), out...), sc.block...)
+			out = *buf
 		}
-		p = p[k:]
+		p = p[sc.took:]
+		if sc.block != nil && sc.err == nil && len(p) > 0 {
+			continue
+		}
+		if len(out) > 0 {
+			if _, err := c.Conn.Write(out); err != nil {
+				return total - len(p), err
+			}
+		}
+		if buf != nil {
+			*buf = (*buf)[:0]
+		}
+		if sc.err != nil {
+			return total - len(p), sc.err
+		}
 		if f := c.takeOwn(); f != nil {
 			if _, err := c.Conn.Write(f); err != nil {
-				return written, err
+				return total - len(p), err
 			}
 		}
 	}
-	return written, nil
+	return total, nil
 }
 
-// scan follows the frames in p and returns how much of p to write: all of
-// it, or with stop up to the end of the first frame that ends in it.
-func (c *Conn) scan(p []byte, stop bool) int {
+var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, 32<<10); return &b }}
+
+// scanned is what scan found: write held (a frame header that straddled
+// two writes), then p[from:pass], then block (a header block made whole);
+// took bytes of p are done with.
+type scanned struct {
+	held             []byte
+	from, pass, took int
+	block            []byte
+	err              error
+}
+
+// scan follows the frames in p: up to its end, to a header block made
+// whole, or with stop to the end of the first frame that ends in it.
+func (c *Conn) scan(p []byte, stop bool) scanned {
+	var sc scanned
 	i := 0
+	pass := func() { // p so far goes out, unless it is held in a block
+		if !c.collecting {
+			sc.pass = i
+		}
+	}
 	for i < len(p) {
 		if c.wLeft > 0 {
 			k := min(c.wLeft, len(p)-i)
-			if c.inSet && len(c.settings)+k <= maxSettings {
+			switch {
+			case c.collecting:
+				if len(c.rblock)+k > maxAnswerBlock+frameHeaderLen {
+					sc.took, sc.err = i, fmt.Errorf("%w: a header block over %d bytes", ErrUpstream, maxAnswerBlock)
+					return sc
+				}
+				c.rblock = append(c.rblock, p[i:i+k]...)
+			case c.inSet && len(c.settings)+k <= maxSettings:
 				c.settings = append(c.settings, p[i:i+k]...)
 			}
 			c.wLeft -= k
 			i += k
-			if c.wLeft == 0 {
-				c.frameDone()
-				if stop {
-					return i
+			pass()
+			if c.wLeft > 0 {
+				continue
+			}
+			if c.collecting {
+				if c.blockEnds {
+					sc.block, sc.err = c.answerBlock()
+					sc.took = i
+					return sc
 				}
+				continue
+			}
+			c.frameDone()
+			if stop {
+				sc.took = i
+				return sc
 			}
 			continue
 		}
-		k := min(frameHeaderLen-c.whdrN, len(p)-i)
-		copy(c.whdr[c.whdrN:], p[i:i+k])
-		c.whdrN += k
-		i += k
-		if c.whdrN < frameHeaderLen {
-			continue
+		// A frame header: whole in p, or held until it is.
+		if c.whdrN == 0 && len(p)-i < frameHeaderLen {
+			c.whdrN = copy(c.whdr[:], p[i:])
+			sc.took = len(p)
+			return sc
+		}
+		var h []byte
+		held := c.whdrN > 0
+		if held {
+			k := copy(c.whdr[c.whdrN:], p[i:])
+			c.whdrN += k
+			i += k
+			if c.whdrN < frameHeaderLen {
+				sc.took = i
+				return sc
+			}
+			h = c.whdr[:]
+		} else {
+			h = p[i : i+frameHeaderLen]
+			i += frameHeaderLen
 		}
 		c.whdrN = 0
-		c.wLeft = frameLen(c.whdr[:])
-		c.inSet = c.whdr[3] == typeSettings && c.whdr[4]&flagAck == 0 && c.wLeft <= maxSettings
-		if t := c.whdr[3]; t == typeRSTStream || ((t == typeData || t == typeHeaders) && c.whdr[4]&flagEndStream != 0) {
-			c.endedLocked(streamOf(c.whdr[:]), false, t == typeRSTStream)
+		t := h[3]
+		c.wLeft = frameLen(h)
+		if t == typeRSTStream || ((t == typeData || t == typeHeaders) && h[4]&flagEndStream != 0) {
+			c.endedLocked(streamOf(h), false, t == typeRSTStream)
 		}
+		switch {
+		case t == typePushPromise:
+			sc.took, sc.err = i, fmt.Errorf("%w: PUSH_PROMISE", ErrUpstream)
+			return sc
+		case c.collecting && t != typeContinuation:
+			sc.took, sc.err = i, fmt.Errorf("%w: a frame of type %d inside a header block", ErrUpstream, t)
+			return sc
+		case t == typeHeaders || t == typeContinuation:
+			if !c.collecting {
+				if t == typeContinuation {
+					sc.took, sc.err = i, fmt.Errorf("%w: CONTINUATION outside a header block", ErrUpstream)
+					return sc
+				}
+				if held {
+					sc.from, sc.pass = i, i
+				} else {
+					sc.pass = i - frameHeaderLen
+				}
+				c.collecting = true
+				c.rblock = c.rblock[:0]
+			}
+			c.rblock = append(c.rblock, h...)
+			c.blockEnds = h[4]&flagEndHeaders != 0
+			if c.wLeft == 0 && c.blockEnds {
+				sc.block, sc.err = c.answerBlock()
+				sc.took = i
+				return sc
+			}
+			continue
+		}
+		if held {
+			// Its tail in p goes out with it.
+			sc.held, sc.from = append([]byte(nil), h...), i
+		}
+		c.inSet = t == typeSettings && h[4]&flagAck == 0 && c.wLeft <= maxSettings
 		c.settings = c.settings[:0]
+		pass()
 		if c.wLeft == 0 {
 			c.frameDone()
 			if stop {
-				return i
+				sc.took = i
+				return sc
 			}
 		}
 	}
-	return i
+	sc.took = i
+	return sc
+}
+
+// maxAnswerBlock bounds an answer's header block, as the
+// request-by-request path bounds an answer's header section
+// (tunnel.MaxResponseHeaderBytes), and maxAnswerTable the HPACK table the
+// upstream may make the relay keep for its answers.
+const (
+	maxAnswerBlock = 1 << 20
+	maxAnswerTable = 64 << 10
+)
+
+// ErrUpstream is the error of an upstream that broke HTTP/2's framing or
+// header compression.
+var ErrUpstream = errors.New("upstream broke HTTP/2")
+
+func (c *Conn) answerField(f hpack.HeaderField) {
+	if f.Name == "set-cookie" && setcookie.HasDomain([]byte(f.Value)) {
+		c.cookies = append(c.cookies, c.nfield)
+	}
+	c.nfield++
+}
+
+// answerBlock decodes the header block held in rblock and returns its
+// frames as they go to the client.
+func (c *Conn) answerBlock() ([]byte, error) {
+	c.collecting = false
+	c.started = true
+	frag := c.rfrag[:0]
+	first := c.rblock[:frameHeaderLen]
+	for b := c.rblock; len(b) > 0; {
+		n := frameLen(b)
+		payload := b[frameHeaderLen : frameHeaderLen+n]
+		if b[3] == typeHeaders {
+			var err error
+			if payload, err = fragment(payload, b[4]); err != nil {
+				return nil, fmt.Errorf("%w: %w", ErrUpstream, err)
+			}
+		}
+		frag = append(frag, payload...)
+		b = b[frameHeaderLen+n:]
+	}
+	c.rfrag = frag
+	if ts := min(c.clientTable.Load(), maxAnswerTable); ts != c.rtable {
+		c.rdec.SetAllowedMaxDynamicTableSize(ts)
+		c.rtable = ts
+	}
+	c.nfield, c.cookies = 0, c.cookies[:0]
+	if _, err := c.rdec.Write(frag); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrUpstream, err)
+	}
+	if err := c.rdec.Close(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrUpstream, err)
+	}
+	if len(c.cookies) == 0 {
+		return c.rblock, nil
+	}
+	frag, err := hideCookieDomains(frag, c.cookies)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrUpstream, err)
+	}
+	// The block again, unpadded and without priority (advisory, and
+	// deprecated by RFC 9113), in frames no client refuses.
+	var out []byte
+	typ, flags := byte(typeHeaders), first[4]&flagEndStream
+	for {
+		n := min(len(frag), 16384)
+		f := flags
+		if n == len(frag) {
+			f |= flagEndHeaders
+		}
+		out = appendFrame(out, typ, f, streamOf(first), frag[:n])
+		frag = frag[n:]
+		if len(frag) == 0 {
+			return out, nil
+		}
+		typ, flags = typeContinuation, 0
+	}
+}
+
+// hideCookieDomains rewrites a header block whose fields at the indexes
+// in marks (in order) are cookies with a Domain: each of those that came
+// as a literal comes again as a plain literal of the same representation
+// with the Domain hidden. One that came from the dynamic table is left:
+// the client's entry was made from the rewritten literal.
+func hideCookieDomains(block []byte, marks []int) ([]byte, error) {
+	out := make([]byte, 0, len(block)+16)
+	field := 0
+	for b := block; len(b) > 0; {
+		var prefix int
+		switch {
+		case b[0]&0x80 != 0: // indexed
+			_, n, err := hpackInt(b, 7)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, b[:n]...)
+			b = b[n:]
+			if len(marks) > 0 && marks[0] == field {
+				marks = marks[1:] // the client's entry has it hidden
+			}
+			field++
+			continue
+		case b[0]&0xe0 == 0x20: // dynamic table size update
+			_, n, err := hpackInt(b, 5)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, b[:n]...)
+			b = b[n:]
+			continue
+		case b[0]&0xc0 == 0x40: // literal, indexed after
+			prefix = 6
+		default: // literal, not indexed or never indexed
+			prefix = 4
+		}
+		idx, pos, err := hpackInt(b, prefix)
+		if err != nil {
+			return nil, err
+		}
+		if idx == 0 { // a literal name
+			n, err := hpackString(b[pos:])
+			if err != nil {
+				return nil, err
+			}
+			pos += n
+		}
+		start := pos
+		n, err := hpackString(b[pos:])
+		if err != nil {
+			return nil, err
+		}
+		pos += n
+		if len(marks) > 0 && marks[0] == field {
+			marks = marks[1:]
+			v, err := stringValue(b[start:pos])
+			if err != nil {
+				return nil, err
+			}
+			setcookie.HideDomain(v)
+			out = append(out, b[:start]...)
+			out = appendHpackInt(out, 0, 7, uint64(len(v)))
+			out = append(out, v...)
+		} else {
+			out = append(out, b[:pos]...)
+		}
+		b = b[pos:]
+		field++
+	}
+	return out, nil
+}
+
+// hpackInt decodes an integer with an n-bit prefix (RFC 7541, 5.1) and
+// returns it and its length.
+func hpackInt(b []byte, n int) (uint64, int, error) {
+	mask := uint64(1)<<n - 1
+	v := uint64(b[0]) & mask
+	if v < mask {
+		return v, 1, nil
+	}
+	for i, m := 1, 0; i < len(b) && m <= 56; i, m = i+1, m+7 {
+		v += uint64(b[i]&0x7f) << m
+		if b[i]&0x80 == 0 {
+			return v, i + 1, nil
+		}
+	}
+	return 0, 0, errors.New("bad HPACK integer")
+}
+
+// hpackString returns the length of the string literal at the start of b.
+func hpackString(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, errors.New("HPACK string missing")
+	}
+	l, n, err := hpackInt(b, 7)
+	if err != nil {
+		return 0, err
+	}
+	if uint64(len(b)-n) < l {
+		return 0, errors.New("HPACK string cut short")
+	}
+	return n + int(l), nil
+}
+
+// stringValue decodes a string literal (Huffman-coded or not).
+func stringValue(b []byte) ([]byte, error) {
+	_, n, err := hpackInt(b, 7)
+	if err != nil {
+		return nil, err
+	}
+	if b[0]&0x80 == 0 {
+		return append([]byte(nil), b[n:]...), nil
+	}
+	var buf bytes.Buffer
+	if _, err := hpack.HuffmanDecode(&buf, b[n:]); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// appendHpackInt appends v with an n-bit prefix, first's high bits set.
+func appendHpackInt(dst []byte, first byte, n int, v uint64) []byte {
+	mask := uint64(1)<<n - 1
+	if v < mask {
+		return append(dst, first|byte(v))
+	}
+	dst = append(dst, first|byte(mask))
+	for v -= mask; v >= 128; v >>= 7 {
+		dst = append(dst, byte(v&0x7f)|0x80)
+	}
+	return append(dst, byte(v))
 }
 
 // frameDone ends a frame the upstream wrote; a SETTINGS frame's header
