@@ -14,6 +14,7 @@ import (
 
 	"github.com/spectroproxy/spectro-proxy/internal/kubereq"
 	"github.com/spectroproxy/spectro-proxy/internal/kubestatus"
+	"github.com/spectroproxy/spectro-proxy/internal/setcookie"
 	"github.com/spectroproxy/spectro-proxy/internal/sni"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
@@ -331,18 +332,12 @@ func (u *upgradedStream) CloseWrite() error { return u.st.CloseWrite() }
 func (u *upgradedStream) Close() error      { return u.st.Close() }
 
 // stripCookieDomains removes the Domain attribute of every Set-Cookie in
-// h, making each a host-only cookie of the host that set it.
+// h, making each a host-only cookie of the host that set it (setcookie).
 func stripCookieDomains(h http.Header) {
 	for i, c := range h["Set-Cookie"] {
-		parts := strings.Split(c, ";")
-		kept := parts[:1]
-		for _, a := range parts[1:] {
-			name, _, _ := strings.Cut(a, "=")
-			if !strings.EqualFold(strings.TrimSpace(name), "domain") {
-				kept = append(kept, a)
-			}
+		if setcookie.HasDomain([]byte(c)) {
+			h["Set-Cookie"][i] = string(setcookie.StripDomain([]byte(c)))
 		}
-		h["Set-Cookie"][i] = strings.Join(kept, ";")
 	}
 }
 

@@ -30,6 +30,7 @@ import (
 	"sync/atomic"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	"github.com/spectroproxy/spectro-proxy/internal/setcookie"
 )
 
 var (
@@ -43,6 +44,9 @@ var (
 	// ErrUpstream is the error of an upstream whose answers could not be
 	// followed.
 	ErrUpstream = errors.New("upstream broke HTTP/1.1 framing")
+	// ErrUpstreamHeaders: an answer's head was over
+	// Options.MaxResponseHeaderBytes; the client got a 502.
+	ErrUpstreamHeaders = errors.New("upstream answer too large")
 	// errShut ends Write once Shut cut the connection.
 	errShut = errors.New("connection shut")
 )
@@ -60,9 +64,11 @@ type Options struct {
 	// Allow reports whether a request for host (lower case, no port)
 	// may go on this connection.
 	Allow func(host string) bool
-	// MaxHeaderBytes bounds a request's head (request line and fields)
-	// and a response's.
+	// MaxHeaderBytes bounds a request's head (request line and fields),
+	// and a body's trailers.
 	MaxHeaderBytes int
+	// MaxResponseHeaderBytes bounds an answer's head.
+	MaxResponseHeaderBytes int
 	// ClientIP is sent as X-Forwarded-For, instead of any the client sent.
 	ClientIP string
 }
@@ -103,16 +109,18 @@ type Conn struct {
 	closeAfter bool // the answer under way told the client Connection: close
 
 	// Write's state, under wmu (which orders writes to the client).
-	wmu      sync.Mutex
-	resp     int // where in an answer Write is (respHead...)
-	line     []byte
-	headLen  int
-	status   int
-	length   int64 // the answer's Content-Length, or -1
-	chunked  bool
-	respLeft int64
-	jsonish  bool // the answer's lines are events (JSON, text)
-	lastByte byte // of the last chunk's data
+	wmu       sync.Mutex
+	resp      int    // where in an answer Write is (respHead...)
+	head      []byte // the answer's head so far
+	lineStart int    // where in head its last line starts
+	rewrite   bool   // the head has a cookie whose Domain goes
+	line      []byte // a chunked body's framing line so far
+	status    int
+	length    int64 // the answer's Content-Length, or -1
+	chunked   bool
+	respLeft  int64
+	jsonish   bool // the answer's lines are events (JSON, text)
+	lastByte  byte // of the last chunk's data
 }
 
 // Where Read is in a request's body.
@@ -276,7 +284,7 @@ func (c *Conn) next() error {
 			}
 		}
 	}
-	return c.head()
+	return c.readHead()
 }
 
 // wait holds Read until the answers allow another request: the upgrade's
@@ -294,8 +302,8 @@ func (c *Conn) wait() bool {
 	return !c.ended
 }
 
-// head reads and checks a request's head and queues it.
-func (c *Conn) head() error {
+// readHead reads and checks a request's head and queues it.
+func (c *Conn) readHead() error {
 	if !c.wait() {
 		return io.EOF
 	}
@@ -373,8 +381,10 @@ func (c *Conn) head() error {
 		case equalFold(name, "upgrade"):
 			upgrade = true
 		case equalFold(name, "x-forwarded-for"), equalFold(name, "x-forwarded-host"), equalFold(name, "x-forwarded-proto"),
-			len(name) > len(internalPrefix) && equalFold(name[:len(internalPrefix)], internalPrefix):
-			keep = false // the relay's to set
+			equalFold(name, "forwarded"), len(name) > len(internalPrefix) && equalFold(name[:len(internalPrefix)], internalPrefix):
+			keep = false // the relay's to set, as on the request-by-request path
+		case equalFold(name, "proxy-authorization"), equalFold(name, "proxy-connection"):
+			keep = false // meant for a proxy on the client's side, not the API server
 		}
 		if keep {
 			out = append(out, line...)
@@ -599,7 +609,7 @@ func (c *Conn) refuse(r *refusal) error {
 	ended := c.ended
 	c.smu.Unlock()
 	c.wmu.Lock()
-	if !ended && c.resp == respHead && len(c.line) == 0 {
+	if !ended && c.resp == respHead { // nothing of an answer went out
 		msg := "spectro-proxy: " + r.err.Error() + "\n"
 		_, _ = fmt.Fprintf(c.Conn, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", r.code, r.text, len(msg), msg)
 	}
@@ -650,7 +660,7 @@ func (c *Conn) Shut() {
 		defer c.wmu.Unlock()
 		switch {
 		case c.resp == respRaw:
-		case c.resp == respHead && len(c.line) == 0:
+		case c.resp == respHead: // a head under way is held, not sent
 			c.Close()
 		case c.atBoundary():
 			_, _ = c.Conn.Write(lastChunk)
@@ -687,58 +697,228 @@ func (c *Conn) Open(staysOpen func(path string) bool) (plain, streamed int) {
 }
 
 // Write passes the upstream's bytes to the client, following its answers.
+// An answer's head is held until it is whole, and then passed on with
+// every Set-Cookie's Domain taken out (see setcookie), and with
+// Connection: close after GoAway.
 func (c *Conn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	written := 0
+	total := len(p)
 	for len(p) > 0 {
-		k, act, err := c.scan(p)
-		if k > 0 {
-			n, werr := c.Conn.Write(p[:k])
-			written += n
-			if werr != nil {
-				return written, werr
-			}
+		var (
+			out []byte
+			act int
+			err error
+		)
+		if c.resp == respHead {
+			var k int
+			k, out, act, err = c.takeHead(p)
+			p = p[k:]
+		} else {
+			var k int
+			k, act, err = c.scan(p)
+			out, p = p[:k], p[k:]
 		}
-		p = p[k:]
 		if err != nil {
-			return written, err
+			return total - len(p), c.upstreamFailed(err)
+		}
+		if len(out) > 0 {
+			if _, err := c.Conn.Write(out); err != nil {
+				return total - len(p), err
+			}
 		}
 		switch act {
-		case actInject:
-			if _, err := c.Conn.Write(connectionClose); err != nil {
-				return written, err
-			}
 		case actCut:
 			_, _ = c.Conn.Write(lastChunk)
 			c.Close()
-			return written, errShut
+			return total - len(p), errShut
 		case actClose:
 			c.Close()
-			return written, errShut
+			return total - len(p), errShut
 		}
 	}
-	return written, nil
+	return total, nil
 }
 
-var connectionClose = []byte("Connection: close\r\n")
+// upstreamFailed ends a connection whose upstream's answers cannot be
+// followed; when nothing of the answer went out yet, the client is told
+// why with a 502.
+func (c *Conn) upstreamFailed(err error) error {
+	if c.resp == respHead {
+		msg := "spectro-proxy: " + err.Error() + "\n"
+		_, _ = fmt.Fprintf(c.Conn, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(msg), msg)
+	}
+	c.Close()
+	return err
+}
 
-// What Write does after the bytes scan returned.
+// What Write does after the bytes scan or takeHead returned.
 const (
 	actNone = iota
-	actInject
 	actCut
 	actClose
 )
 
-// scan follows the answers in p and returns how many bytes of p to write
-// before the action it names.
+// takeHead holds p's bytes of an answer's head; once it is whole it
+// returns it, as it goes to the client, and what to do next.
+func (c *Conn) takeHead(p []byte) (int, []byte, int, error) {
+	i := 0
+	for i < len(p) {
+		j := bytes.IndexByte(p[i:], '\n')
+		end := len(p)
+		if j >= 0 {
+			end = i + j + 1
+		}
+		if len(c.head)+end-i > c.opts.MaxResponseHeaderBytes {
+			return end, nil, actNone, fmt.Errorf("%w: the cluster's answer has a header section too large (limit %d bytes)", ErrUpstreamHeaders, c.opts.MaxResponseHeaderBytes)
+		}
+		c.head = append(c.head, p[i:end]...)
+		i = end
+		if j < 0 {
+			break
+		}
+		done, err := c.headLine(c.head[c.lineStart:])
+		c.lineStart = len(c.head)
+		if err != nil {
+			return i, nil, actNone, err
+		}
+		if done {
+			out, act, err := c.headDone()
+			return i, out, act, err
+		}
+	}
+	return i, nil, actNone, nil
+}
+
+// headLine takes a whole line of an answer's head; true at its end.
+func (c *Conn) headLine(line []byte) (bool, error) {
+	if c.status == 0 {
+		if len(line) < 14 || string(line[:7]) != "HTTP/1." || line[8] != ' ' || !digits(line[9:12]) || (line[12] != ' ' && line[12] != '\r') {
+			return false, fmt.Errorf("%w: malformed status line %q", ErrUpstream, truncate(string(line)))
+		}
+		c.status = int(line[9]-'0')*100 + int(line[10]-'0')*10 + int(line[11]-'0')
+		c.length, c.chunked, c.jsonish, c.rewrite = -1, false, false, false
+		return false, nil
+	}
+	if len(line) == 2 && line[0] == '\r' {
+		return true, nil
+	}
+	name, value, err := field(line)
+	if err != nil {
+		return false, fmt.Errorf("%w: %w", ErrUpstream, err)
+	}
+	switch {
+	case equalFold(name, "content-length"):
+		c.length, err = strconv.ParseInt(string(value), 10, 64)
+		if err != nil || c.length < 0 {
+			return false, fmt.Errorf("%w: bad Content-Length %q", ErrUpstream, value)
+		}
+	case equalFold(name, "transfer-encoding"):
+		c.chunked = len(value) >= 7 && equalFold(value[len(value)-7:], "chunked")
+	case equalFold(name, "content-type"):
+		c.jsonish = bytes.Contains(value, []byte("json")) || (len(value) >= 5 && equalFold(value[:5], "text/"))
+	case equalFold(name, "set-cookie"):
+		if setcookie.HasDomain(value) {
+			c.rewrite = true
+		}
+	}
+	return false, nil
+}
+
+// headDone ends an answer's head: returns it as it goes to the client,
+// and says how its body is framed.
+func (c *Conn) headDone() ([]byte, int, error) {
+	status := c.status
+	head := c.head
+	c.status, c.head, c.lineStart = 0, c.head[:0], 0
+	c.smu.Lock()
+	if len(c.queue) == 0 {
+		c.smu.Unlock()
+		return nil, actNone, fmt.Errorf("%w: an answer with no request", ErrUpstream)
+	}
+	req := c.queue[0]
+	c.smu.Unlock()
+	if status >= 200 && c.goingAway.Load() {
+		c.closeAfter = true
+	}
+	out := head
+	if c.rewrite || c.closeAfter && status >= 200 {
+		out = c.rewriteHead(head)
+	}
+	switch {
+	case status == 101:
+		if !req.upgrade {
+			return nil, actNone, fmt.Errorf("%w: 101 to a request that asked for no upgrade", ErrUpstream)
+		}
+		c.smu.Lock()
+		c.switched, c.upgrading = true, false
+		c.queue = c.queue[1:]
+		c.smu.Unlock()
+		c.cond.Broadcast()
+		c.resp = respRaw
+		return out, actNone, nil
+	case status < 200:
+		return out, actNone, nil // informational: the final answer follows
+	}
+	if req.upgrade {
+		c.smu.Lock()
+		c.upgrading = false
+		c.smu.Unlock()
+		c.cond.Broadcast()
+	}
+	switch {
+	case req.head || status == 204 || status == 304:
+		return out, c.answered(), nil
+	case c.chunked:
+		c.resp = respChunkSize
+	case c.length >= 0:
+		c.resp, c.respLeft = respBody, c.length
+		if c.length == 0 {
+			return out, c.answered(), nil
+		}
+	default:
+		c.resp = respToEOF
+	}
+	return out, actNone, nil
+}
+
+// rewriteHead copies an answer's head with its cookies' Domain taken
+// out, and Connection: close after the status line once going away.
+func (c *Conn) rewriteHead(head []byte) []byte {
+	out := make([]byte, 0, len(head)+len(connectionClose))
+	first := true
+	for len(head) > 0 {
+		j := bytes.IndexByte(head, '\n') + 1
+		line := head[:j]
+		head = head[j:]
+		if name, value, err := field(line); err == nil && equalFold(name, "set-cookie") && setcookie.HasDomain(value) {
+			out = append(out, name...)
+			out = append(out, ": "...)
+			out = append(out, setcookie.StripDomain(value)...)
+			out = append(out, "\r\n"...)
+		} else {
+			out = append(out, line...)
+		}
+		if first && c.closeAfter {
+			out = append(out, connectionClose...)
+		}
+		first = false
+	}
+	return out
+}
+
+var connectionClose = []byte("Connection: close\r\n")
+
+// scan follows an answer's body in p and returns how many bytes of p to
+// write before the action it names.
 func (c *Conn) scan(p []byte) (int, int, error) {
 	i := 0
 	for i < len(p) {
 		switch c.resp {
 		case respRaw, respToEOF:
 			return len(p), actNone, nil
+		case respHead:
+			return i, actNone, nil
 		case respBody, respChunkData:
 			k := int(min(int64(len(p)-i), c.respLeft))
 			c.respLeft -= int64(k)
@@ -772,7 +952,7 @@ func (c *Conn) scan(p []byte) (int, int, error) {
 			if j < 0 {
 				continue
 			}
-			act, err := c.respLine()
+			act, err := c.bodyLine()
 			c.line = c.line[:0]
 			if err != nil || act != actNone {
 				return i, act, err
@@ -782,8 +962,8 @@ func (c *Conn) scan(p []byte) (int, int, error) {
 	return i, actNone, nil
 }
 
-// respLine takes a whole line of the upstream's.
-func (c *Conn) respLine() (int, error) {
+// bodyLine takes a whole line of a chunked body's framing.
+func (c *Conn) bodyLine() (int, error) {
 	line := c.line
 	switch c.resp {
 	case respChunkSize:
@@ -796,102 +976,15 @@ func (c *Conn) respLine() (int, error) {
 		} else {
 			c.resp, c.respLeft = respChunkData, n
 		}
-		return actNone, nil
 	case respChunkEnd:
 		if !bytes.Equal(line, []byte("\r\n")) {
 			return actNone, fmt.Errorf("%w: a chunk's data does not end with CRLF", ErrUpstream)
 		}
 		c.resp = respChunkSize
-		return actNone, nil
 	case respTrailers:
 		if bytes.Equal(line, []byte("\r\n")) {
 			return c.answered(), nil
 		}
-		return actNone, nil
-	}
-	// respHead
-	if c.headLen += len(line); c.headLen > c.opts.MaxHeaderBytes {
-		return actNone, fmt.Errorf("%w: an answer's head over %d bytes", ErrUpstream, c.opts.MaxHeaderBytes)
-	}
-	if c.status == 0 {
-		if len(line) < 14 || string(line[:7]) != "HTTP/1." || line[8] != ' ' || !digits(string(line[9:12])) || (line[12] != ' ' && line[12] != '\r') {
-			return actNone, fmt.Errorf("%w: malformed status line %q", ErrUpstream, truncate(string(line)))
-		}
-		c.status, _ = strconv.Atoi(string(line[9:12]))
-		c.length, c.chunked, c.jsonish = -1, false, false
-		c.smu.Lock()
-		queued := len(c.queue) > 0
-		c.smu.Unlock()
-		if !queued {
-			return actNone, fmt.Errorf("%w: an answer with no request", ErrUpstream)
-		}
-		if c.status >= 200 && c.goingAway.Load() {
-			c.closeAfter = true
-			return actInject, nil
-		}
-		return actNone, nil
-	}
-	if len(line) == 2 {
-		return c.headDone()
-	}
-	name, value, err := field(line)
-	if err != nil {
-		return actNone, fmt.Errorf("%w: %w", ErrUpstream, err)
-	}
-	switch {
-	case equalFold(name, "content-length"):
-		c.length, err = strconv.ParseInt(string(value), 10, 64)
-		if err != nil || c.length < 0 {
-			return actNone, fmt.Errorf("%w: bad Content-Length %q", ErrUpstream, value)
-		}
-	case equalFold(name, "transfer-encoding"):
-		c.chunked = len(value) >= 7 && equalFold(value[len(value)-7:], "chunked")
-	case equalFold(name, "content-type"):
-		c.jsonish = bytes.Contains(value, []byte("json")) || (len(value) >= 5 && equalFold(value[:5], "text/"))
-	}
-	return actNone, nil
-}
-
-// headDone ends an answer's head: says how its body is framed.
-func (c *Conn) headDone() (int, error) {
-	status := c.status
-	c.status, c.headLen = 0, 0
-	c.smu.Lock()
-	req := c.queue[0]
-	c.smu.Unlock()
-	switch {
-	case status == 101:
-		if !req.upgrade {
-			return actNone, fmt.Errorf("%w: 101 to a request that asked for no upgrade", ErrUpstream)
-		}
-		c.smu.Lock()
-		c.switched, c.upgrading = true, false
-		c.queue = c.queue[1:]
-		c.smu.Unlock()
-		c.cond.Broadcast()
-		c.resp = respRaw
-		return actNone, nil
-	case status < 200:
-		return actNone, nil // informational: the final answer follows
-	}
-	if req.upgrade {
-		c.smu.Lock()
-		c.upgrading = false
-		c.smu.Unlock()
-		c.cond.Broadcast()
-	}
-	switch {
-	case req.head || status == 204 || status == 304:
-		return c.answered(), nil
-	case c.chunked:
-		c.resp = respChunkSize
-	case c.length >= 0:
-		c.resp, c.respLeft = respBody, c.length
-		if c.length == 0 {
-			return c.answered(), nil
-		}
-	default:
-		c.resp = respToEOF
 	}
 	return actNone, nil
 }

@@ -47,7 +47,7 @@ func (r *rig) dial() net.Conn {
 	client, server := net.Pipe()
 	up, err := net.Dial("tcp", r.up.Listener.Addr().String())
 	require.NoError(r.t, err)
-	sc := New(server, Options{Allow: allow, MaxHeaderBytes: 4 << 10, ClientIP: clientIP})
+	sc := New(server, Options{Allow: allow, MaxHeaderBytes: 4 << 10, MaxResponseHeaderBytes: 4 << 10, ClientIP: clientIP})
 	r.mu.Lock()
 	r.conns = append(r.conns, sc)
 	r.mu.Unlock()
@@ -79,6 +79,12 @@ func echo(w http.ResponseWriter, r *http.Request) {
 		r.Method, r.URL.RequestURI(), r.Host, r.Header.Values("X-Forwarded-For"), r.Header.Get("X-Forwarded-Host"),
 		r.Header.Get("X-Forwarded-Proto"), r.Header.Get("Spectro-Proxy-Route"), len(body)))
 	switch r.URL.Path {
+	case "/cookies":
+		w.Header().Add("Set-Cookie", "a=1; Domain=example; Path=/")
+		w.Header().Add("Set-Cookie", "b=2; path=/; domain=.a.example; Secure")
+		w.Header().Add("Set-Cookie", "c=3; Path=/domains")
+	case "/huge":
+		w.Header().Set("X-Huge", strings.Repeat("h", 5000))
 	case "/nocontent":
 		w.WriteHeader(http.StatusNoContent)
 		return
@@ -133,6 +139,12 @@ func TestRequestsGoThrough(t *testing.T) {
 			assert.Equal(t, tc.wantBody, string(got))
 		})
 	}
+	// A cookie stays on the host that set it: the relay's certificate
+	// covers every tenant's host.
+	resp, err := hc.Get("http://a.example/cookies")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, []string{"a=1; Path=/", "b=2; path=/; Secure", "c=3; Path=/domains"}, resp.Header.Values("Set-Cookie"))
 	// Keep-alive: every request went on the one connection.
 	r.mu.Lock()
 	assert.Len(t, r.conns, 1)
@@ -151,6 +163,21 @@ func roundTrip(t *testing.T, r *rig, raw string) string {
 	got, err := io.ReadAll(c)
 	require.NoError(t, err)
 	return string(got)
+}
+
+// An answer whose head is over the bound never reaches the client: it
+// gets a 502 that says why.
+func TestUpstreamHeadTooLarge(t *testing.T) {
+	r := newRig(t, http.HandlerFunc(echo))
+	got := roundTrip(t, r, "GET /huge HTTP/1.1\r\nHost: a.example\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(got)), nil)
+	require.NoError(t, err, got)
+	body, _ := io.ReadAll(resp.Body)
+	assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
+	assert.Contains(t, string(body), "header section too large (limit 4096 bytes)")
+	assert.NotContains(t, got, "hhhh")
+	err = <-r.errs
+	assert.ErrorIs(t, err, ErrUpstreamHeaders)
 }
 
 func TestPipelinedRequestsAnsweredInOrder(t *testing.T) {
@@ -388,7 +415,7 @@ func FuzzRead(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		sc := New(&inputConn{r: bytes.NewReader(in)}, Options{Allow: allow, MaxHeaderBytes: 4 << 10, ClientIP: clientIP})
+		sc := New(&inputConn{r: bytes.NewReader(in)}, Options{Allow: allow, MaxHeaderBytes: 4 << 10, MaxResponseHeaderBytes: 4 << 10, ClientIP: clientIP})
 		// The upstream: answers each request the splice queued, in order.
 		answered := make(chan int)
 		go func() {
