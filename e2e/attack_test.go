@@ -779,8 +779,51 @@ func TestAbuseCookieTossingAndMisdirected(t *testing.T) {
 	assert.Equal(t, http.StatusMisdirectedRequest, resp.StatusCode, "another cluster's request is not forwarded on this connection")
 	require.Eventually(t, func() bool { return !cc.CanTakeNewRequest() }, 5*time.Second, 5*time.Millisecond, "the client was told to go away")
 	assert.Equal(t, before+1, sc.r.metrics(t)[refusals("misdirected_request")])
-	figure(t, "a dashboard setting cookies with Domain=<relay domain>; a cluster host on the relay's own SNI; on another cluster's spliced HTTP/2 connection",
-		"before (issue 11): passed through (cookie tossing between tenants); 404; now Domain removed (host-only cookies); 421; 421 and GOAWAY, not forwarded",
+
+	// The same over HTTP/1.1, spliced too: 421 after the answers before
+	// it, and the connection closed.
+	h1c, err := tls.Dial("tcp", sc.r.addr, &tls.Config{ServerName: sc.bystander, RootCAs: roots, NextProtos: []string{"http/1.1"}})
+	require.NoError(t, err)
+	defer h1c.Close()
+	fmt.Fprintf(h1c, "GET /small HTTP/1.1\r\nHost: %s\r\n\r\nGET /small HTTP/1.1\r\nHost: %s\r\n\r\n", sc.bystander, sc.victim)
+	br := bufio.NewReader(h1c)
+	resp, err = http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	io.Copy(io.Discard, resp.Body)
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	resp, err = http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	assert.Equal(t, http.StatusMisdirectedRequest, resp.StatusCode, string(body))
+	assert.True(t, resp.Close)
+	assert.Equal(t, before+2, sc.r.metrics(t)[refusals("misdirected_request")])
+
+	// A workload behind a cluster's API server (its proxy) setting a
+	// cookie for the whole domain, on spliced connections: the cookie
+	// stays on the cluster's host. Over HTTP/1.1 the Domain is removed;
+	// over HTTP/2 renamed, which keeps both ends' HPACK tables in step.
+	cc.Close()
+	h1c.Close()
+	spliced := func() float64 { return sc.r.metrics(t)[`spectro_proxy_streams_open{kind="spliced"}`] }
+	require.Eventually(t, func() bool { return spliced() == 0 }, 5*time.Second, 10*time.Millisecond)
+	for _, h2 := range []bool{false, true} {
+		c := httpClient(sc.r, sc.bystander, roots, h2)
+		for range 2 { // the second from HPACK's dynamic table
+			resp, err := c.Get("https://" + sc.bystander + "/cookies")
+			require.NoError(t, err)
+			resp.Body.Close()
+			want := []string{"session=1; Path=/; HttpOnly", "other=2"}
+			if h2 {
+				want = []string{"session=1; Path=/; Xomain=" + domain + "; HttpOnly", "other=2; Xomain=.proxy.test"}
+			}
+			assert.Equal(t, want, resp.Header["Set-Cookie"], "HTTP/2: %v", h2)
+		}
+		assert.Equal(t, 1.0, spliced(), "spliced (HTTP/2: %v)", h2)
+		c.CloseIdleConnections()
+		require.Eventually(t, func() bool { return spliced() == 0 }, 5*time.Second, 10*time.Millisecond)
+	}
+	figure(t, "a dashboard, and a workload behind an API server, setting cookies with Domain=<relay domain>; a cluster host on the relay's own SNI; on another cluster's spliced HTTP/2 and HTTP/1.1 connections",
+		"before (issue 11): passed through (cookie tossing between tenants); 404; now Domain removed or renamed (host-only cookies); 421; 421 and GOAWAY (HTTP/2) or close (HTTP/1.1), not forwarded",
 		"no Domain; 421; 421, not forwarded")
 }
 

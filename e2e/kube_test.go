@@ -219,9 +219,18 @@ func TestKubectlThroughProxy(t *testing.T) {
 				{"spdy", []string{"KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false", "KUBECTL_PORT_FORWARD_WEBSOCKETS=false"}},
 			} {
 				t.Run("exec over "+proto.name, func(t *testing.T) {
+					h1Splices := func() float64 {
+						return p.relay.metrics(t)[`spectro_proxy_spliced_connections_total{protocol="http/1.1"}`]
+					}
+					before := h1Splices()
 					out, err := kubectl(ctx, kc, proto.env, nil, "exec", "-n", ns, pod, "--", "echo", "hello from exec")
 					require.NoError(t, err)
 					assert.Equal(t, "hello from exec\n", out)
+					if mode == tunnel.Terminate {
+						// An upgrade is HTTP/1.1: its connection is carried as
+						// bytes onto the API server's, raw after the 101.
+						assert.Greater(t, h1Splices(), before)
+					}
 
 					out, err = kubectl(ctx, kc, proto.env, strings.NewReader("typed line\nmore\n"), "exec", "-i", "-n", ns, pod, "--", "head", "-n1")
 					require.NoError(t, err)

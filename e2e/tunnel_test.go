@@ -70,6 +70,12 @@ func newBackend(t *testing.T, sans ...string) *backend {
 		fmt.Fprintf(w, `{"kind":"Status","proto":%q,"auth":%q,"pad":%q}`, r.Proto, r.Header.Get("Authorization"), strings.Repeat("x", 900))
 	})
 	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) { w.Write(b.big) })
+	// /cookies is a workload behind the API server's proxy setting
+	// cookies for the relay's whole domain.
+	mux.HandleFunc("/cookies", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Add("Set-Cookie", "session=1; Path=/; Domain="+domain+"; HttpOnly")
+		w.Header().Add("Set-Cookie", "other=2; domain=.proxy.test")
+	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) })
 	// /early answers when all but the last 64 KiB of the request body
 	// have arrived, then reads the rest and reports the body's hash: a

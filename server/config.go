@@ -48,6 +48,11 @@ type Config struct {
 	RequestHeaderTimeout time.Duration
 	// MaxHeaderBytes bounds the request headers the relay reads.
 	MaxHeaderBytes int
+	// NoSplice serves every terminate-mode connection request by request
+	// on the relay's own HTTPS server, as before connections were spliced
+	// (splice.go): the way back should a client misbehave on a spliced
+	// connection.
+	NoSplice bool
 	// Liveness detects dead tunnels (an agent gone without a FIN).
 	Liveness tunnel.Liveness
 	// StreamTimeout bounds the wait for an agent to answer a new stream.

@@ -26,6 +26,7 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/relaytest"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+	"github.com/spectroproxy/spectro-proxy/server"
 )
 
 // recordingAgent is an agent's tunnel end that answers every request "ok"
@@ -130,19 +131,25 @@ func startRecordingAgent(t *testing.T, r *relaytest.Relay, a *recordingAgent, ht
 	return srv, served
 }
 
-// Terminate mode: requests without a body that end soon go as HTTP/1.1 on
-// kept-alive HTTP connection streams to an agent that serves them, the
-// rest as HTTP/2 requests; an agent that predates HTTP connection streams
-// gets every request as HTTP/2. Neither way do a user's Spectro-Proxy-*
-// fields reach the target.
+// Terminate mode: an HTTP/1.1 user's connection is spliced onto one HTTP
+// connection stream of an agent that serves them. Request by request
+// (--no-splice), requests without a body that end soon go as HTTP/1.1 on
+// kept-alive HTTP connection streams, the rest as HTTP/2 requests; an
+// agent that predates HTTP connection streams gets every request as
+// HTTP/2. No way do a user's Spectro-Proxy-* fields reach the target.
 func TestTerminateRequestsByAgent(t *testing.T) {
 	tests := []struct {
 		name        string
 		httpStreams bool
+		noSplice    bool
 		want        []string
 		wantConns   int
 	}{
-		{name: "agent serves HTTP connections", httpStreams: true, wantConns: 1, want: []string{
+		{name: "spliced onto an HTTP connection", httpStreams: true, wantConns: 1, want: []string{
+			"http GET /api/v1/pods", "http GET /api/v1/pods?watch=true", "http POST /api/v1/pods",
+			"http DELETE /api/v1/pods/web", "http GET /api/v1/pods/web/log?follow=1", "http GET /api/v1/pods?watch=false",
+		}},
+		{name: "agent serves HTTP connections, request by request", httpStreams: true, noSplice: true, wantConns: 1, want: []string{
 			"http GET /api/v1/pods", "h2 GET /api/v1/pods?watch=true", "h2 POST /api/v1/pods",
 			"h2 DELETE /api/v1/pods/web", "h2 GET /api/v1/pods/web/log?follow=1", "http GET /api/v1/pods?watch=false",
 		}},
@@ -153,7 +160,7 @@ func TestTerminateRequestsByAgent(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
+			r := relaytest.StartRelay(t, t.TempDir(), "relay-a", func(c *server.Config) { c.NoSplice = tc.noSplice })
 			a := &recordingAgent{}
 			startRecordingAgent(t, r, a, tc.httpStreams)
 			user := drainUser(t, r, false)
@@ -183,7 +190,7 @@ func TestTerminateRequestsByAgent(t *testing.T) {
 			a.mu.Lock()
 			defer a.mu.Unlock()
 			assert.Equal(t, tc.want, a.seen)
-			assert.Equal(t, tc.wantConns, a.conns, "short requests share a kept-alive connection")
+			assert.Equal(t, tc.wantConns, a.conns, "the requests share one connection")
 			assert.Empty(t, a.internal, "the tunnel's own fields reach the target only as the relay sets them")
 		})
 	}
@@ -222,31 +229,36 @@ func getThrough(t *testing.T, r *relaytest.Relay, path string) (int, string) {
 }
 
 // An agent that moves or stops shuts its tunnel down gracefully: the
-// relay closes its idle kept-alive connections on that tunnel, so the
-// shutdown ends once the requests in flight have, not at the agent's
-// drain timeout.
+// relay closes its idle kept-alive connections on that tunnel (spliced
+// ones, and those of its own pool), so the shutdown ends once the
+// requests in flight have, not at the agent's drain timeout.
 func TestAgentShutdownClosesIdleConnections(t *testing.T) {
-	r := relaytest.StartRelay(t, t.TempDir(), "relay-a", nil)
-	a := &recordingAgent{}
-	srv, served := startRecordingAgent(t, r, a, true)
-	for range 3 {
-		code, body := getThrough(t, r, "/api")
-		require.Equal(t, http.StatusOK, code, body)
-	}
-	a.mu.Lock()
-	require.Equal(t, 1, a.conns, "one kept-alive connection")
-	a.mu.Unlock()
+	for _, noSplice := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noSplice=%v", noSplice), func(t *testing.T) {
+			r := relaytest.StartRelay(t, t.TempDir(), "relay-a", func(c *server.Config) { c.NoSplice = noSplice })
+			a := &recordingAgent{}
+			srv, served := startRecordingAgent(t, r, a, true)
+			user := drainUser(t, r, false)
+			for range 3 {
+				code, body := get(t, user, clusterURL("/api"))
+				require.Equal(t, http.StatusOK, code, body)
+			}
+			a.mu.Lock()
+			require.Equal(t, 1, a.conns, "one kept-alive connection")
+			a.mu.Unlock()
 
-	const drainTimeout = 10 * time.Second
-	ctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
-	defer cancel()
-	start := time.Now()
-	require.NoError(t, srv.Shutdown(ctx)) // sends GOAWAY
-	select {
-	case <-served:
-		t.Logf("tunnel shut down gracefully in %v", time.Since(start).Round(time.Millisecond))
-	case <-ctx.Done():
-		t.Fatalf("the tunnel's graceful shutdown still waits after %v: an idle connection holds it", drainTimeout)
+			const drainTimeout = 10 * time.Second
+			ctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+			defer cancel()
+			start := time.Now()
+			require.NoError(t, srv.Shutdown(ctx)) // sends GOAWAY
+			select {
+			case <-served:
+				t.Logf("tunnel shut down gracefully in %v", time.Since(start).Round(time.Millisecond))
+			case <-ctx.Done():
+				t.Fatalf("the tunnel's graceful shutdown still waits after %v: an idle connection holds it", drainTimeout)
+			}
+		})
 	}
 }
 

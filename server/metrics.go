@@ -47,6 +47,9 @@ const (
 	// reasonBadHTTP2: a spliced connection's client broke HTTP/2's
 	// framing or header compression; the connection was closed.
 	reasonBadHTTP2 = "bad_http2"
+	// reasonBadHTTP1: a spliced connection's client sent a request that
+	// broke HTTP/1.1's syntax or framing (answered 400, 431 or 501).
+	reasonBadHTTP1 = "bad_http1"
 	// reasonSessionRevoked and reasonSessionExpired: a live tunnel ended
 	// because its token was revoked or expired.
 	reasonSessionRevoked = "session_revoked"
@@ -73,6 +76,7 @@ type metrics struct {
 	bytes    *prometheus.CounterVec
 	refusals *prometheus.CounterVec
 	regs     *prometheus.CounterVec
+	splices  *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -93,8 +97,11 @@ func newMetrics() *metrics {
 		regs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "spectro_proxy_tunnel_registrations_total", Help: "Tunnel registrations, by result (accepted, replaced, refused).",
 		}, []string{"result"}),
+		splices: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "spectro_proxy_spliced_connections_total", Help: "Terminate-mode connections carried as bytes to the API server, by protocol (h2, http/1.1).",
+		}, []string{"protocol"}),
 	}
-	m.reg.MustRegister(m.tunnels, m.streams, m.bytes, m.refusals, m.regs,
+	m.reg.MustRegister(m.tunnels, m.streams, m.bytes, m.refusals, m.regs, m.splices,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

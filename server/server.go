@@ -73,7 +73,7 @@ type Server struct {
 	fl *fleetPart
 
 	draining atomic.Bool
-	splices  sync.Map       // *h2splice.Conn -> struct{}: spliced connections (splice.go)
+	splices  sync.Map       // splicedConn -> *session: spliced connections (splice.go)
 	drainer  *drainer       // moves and streamed responses (drain.go)
 	workers  *workers       // run HTTP/2 requests (workers.go); set by Serve
 	pooled   pooledSessions // sessions with HTTP connection pools (httpconns.go)

@@ -18,7 +18,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
+	fleet "github.com/spectroproxy/spectro-proxy/internal/registry"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
+	"github.com/spectroproxy/spectro-proxy/server"
 )
 
 // mirror answers with what reached it (method, path, Host and every
@@ -82,7 +84,11 @@ func TestShortPathMatchesReverseProxy(t *testing.T) {
 	host := hostname.Host(hostname.DefaultSubdomain(uid), fleetDomain)
 	stateDir := t.TempDir()
 	f := newFakeFleet()
-	a := startFleetRelay(t, f, "relay-a", stateDir)
+	// Request by request: an HTTP/1.1 connection would be spliced.
+	a := startRelayWith(t, "relay-a", peerListener(t), stateDir, func(c *server.Config) {
+		c.Registry = f.member(fleet.Replica{ID: "relay-a", PeerAddr: c.PeerAdvertise})
+		c.NoSplice = true
+	})
 	be := newAPIBackend(t)
 	startFleetAgent(t, a, stateDir, uid, tunnel.Terminate, be)
 	roots := relayRoots(t, stateDir)

@@ -4,12 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/spectroproxy/spectro-proxy/internal/h1splice"
 	"github.com/spectroproxy/spectro-proxy/internal/h2splice"
 	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/kubereq"
@@ -17,33 +19,55 @@ import (
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
-// A terminate-mode connection to a cluster's API server whose client
-// speaks HTTP/2 (kubectl, client-go, browsers) is spliced: the relay ends
-// its TLS and carries its HTTP/2 bytes down one stream, onto an HTTP/2
-// connection the agent opens to the API server. Per request that costs
-// the relay a header block's decoding (to keep the connection on its
-// host, see h2splice) instead of an HTTP/2 server's and a client's work:
-// the floors' design, which the second HTTPS stack kept terminate mode
-// far from (docs/performance.md, twelfth pass).
+// A terminate-mode connection to a cluster's API server is spliced: the
+// relay ends its TLS and carries its bytes down one stream, onto a
+// connection the agent opens to the API server in the same protocol. A
+// client that speaks HTTP/2 (kubectl, client-go, browsers) gets an
+// HTTP/2 connection (tunnel.StreamH2, h2splice); one that speaks
+// HTTP/1.1 (curl, scripts, exec's upgrades) an HTTP/1.1 one
+// (tunnel.StreamHTTP, h1splice). Per request that costs the relay a
+// header block's parsing (to keep the connection on its host, and to set
+// X-Forwarded-*) instead of an HTTP server's and a client's work: the
+// floors' design, which the second HTTPS stack kept terminate mode far
+// from (docs/performance.md, twelfth and thirteenth passes).
 //
 // What the request-by-request path does for each request, a splice does
 // per connection or leaves to the API server, as passthrough does: the
 // source's stream limit counts the connection; the API server bounds the
 // streams on it (and answers CONNECT and odd methods itself);
-// X-Forwarded-For and -Proto are added after the client's own; and the
-// drain tells the client to go away (GOAWAY), lets its requests finish,
-// and closes the connection once only watches and logs -f are left on it,
-// when it ends those of the request-by-request path. The Spectro-Proxy-*
-// fields a user sends reach the API server, which ignores
-// them: the agent reads none of the bytes. Dashboards, HTTP/1.1 clients,
-// connections forwarded to another replica's tunnel and agents that
-// predate StreamH2 keep the request-by-request path.
+// over HTTP/2, X-Forwarded-For and -Proto are added after the client's
+// own (over HTTP/1.1 they replace them, as on the request-by-request
+// path); and the drain tells the client to go away (GOAWAY, or
+// Connection: close on its next answer), lets its requests finish, and
+// closes the connection once only watches and logs -f are left on it,
+// when it ends those of the request-by-request path (an HTTP/1.1 watch at
+// a chunk boundary, with its last chunk). The Spectro-Proxy-* fields a
+// user sends over HTTP/2 reach the API server, which ignores them: the
+// agent reads none of the bytes. Dashboards, connections forwarded to
+// another replica's tunnel and agents that predate the stream kinds keep
+// the request-by-request path.
+
+// splicedConn is a client's connection as h1splice and h2splice carry it.
+type splicedConn interface {
+	net.Conn
+	// GoAway asks the client to send no new requests on it; true the
+	// first time.
+	GoAway() bool
+	// Shut closes it where no answer is cut.
+	Shut()
+	// Open counts its open requests: streamed ones (staysOpen) and the
+	// rest.
+	Open(staysOpen func(path string) bool) (plain, streamed int)
+}
 
 // terminate ends a terminate-mode connection's TLS and splices it or
 // hands it to the HTTPS server.
 func (s *Server) terminate(ctx context.Context, c *sni.Conn, name, label string, cands []*session) {
-	cands = h2Sessions(label, cands)
-	if len(cands) == 0 {
+	var h2, h1 []*session
+	if !s.cfg.NoSplice {
+		h2, h1 = spliceSessions(label, cands)
+	}
+	if len(h2)+len(h1) == 0 {
 		s.handOff(c)
 		return
 	}
@@ -62,49 +86,105 @@ func (s *Server) terminate(ctx context.Context, c *sni.Conn, name, label string,
 		c.Close()
 		return
 	}
-	if tc.ConnectionState().NegotiatedProtocol != "h2" || !s.splice(ctx, tc, name, label, cands) {
+	kind, cands := tunnel.StreamH2, h2
+	if tc.ConnectionState().NegotiatedProtocol != "h2" {
+		kind, cands = tunnel.StreamHTTP, h1
+	}
+	if len(cands) == 0 || !s.splice(ctx, tc, name, label, kind, cands) {
 		s.pushHTTPS(tc, wc)
 	}
 }
 
-// h2Sessions are the sessions among cands that take label's HTTP/2
-// connections.
-func h2Sessions(label string, cands []*session) []*session {
+// spliceSessions are the sessions among cands that take label's HTTP/2
+// connections, and its HTTP/1.1 ones.
+func spliceSessions(label string, cands []*session) (h2, h1 []*session) {
 	if hostname.IsDashboard(label) {
-		return nil
+		return nil, nil
 	}
-	var out []*session
 	for _, sess := range cands {
 		if sess.h2Streams && !sess.noH2.Load() {
-			out = append(out, sess)
+			h2 = append(h2, sess)
+		}
+		if sess.httpStreams {
+			h1 = append(h1, sess)
 		}
 	}
-	return out
+	return h2, h1
 }
 
-// splice carries tc down a stream; false when none could be opened (the
-// HTTPS server then serves tc, and says why in HTTP).
-func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, cands []*session) bool {
+// splice carries tc down a stream of kind (StreamH2 or StreamHTTP); false
+// when none could be opened (the HTTPS server then serves tc, and says
+// why in HTTP).
+func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label, kind string, cands []*session) bool {
 	remote := tc.RemoteAddr().String()
 	release, ok := s.srcStreams.enter(sourceOf(remote), label)
 	if !ok {
 		return false // each request is refused with 429, and why
 	}
 	defer release()
-	st, err := s.openStream(ctx, label, tunnel.StreamH2, cands)
+	st, err := s.openStream(ctx, label, kind, cands)
 	if err != nil {
 		var re *tunnel.RefusedError
-		if errors.As(err, &re) && re.Code == http.StatusHTTPVersionNotSupported {
+		if kind == tunnel.StreamH2 && errors.As(err, &re) && re.Code == http.StatusHTTPVersionNotSupported {
 			// The API server does not speak HTTP/2: requests go one by
 			// one on these tunnels from now on.
 			for _, sess := range cands {
 				sess.noH2.Store(true)
 			}
 		}
-		s.log.Debug("no HTTP/2 stream; serving requests one by one", "host", label, "remote", remote, "error", err)
+		s.log.Debug("no stream to splice onto; serving requests one by one", "host", label, "remote", remote, "kind", kind, "error", err)
 		return false
 	}
-	sc := h2splice.New(tc, h2splice.Options{
+	var sc splicedConn
+	proto := "h2"
+	if kind == tunnel.StreamHTTP {
+		proto = "http/1.1"
+		sc = h1splice.New(tc, h1splice.Options{
+			Allow:                  func(host string) bool { return !s.misdirected(host, name) },
+			MaxHeaderBytes:         s.cfg.MaxHeaderBytes,
+			MaxResponseHeaderBytes: tunnel.MaxResponseHeaderBytes,
+			ClientIP:               stripPort(remote),
+		})
+	} else {
+		sc = s.h2Splice(tc, name, remote)
+	}
+	s.splices.Store(sc, st.slot.sess)
+	defer s.splices.Delete(sc)
+	if s.draining.Load() {
+		sc.GoAway()
+	}
+	s.m.splices.WithLabelValues(proto).Inc()
+	g := s.m.streams.WithLabelValues("spliced")
+	g.Inc()
+	defer g.Dec()
+	s.inFlight.Add(1)
+	defer s.inFlight.Add(-1)
+	up, down, err := tunnel.Join(sc, st)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		s.refuse(reasonWriteStall, "host", label, "remote", remote, "timeout", s.cfg.WriteStallTimeout.String())
+	case errors.Is(err, h2splice.ErrProtocol):
+		s.refuse(reasonBadHTTP2, "host", label, "remote", remote, "error", err.Error())
+	case errors.Is(err, h1splice.ErrMisdirected):
+		s.refuse(reasonMisdirected, "host", label, "sni", name, "remote", remote, "error", err.Error())
+	case errors.Is(err, h1splice.ErrProtocol):
+		s.refuse(reasonBadHTTP1, "host", label, "remote", remote, "error", err.Error())
+	case errors.Is(err, h2splice.ErrUpstream):
+		s.log.Warn("spliced connection's upstream broke HTTP/2", "host", label, "remote", remote, "error", err)
+	case errors.Is(err, h1splice.ErrUpstreamHeaders):
+		s.refuse(reasonUpstreamHeadersTooLarge, "host", label, "remote", remote, "error", err.Error())
+	case errors.Is(err, h1splice.ErrUpstream):
+		s.log.Warn("spliced connection's upstream broke HTTP/1.1", "host", label, "remote", remote, "error", err)
+	}
+	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
+	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
+	s.log.Debug("spliced connection closed", "host", label, "remote", remote, "kind", kind, "up", up, "down", down, "error", err)
+	return true
+}
+
+// h2Splice wraps an HTTP/2 client's connection for name.
+func (s *Server) h2Splice(tc *tls.Conn, name, remote string) *h2splice.Conn {
+	return h2splice.New(tc, h2splice.Options{
 		Allow: func(host string) bool { return !s.misdirected(host, name) }, // as serveHTTPS's 421
 		Misdirected: func(host string) {
 			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", remote)
@@ -118,27 +198,6 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, c
 			hpack.HeaderField{Name: "x-forwarded-for", Value: stripPort(remote)},
 			hpack.HeaderField{Name: "x-forwarded-proto", Value: "https"}),
 	})
-	s.splices.Store(sc, st.slot.sess)
-	defer s.splices.Delete(sc)
-	if s.draining.Load() {
-		sc.GoAway()
-	}
-	g := s.m.streams.WithLabelValues("spliced")
-	g.Inc()
-	defer g.Dec()
-	s.inFlight.Add(1)
-	defer s.inFlight.Add(-1)
-	up, down, err := tunnel.Join(sc, st)
-	switch {
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		s.refuse(reasonWriteStall, "host", label, "remote", remote, "timeout", s.cfg.WriteStallTimeout.String())
-	case errors.Is(err, h2splice.ErrProtocol):
-		s.refuse(reasonBadHTTP2, "host", label, "remote", remote, "error", err.Error())
-	}
-	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
-	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))
-	s.log.Debug("spliced connection closed", "host", label, "remote", remote, "up", up, "down", down, "error", err)
-	return true
 }
 
 // splicedPlain counts the requests open on spliced connections that end
@@ -146,7 +205,7 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label string, c
 func (s *Server) splicedPlain() int {
 	n := 0
 	s.splices.Range(func(k, _ any) bool {
-		plain, _ := k.(*h2splice.Conn).Open(staysOpen)
+		plain, _ := k.(splicedConn).Open(staysOpen)
 		n += plain
 		return true
 	})
@@ -163,7 +222,7 @@ func (s *Server) splicedPlain() int {
 func (s *Server) endSplices() {
 	n := 0
 	s.splices.Range(func(k, _ any) bool {
-		sc := k.(*h2splice.Conn)
+		sc := k.(splicedConn)
 		if plain, _ := sc.Open(staysOpen); plain == 0 {
 			sc.Shut()
 			n++
@@ -171,7 +230,7 @@ func (s *Server) endSplices() {
 		return true
 	})
 	if n > 0 {
-		s.log.Info("closing spliced HTTP/2 connections that carry only watches and logs -f", "count", n)
+		s.log.Info("closing spliced connections that carry only watches and logs -f", "count", n)
 	}
 }
 
@@ -194,7 +253,7 @@ func (s *Server) retireSplices() {
 		if !v.(*session).cc.GoingAway() {
 			return true
 		}
-		sc := k.(*h2splice.Conn)
+		sc := k.(splicedConn)
 		if sc.GoAway() {
 			return true // closed a round (250 ms) later at the soonest
 		}
@@ -209,7 +268,7 @@ func (s *Server) retireSplices() {
 // streams on it (the drain).
 func (s *Server) goAwaySplices() {
 	s.splices.Range(func(k, _ any) bool {
-		k.(*h2splice.Conn).GoAway()
+		k.(splicedConn).GoAway()
 		return true
 	})
 }

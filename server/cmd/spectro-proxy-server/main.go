@@ -74,6 +74,7 @@ func serve(args []string) error {
 	fs.IntVar(&cfg.MaxStreamsPerSource, "max-streams-per-source", server.DefaultMaxStreamsPerSource, "The most concurrent streams one source address (an IPv6 /64) may have open to one host name.")
 	fs.IntVar(&cfg.MaxIdleConnsPerSource, "max-idle-conns-per-source", server.DefaultMaxIdleConnsPerSource, "The most idle keep-alive connections one source address (an IPv6 /64) may keep open to the relay.")
 	fs.DurationVar(&cfg.WriteStallTimeout, "write-stall-timeout", server.DefaultWriteStallTimeout, "Cut a public connection, or a stream of one, whose client takes no data for this long.")
+	fs.BoolVar(&cfg.NoSplice, "no-splice", false, "Serve every terminate-mode connection request by request on the relay's own HTTPS server, rather than carrying it as bytes to the API server (see docs/design.md); a way back should a client misbehave on a spliced connection.")
 	fs.IntVar(&cfg.MaxSessionsPerCluster, "max-sessions-per-cluster", server.DefaultMaxSessionsPerCluster, "The most tunnels (agent replicas) one cluster may have connected at once.")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", server.DefaultDrainTimeout, "On SIGTERM, how long connections in flight may take to finish.")
 	fs.DurationVar(&cfg.ShutdownDelay, "shutdown-delay", 0, "On SIGTERM, keep accepting for this long with /readyz failing, so load balancers stop sending connections first; then drain.")
