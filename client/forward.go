@@ -35,7 +35,11 @@ type route struct {
 
 func buildRoutes(cfg *Config) (map[string]*route, error) {
 	routes := map[string]*route{}
-	apiTLS := &tls.Config{MinVersion: tls.VersionTLS12}
+	// Resumed sessions: each spliced connection (every kubectl command,
+	// every HTTP/1.1 client's connection) is a new connection of the
+	// agent's to its target, and a resumed handshake skips the
+	// certificate's signature and its chain's verification.
+	apiTLS := &tls.Config{MinVersion: tls.VersionTLS12, ClientSessionCache: tls.NewLRUClientSessionCache(64)}
 	// The API server's CA matters where the agent speaks TLS to it itself:
 	// terminate mode, which auto mode may choose (and the kubeconfig
 	// skeleton of passthrough mode carries it).
@@ -71,7 +75,7 @@ func buildRoutes(cfg *Config) (map[string]*route, error) {
 	if err := add(cfg.Subdomain, cfg.Mode, cfg.APIServer, apiTLS); err != nil {
 		return nil, fmt.Errorf("api server route: %w", err)
 	}
-	dashTLS := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.DashboardInsecureSkipVerify} //nolint:gosec // in-cluster dashboards are self-signed; opt-out flag exists
+	dashTLS := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.DashboardInsecureSkipVerify, ClientSessionCache: tls.NewLRUClientSessionCache(64)} //nolint:gosec // in-cluster dashboards are self-signed; opt-out flag exists
 	if cfg.K8sDashboardURL != "" {
 		if err := add(hostname.Dashboard(cfg.Subdomain), tunnel.Terminate, cfg.K8sDashboardURL, dashTLS); err != nil {
 			return nil, fmt.Errorf("dashboard route: %w", err)
