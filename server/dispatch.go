@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net"
 	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -202,7 +201,7 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	if name == s.cfg.Domain || name == "" {
 		// A cluster's host on a connection for the relay itself (or one
 		// without SNI) is misdirected too, not a 404 of the relay's API.
-		if host := strings.ToLower(stripPort(r.Host)); s.misdirected(host, s.cfg.Domain) {
+		if host := hostname.OfAuthority(r.Host); s.misdirected(host, s.cfg.Domain) {
 			s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
 			http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+s.cfg.Domain, http.StatusMisdirectedRequest)
 			return
@@ -214,7 +213,7 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 	// covers, and ours covers *.domain: a request for one cluster could
 	// arrive on a connection opened for another. 421 makes the client
 	// retry on a connection of its own, so routing by SNI stays right.
-	if host := strings.ToLower(stripPort(r.Host)); s.misdirected(host, name) {
+	if host := hostname.OfAuthority(r.Host); s.misdirected(host, name) {
 		s.refuse(reasonMisdirected, "host", host, "sni", name, "remote", r.RemoteAddr)
 		http.Error(w, "spectro-proxy: request for "+host+" on a connection for "+name, http.StatusMisdirectedRequest)
 		return

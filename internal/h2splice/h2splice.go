@@ -374,7 +374,7 @@ func (c *Conn) headerBlock(length int) error {
 	if newStream && c.refusing {
 		return nil // the client had been told to go away
 	}
-	if host := canonicalHost(c.host); newStream && !c.opts.Allow(host) {
+	if host := hostname.OfAuthority(c.host); newStream && !c.opts.Allow(host) {
 		// Answered 421 here (a client that chose this connection's name
 		// itself gets the answer, not a retry on a connection like it),
 		// and the connection goes away: the block is not forwarded, so
@@ -423,14 +423,6 @@ func fragment(p []byte, flags byte) ([]byte, error) {
 		return nil, errors.New("padding longer than the payload")
 	}
 	return p[:len(p)-pad], nil
-}
-
-// canonicalHost is host without its port, in hostname's canonical form.
-func canonicalHost(h string) string {
-	if host, _, err := net.SplitHostPort(h); err == nil {
-		h = host
-	}
-	return hostname.Canonical(h)
 }
 
 // GoAway tells the client, at the next frame boundary, to open no more

@@ -9,6 +9,7 @@ package hostname
 
 import (
 	"fmt"
+	"net"
 	"strings"
 )
 
@@ -63,6 +64,15 @@ func Host(label, domain string) string { return label + "." + domain }
 
 // Canonical is the form names are compared in: lower case, no trailing dot.
 func Canonical(name string) string { return strings.ToLower(strings.TrimSuffix(name, ".")) }
+
+// OfAuthority is the host an HTTP request names (its Host field or
+// :authority), without the port, in canonical form.
+func OfAuthority(authority string) string {
+	if host, _, err := net.SplitHostPort(authority); err == nil {
+		authority = host
+	}
+	return Canonical(authority)
+}
 
 // LabelOf returns the label of a name one level under domain (both in
 // canonical form).

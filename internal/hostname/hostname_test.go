@@ -79,3 +79,16 @@ func make63() []byte {
 	}
 	return b
 }
+
+func TestOfAuthority(t *testing.T) {
+	for in, want := range map[string]string{
+		"cluster-a.proxy.test":      "cluster-a.proxy.test",
+		"Cluster-A.Proxy.Test.:443": "cluster-a.proxy.test",
+		"cluster-a.proxy.test:8443": "cluster-a.proxy.test",
+		"127.0.0.1:443":             "127.0.0.1",
+		"[::1]:443":                 "::1",
+		"":                          "",
+	} {
+		assert.Equal(t, want, OfAuthority(in), in)
+	}
+}
