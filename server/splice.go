@@ -144,6 +144,18 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label, kind str
 			MaxHeaderBytes:         s.cfg.MaxHeaderBytes,
 			MaxResponseHeaderBytes: tunnel.MaxResponseHeaderBytes,
 			ClientIP:               stripPort(remote),
+			Refused: func(err error) {
+				switch {
+				case errors.Is(err, h1splice.ErrMisdirected):
+					s.refuse(reasonMisdirected, "host", label, "sni", name, "remote", remote, "error", err.Error())
+				case errors.Is(err, h1splice.ErrProtocol):
+					s.refuse(reasonBadHTTP1, "host", label, "remote", remote, "error", err.Error())
+				case errors.Is(err, h1splice.ErrUpstreamHeaders):
+					s.refuse(reasonUpstreamHeadersTooLarge, "host", label, "remote", remote, "error", err.Error())
+				default:
+					s.log.Warn("spliced connection's upstream broke HTTP/1.1", "host", label, "remote", remote, "error", err)
+				}
+			},
 		})
 	} else {
 		sc = s.h2Splice(tc, name, remote)
@@ -165,16 +177,8 @@ func (s *Server) splice(ctx context.Context, tc *tls.Conn, name, label, kind str
 		s.refuse(reasonWriteStall, "host", label, "remote", remote, "timeout", s.cfg.WriteStallTimeout.String())
 	case errors.Is(err, h2splice.ErrProtocol):
 		s.refuse(reasonBadHTTP2, "host", label, "remote", remote, "error", err.Error())
-	case errors.Is(err, h1splice.ErrMisdirected):
-		s.refuse(reasonMisdirected, "host", label, "sni", name, "remote", remote, "error", err.Error())
-	case errors.Is(err, h1splice.ErrProtocol):
-		s.refuse(reasonBadHTTP1, "host", label, "remote", remote, "error", err.Error())
 	case errors.Is(err, h2splice.ErrUpstream):
 		s.log.Warn("spliced connection's upstream broke HTTP/2", "host", label, "remote", remote, "error", err)
-	case errors.Is(err, h1splice.ErrUpstreamHeaders):
-		s.refuse(reasonUpstreamHeadersTooLarge, "host", label, "remote", remote, "error", err.Error())
-	case errors.Is(err, h1splice.ErrUpstream):
-		s.log.Warn("spliced connection's upstream broke HTTP/1.1", "host", label, "remote", remote, "error", err)
 	}
 	s.m.bytes.WithLabelValues("to_agent").Add(float64(up))
 	s.m.bytes.WithLabelValues("from_agent").Add(float64(down))

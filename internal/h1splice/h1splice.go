@@ -71,6 +71,11 @@ type Options struct {
 	MaxResponseHeaderBytes int
 	// ClientIP is sent as X-Forwarded-For, instead of any the client sent.
 	ClientIP string
+	// Refused (optional) is told, before the client is, of each request
+	// the splice answers itself (err wraps ErrProtocol or
+	// ErrMisdirected) and of each answer it replaces with a 502 (err
+	// wraps ErrUpstream).
+	Refused func(err error)
 }
 
 // request is one request sent upstream whose answer has not ended.
@@ -398,7 +403,7 @@ func (c *Conn) readHead() error {
 	case hosts > 1 || (hosts == 0 && minor == 1):
 		return c.bad(fmt.Errorf("%w: %d Host fields (HTTP/1.1 needs one)", ErrProtocol, hosts))
 	}
-	if h := canonicalHost(string(host)); hosts == 1 && !c.opts.Allow(h) {
+	if h := hostname.OfAuthority(string(host)); hosts == 1 && !c.opts.Allow(h) {
 		return refused(421, "Misdirected Request", fmt.Errorf("%w: for %s", ErrMisdirected, h))
 	}
 	out = append(out, "X-Forwarded-For: "...)
@@ -561,13 +566,6 @@ func truncate(s string) string {
 	return s
 }
 
-func canonicalHost(h string) string {
-	if host, _, err := net.SplitHostPort(h); err == nil {
-		h = host
-	}
-	return hostname.Canonical(h)
-}
-
 // refusal is a request the splice answers itself, and why.
 type refusal struct {
 	code int
@@ -608,6 +606,9 @@ func (c *Conn) refuse(r *refusal) error {
 	}
 	ended := c.ended
 	c.smu.Unlock()
+	if c.opts.Refused != nil {
+		c.opts.Refused(r.err)
+	}
 	c.wmu.Lock()
 	if !ended && c.resp == respHead { // nothing of an answer went out
 		msg := "spectro-proxy: " + r.err.Error() + "\n"
@@ -744,6 +745,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 // followed; when nothing of the answer went out yet, the client is told
 // why with a 502.
 func (c *Conn) upstreamFailed(err error) error {
+	if c.opts.Refused != nil {
+		c.opts.Refused(err)
+	}
 	if c.resp == respHead {
 		msg := "spectro-proxy: " + err.Error() + "\n"
 		_, _ = fmt.Fprintf(c.Conn, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(msg), msg)

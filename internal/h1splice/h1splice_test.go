@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/spectroproxy/spectro-proxy/internal/hostname"
 	"github.com/spectroproxy/spectro-proxy/internal/tunnel"
 )
 
@@ -28,11 +29,12 @@ const clientIP = "192.0.2.7"
 func allow(host string) bool { return host == "a.example" || !strings.HasSuffix(host, ".example") }
 
 type rig struct {
-	t     *testing.T
-	up    *httptest.Server
-	mu    sync.Mutex
-	conns []*Conn
-	errs  chan error
+	t       *testing.T
+	up      *httptest.Server
+	mu      sync.Mutex
+	conns   []*Conn
+	refused []error // what Refused was told
+	errs    chan error
 }
 
 // newRig starts an upstream (a real net/http server) and returns a rig
@@ -47,7 +49,12 @@ func (r *rig) dial() net.Conn {
 	client, server := net.Pipe()
 	up, err := net.Dial("tcp", r.up.Listener.Addr().String())
 	require.NoError(r.t, err)
-	sc := New(server, Options{Allow: allow, MaxHeaderBytes: 4 << 10, MaxResponseHeaderBytes: 4 << 10, ClientIP: clientIP})
+	sc := New(server, Options{Allow: allow, MaxHeaderBytes: 4 << 10, MaxResponseHeaderBytes: 4 << 10, ClientIP: clientIP,
+		Refused: func(err error) {
+			r.mu.Lock()
+			r.refused = append(r.refused, err)
+			r.mu.Unlock()
+		}})
 	r.mu.Lock()
 	r.conns = append(r.conns, sc)
 	r.mu.Unlock()
@@ -153,6 +160,16 @@ func TestRequestsGoThrough(t *testing.T) {
 	assert.Equal(t, [2]int{0, 0}, [2]int{plain, streamed}, "no request is open once all are answered")
 }
 
+// lastRefused is the last error Refused was told of.
+func (r *rig) lastRefused() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.refused) == 0 {
+		return nil
+	}
+	return r.refused[len(r.refused)-1]
+}
+
 // roundTrip writes raw bytes on a new spliced connection and returns all
 // the client reads until the connection closes.
 func roundTrip(t *testing.T, r *rig, raw string) string {
@@ -176,6 +193,7 @@ func TestUpstreamHeadTooLarge(t *testing.T) {
 	assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
 	assert.Contains(t, string(body), "header section too large (limit 4096 bytes)")
 	assert.NotContains(t, got, "hhhh")
+	assert.ErrorIs(t, r.lastRefused(), ErrUpstreamHeaders)
 	err = <-r.errs
 	assert.ErrorIs(t, err, ErrUpstreamHeaders)
 }
@@ -239,6 +257,10 @@ func TestRefusedRequests(t *testing.T) {
 			assert.Equal(t, tc.status, resp.StatusCode)
 			assert.Contains(t, string(body), tc.says)
 			assert.True(t, resp.Close, "the connection closes after the refusal")
+			// Told before the client was: the relay's count is there
+			// when the user reads the answer.
+			require.Error(t, r.lastRefused())
+			assert.Contains(t, r.lastRefused().Error(), tc.says)
 		})
 	}
 	_, reached := seen.Load("/x")
@@ -471,7 +493,7 @@ func FuzzRead(f *testing.F) {
 			if err != nil {
 				t.Fatalf("request %d of %d passed on is not one to Go: %v\n%q", i+1, queued, err, out.String())
 			}
-			if req.Host != "" && !allow(canonicalHost(req.Host)) {
+			if req.Host != "" && !allow(hostname.OfAuthority(req.Host)) {
 				t.Fatalf("request for %q passed on", req.Host)
 			}
 			if xff := req.Header.Values("X-Forwarded-For"); len(xff) != 1 || xff[0] != clientIP {
