@@ -100,6 +100,7 @@ type Conn struct {
 	body     int    // where in a request's body Read is (bodyNone...)
 	raw      bool   // the connection switched protocols: bytes pass as they are
 	refusal  *refusal
+	hbuf     []byte // the last request head passed on
 
 	// Shared, under smu; cond wakes a Read waiting for the answers.
 	smu        sync.Mutex
@@ -318,7 +319,9 @@ func (c *Conn) readHead() error {
 	if _, err := c.br.Peek(1); err != nil {
 		return err // EOF between requests is a clean end
 	}
-	var out []byte
+	// The head's bytes as they go upstream, in a buffer of the
+	// connection's: Read has passed on all of the last head's already.
+	out := c.hbuf[:0]
 	total := 0
 	line, err := c.readLine()
 	if err != nil {
@@ -413,7 +416,7 @@ func (c *Conn) readHead() error {
 		out = append(out, host...)
 	}
 	out = append(out, "\r\nX-Forwarded-Proto: https\r\n\r\n"...)
-	c.pending = out
+	c.pending, c.hbuf = out, out
 	if chunked {
 		c.body = bodyChunkSize
 	} else {
@@ -462,9 +465,16 @@ func requestLine(line []byte) (method, target string, minor int, err error) {
 		// upstream would take over the Host field.
 		return "", "", 0, fmt.Errorf("%w: request target %q is not a path", ErrProtocol, truncate(t))
 	}
+	inPath := true
 	for i := 0; i < len(t); i++ {
-		if t[i] <= ' ' || t[i] == 0x7f {
+		switch b := t[i]; {
+		case b <= ' ' || b == 0x7f:
 			return "", "", 0, fmt.Errorf("%w: request target with a control character", ErrProtocol)
+		case b == '?':
+			inPath = false
+		case b == '%' && inPath && (i+2 >= len(t) || !isHex(t[i+1]) || !isHex(t[i+2])):
+			// Go's parser (the API server's) refuses it too.
+			return "", "", 0, fmt.Errorf("%w: request target %q with a bad %%-escape", ErrProtocol, truncate(t))
 		}
 	}
 	return m, t, int(v[7] - '0'), nil
@@ -515,6 +525,10 @@ func cut(s string, sep byte) (string, string, bool) {
 		}
 	}
 	return s, "", false
+}
+
+func isHex(b byte) bool {
+	return '0' <= b && b <= '9' || 'a' <= b && b <= 'f' || 'A' <= b && b <= 'F'
 }
 
 func digits[T string | []byte](s T) bool {
@@ -705,13 +719,24 @@ func (c *Conn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	total := len(p)
+	// A head goes out in one write with what follows it in p (its body,
+	// the next answers), as the upstream wrote them together: one TLS
+	// record and one system call, not one per head.
+	var buf *[]byte
+	defer func() {
+		if buf != nil {
+			*buf = (*buf)[:0]
+			writeBufs.Put(buf)
+		}
+	}()
 	for len(p) > 0 {
 		var (
-			out []byte
-			act int
-			err error
+			out  []byte
+			act  int
+			err  error
+			head = c.resp == respHead
 		)
-		if c.resp == respHead {
+		if head {
 			var k int
 			k, out, act, err = c.takeHead(p)
 			p = p[k:]
@@ -720,13 +745,26 @@ func (c *Conn) Write(p []byte) (int, error) {
 			k, act, err = c.scan(p)
 			out, p = p[:k], p[k:]
 		}
-		if err != nil {
-			return total - len(p), c.upstreamFailed(err)
+		if (head && out != nil) || (buf != nil && len(*buf) > 0) {
+			if buf == nil {
+				buf = writeBufs.Get().(*[]byte)
+			}
+			*buf = append(*buf, out...)
+			if act == actNone && err == nil && len(p) > 0 {
+				continue
+			}
+			out = *buf
 		}
 		if len(out) > 0 {
 			if _, err := c.Conn.Write(out); err != nil {
 				return total - len(p), err
 			}
+		}
+		if buf != nil {
+			*buf = (*buf)[:0]
+		}
+		if err != nil {
+			return total - len(p), c.upstreamFailed(err)
 		}
 		switch act {
 		case actCut:
@@ -740,6 +778,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 	}
 	return total, nil
 }
+
+var writeBufs = sync.Pool{New: func() any { b := make([]byte, 0, 32<<10); return &b }}
 
 // upstreamFailed ends a connection whose upstream's answers cannot be
 // followed; when nothing of the answer went out yet, the client is told

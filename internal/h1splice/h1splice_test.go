@@ -245,6 +245,7 @@ func TestRefusedRequests(t *testing.T) {
 		{"chunk without CRLF", "POST /body HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 400, "does not end with CRLF"},
 		{"CONNECT", "CONNECT b.example:443 HTTP/1.1\r\nHost: b.example\r\n\r\n", 405, "CONNECT"},
 		{"version", "GET /x HTTP/2.0\r\nHost: a.example\r\n\r\n", 400, "version"},
+		{"bad escape", "GET /x%zz HTTP/1.1\r\nHost: a.example\r\n\r\n", 400, "bad %-escape"},
 		{"control in value", "GET /x HTTP/1.1\r\nHost: a.example\r\nX-A: a\x00b\r\n\r\n", 400, "control character"},
 		{"head too large", "GET /x HTTP/1.1\r\nHost: a.example\r\nX-A: " + strings.Repeat("a", 5000) + "\r\n\r\n", 431, "over 4096 bytes"},
 	}
@@ -471,8 +472,8 @@ func FuzzRead(f *testing.F) {
 			sc.smu.Lock()
 			stopped := sc.stopped
 			sc.smu.Unlock()
-			if stopped {
-				break
+			if stopped && len(sc.pending) == 0 && sc.passLeft == 0 {
+				break // what is left would wait for the upstream to close
 			}
 			n, err := sc.Read(buf)
 			out.Write(buf[:n])
