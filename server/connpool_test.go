@@ -3,6 +3,7 @@ package server
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -302,7 +303,9 @@ func TestConnPoolClientGoesAway(t *testing.T) {
 	defer p.close()
 	_, done, err := getVia(t, p, ctx)
 	require.Error(t, err)
-	assert.ErrorIs(t, err, io.ErrClosedPipe)
+	// The pool's close of the connection, or the target's end seeing it
+	// first (which one wins is the scheduler's).
+	assert.True(t, errors.Is(err, io.ErrClosedPipe) || errors.Is(err, io.ErrUnexpectedEOF), "%v", err)
 	assert.Equal(t, 0, <-pt.closed)
 	assert.Equal(t, int32(1), done.Load())
 	assert.Equal(t, int32(1), pt.dials.Load(), "a request whose client went away is not sent again")
